@@ -1,0 +1,159 @@
+#include "pybind.hpp"
+
+#include "cobalance/pattern_table.hpp"
+
+namespace cobalance::bindings {
+
+namespace {
+
+using Dense = py::array_t<std::uint8_t, py::array::c_style>;
+using Words = py::array_t<std::uint64_t, py::array::c_style>;
+using Index = py::array_t<index_t, py::array::c_style>;
+
+}  // namespace
+
+void bind_patterns(py::module_& m) {
+  m.def("resolve_threads", &resolve_threads, py::arg("n_threads"));
+
+  py::class_<PatternTable>(m, "PatternTable")
+      .def_property_readonly("n_classes", &PatternTable::n_classes)
+      .def_property_readonly("n_words", &PatternTable::n_words)
+      .def_property_readonly("n_patterns", &PatternTable::n_patterns)
+      .def_property_readonly("n_samples", &PatternTable::n_samples)
+      .def_property_readonly("has_inverse", &PatternTable::has_inverse)
+      .def("packed", [](py::object self) {
+        const auto& t = self.cast<const PatternTable&>();
+        return view_of(t.packed(), {t.n_patterns(), t.n_words()}, self);
+      })
+      .def("counts", [](py::object self) {
+        const auto& t = self.cast<const PatternTable&>();
+        return view_of(t.counts(), {t.n_patterns()}, self);
+      })
+      .def("inverse", [](py::object self) {
+        const auto& t = self.cast<const PatternTable&>();
+        return view_of(t.inverse(), {static_cast<py::ssize_t>(t.inverse().size())}, self);
+      })
+      .def("dense", [](const PatternTable& t) {
+        return array_from(t.dense(), {t.n_patterns(), t.n_classes()});
+      })
+      .def("sparse", [](const PatternTable& t) {
+        std::vector<index_t> indptr, indices;
+        t.sparse(indptr, indices);
+        const auto nnz = static_cast<py::ssize_t>(indices.size());
+        return py::make_tuple(array_from(std::move(indptr), {t.n_patterns() + 1}),
+                              array_from(std::move(indices), {nnz}));
+      })
+      .def("class_counts", [](const PatternTable& t) {
+        return array_from(t.class_counts(), {t.n_classes()});
+      })
+      .def_static(
+          "from_parts",
+          [](index_t n_classes, Words packed, Index counts, py::object inverse) {
+            require_ndim(packed, 2, "packed");
+            require_ndim(counts, 1, "counts");
+            std::vector<std::uint64_t> p(packed.data(), packed.data() + packed.size());
+            std::vector<index_t> c(counts.data(), counts.data() + counts.size());
+            std::vector<index_t> inv;
+            const bool has_inverse = !inverse.is_none();
+            if (has_inverse) {
+              auto a = inverse.cast<Index>();
+              require_ndim(a, 1, "inverse");
+              inv.assign(a.data(), a.data() + a.size());
+            }
+            if (packed.shape(0) != counts.shape(0))
+              throw std::invalid_argument("packed has " + std::to_string(packed.shape(0)) +
+                                          " rows but counts has " + std::to_string(counts.shape(0)));
+            py::gil_scoped_release release;  // validation only touches the copies above
+            return PatternTable::from_parts(n_classes, std::move(p), std::move(c), std::move(inv),
+                                            has_inverse);
+          },
+          py::arg("n_classes"), py::arg("packed"), py::arg("counts"), py::arg("inverse"))
+      .def(py::pickle(
+          [](py::object self) {
+            const auto& t = self.cast<const PatternTable&>();
+            py::object inv = py::none();
+            if (t.has_inverse()) inv = py::array_t<index_t>(view_of(t.inverse(), {static_cast<py::ssize_t>(t.inverse().size())}, self));
+            return py::make_tuple(t.n_classes(),
+                                  py::array_t<std::uint64_t>(view_of(t.packed(), {t.n_patterns(), t.n_words()}, self)),
+                                  py::array_t<index_t>(view_of(t.counts(), {t.n_patterns()}, self)), inv);
+          },
+          [](py::tuple s) {
+            std::vector<index_t> inv;
+            const bool has_inverse = !s[3].is_none();
+            auto packed = s[1].cast<Words>();
+            auto counts = s[2].cast<Index>();
+            if (has_inverse) {
+              auto a = s[3].cast<Index>();
+              inv.assign(a.data(), a.data() + a.size());
+            }
+            return PatternTable::from_parts(
+                s[0].cast<index_t>(), std::vector<std::uint64_t>(packed.data(), packed.data() + packed.size()),
+                std::vector<index_t>(counts.data(), counts.data() + counts.size()), std::move(inv), has_inverse);
+          }));
+
+  py::class_<PatternTableBuilder>(m, "PatternTableBuilder")
+      .def(py::init<index_t, bool, int>(), py::arg("n_classes"), py::arg("keep_inverse") = true,
+           py::arg("n_threads") = 0)
+      .def_property_readonly("n_classes", &PatternTableBuilder::n_classes)
+      .def_property_readonly("n_samples", &PatternTableBuilder::n_samples)
+      .def_property_readonly("n_patterns", &PatternTableBuilder::n_patterns)
+      .def(
+          "add_dense",
+          [](PatternTableBuilder& b, Dense labels) {
+            require_ndim(labels, 2, "labels");
+            if (labels.shape(1) != b.n_classes())
+              throw std::invalid_argument("labels must have n_classes = " + std::to_string(b.n_classes()) +
+                                          " columns, got " + std::to_string(labels.shape(1)));
+            const std::uint8_t* data = labels.data();
+            const index_t n = labels.shape(0);
+            // Safe: the loop reads only `labels`, which the caller's reference keeps alive.
+            py::gil_scoped_release release;
+            b.add_dense(data, n);
+          },
+          py::arg("labels").noconvert())
+      .def(
+          "add_packed",
+          [](PatternTableBuilder& b, Words words) {
+            require_ndim(words, 2, "words");
+            if (words.shape(1) != words_for(b.n_classes()))
+              throw std::invalid_argument("packed rows must have ceil(n_classes / 64) = " +
+                                          std::to_string(words_for(b.n_classes())) + " words, got " +
+                                          std::to_string(words.shape(1)));
+            const std::uint64_t* data = words.data();
+            const index_t n = words.shape(0);
+            py::gil_scoped_release release;  // reads only `words`
+            b.add_packed(data, n);
+          },
+          py::arg("words").noconvert())
+      .def(
+          "add_lists",
+          [](PatternTableBuilder& b, Index indptr, Index indices) {
+            require_ndim(indptr, 1, "indptr");
+            require_ndim(indices, 1, "indices");
+            if (indptr.shape(0) < 1) throw std::invalid_argument("indptr must have at least one entry");
+            const index_t* p = indptr.data();
+            const index_t* ix = indices.data();
+            const index_t n = indptr.shape(0) - 1, nnz = indices.shape(0);
+            py::gil_scoped_release release;  // reads only the two arrays
+            b.add_lists(p, n, ix, nnz);
+          },
+          py::arg("indptr").noconvert(), py::arg("indices").noconvert())
+      .def(
+          "add_table",
+          [](PatternTableBuilder& b, const PatternTable& t) {
+            py::gil_scoped_release release;  // `t` is held by the caller
+            b.add_table(t);
+          },
+          py::arg("table"))
+      .def("finish", &PatternTableBuilder::finish);
+
+  m.def(
+      "merge_tables",
+      [](const std::vector<const PatternTable*>& tables, int n_threads) {
+        py::gil_scoped_release release;  // the tables are held by the caller's list
+        return merge_tables(tables, n_threads);
+      },
+      py::arg("tables"), py::arg("n_threads") = 0);
+}
+
+}  // namespace cobalance::bindings

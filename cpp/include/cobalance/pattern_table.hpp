@@ -1,0 +1,113 @@
+// Class-presence patterns: group samples by their set of present classes.
+//
+// A sample is described by a bit vector of length n_classes (bit i set when the
+// sample contains class i), stored as ceil(n_classes / 64) little-endian 64-bit
+// words: class i is bit (i % 64) of word (i / 64). Identical vectors form one
+// pattern. Patterns are numbered in order of first occurrence, so a table depends
+// only on the order of its samples, never on the number of threads used.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "cobalance/parallel.hpp"
+
+namespace cobalance {
+
+using index_t = std::int64_t;
+
+// Number of 64-bit words that hold `n_classes` bits.
+constexpr index_t words_for(index_t n_classes) noexcept { return (n_classes + 63) / 64; }
+
+class PatternIndex;  // hash index over packed patterns (implementation detail)
+
+class PatternTable {
+ public:
+  PatternTable();
+  explicit PatternTable(index_t n_classes);
+  PatternTable(const PatternTable&);
+  PatternTable(PatternTable&&) noexcept;
+  PatternTable& operator=(const PatternTable&);
+  PatternTable& operator=(PatternTable&&) noexcept;
+  ~PatternTable();
+
+  // Builds a table from its parts and validates them: patterns unique, no bit set
+  // at or beyond n_classes, counts positive, and (when given) every inverse entry a
+  // valid pattern index with bincount(inverse) == counts. Throws
+  // std::invalid_argument naming the first offending value.
+  static PatternTable from_parts(index_t n_classes, std::vector<std::uint64_t> packed,
+                                 std::vector<index_t> counts, std::vector<index_t> inverse,
+                                 bool has_inverse);
+
+  index_t n_classes() const noexcept { return n_classes_; }
+  index_t n_words() const noexcept { return words_for(n_classes_); }
+  index_t n_patterns() const noexcept { return static_cast<index_t>(counts_.size()); }
+  index_t n_samples() const noexcept { return n_samples_; }
+  bool has_inverse() const noexcept { return has_inverse_; }
+
+  // n_patterns x n_words, row-major.
+  const std::vector<std::uint64_t>& packed() const noexcept { return packed_; }
+  // Samples per pattern.
+  const std::vector<index_t>& counts() const noexcept { return counts_; }
+  // Pattern index of every sample (empty when the table was built without it).
+  const std::vector<index_t>& inverse() const noexcept { return inverse_; }
+
+  bool has_class(index_t pattern, index_t cls) const noexcept {
+    return (packed_[static_cast<std::size_t>(pattern * n_words() + (cls >> 6))] >> (cls & 63)) & 1u;
+  }
+  // n_patterns x n_classes of 0/1, row-major.
+  std::vector<std::uint8_t> dense() const;
+  // The patterns in CSR form: classes of pattern j are indices[indptr[j] .. indptr[j+1]).
+  void sparse(std::vector<index_t>& indptr, std::vector<index_t>& indices) const;
+  // Number of samples containing each class (length n_classes).
+  std::vector<index_t> class_counts() const;
+
+ private:
+  friend class PatternTableBuilder;
+  index_t n_classes_ = 0;
+  index_t n_samples_ = 0;
+  bool has_inverse_ = true;
+  std::vector<std::uint64_t> packed_;
+  std::vector<index_t> counts_;
+  std::vector<index_t> inverse_;
+};
+
+// Builds a PatternTable from one or more batches of samples, added in order. The
+// result equals that of one pass over the concatenated batches, whatever the batch
+// boundaries and thread counts.
+class PatternTableBuilder {
+ public:
+  // keep_inverse=false skips the sample -> pattern index (counts only, O(K) memory).
+  // n_threads: 0 = all hardware threads.
+  explicit PatternTableBuilder(index_t n_classes, bool keep_inverse = true, int n_threads = 0);
+  PatternTableBuilder(PatternTableBuilder&&) noexcept;
+  PatternTableBuilder& operator=(PatternTableBuilder&&) noexcept;
+  ~PatternTableBuilder();
+
+  // Dense row-major n_rows x n_classes bytes, each 0 or 1.
+  void add_dense(const std::uint8_t* data, index_t n_rows);
+  // Bit-packed rows, n_rows x words_for(n_classes) words; bits past n_classes must be 0.
+  void add_packed(const std::uint64_t* words, index_t n_rows);
+  // CSR label lists: the classes of row r are indices[indptr[r] - indptr[0] ..
+  // indptr[r+1] - indptr[0]); indptr has n_rows + 1 non-decreasing entries and
+  // indptr[n_rows] - indptr[0] == nnz. Repeated classes in a row are allowed.
+  void add_lists(const index_t* indptr, index_t n_rows, const index_t* indices, index_t nnz);
+  // Appends the samples of a table built separately (the next partition in order).
+  void add_table(const PatternTable& table);
+
+  index_t n_classes() const noexcept;
+  index_t n_samples() const noexcept;
+  index_t n_patterns() const noexcept;
+  // Returns the table and leaves the builder empty (ready for a new pass).
+  PatternTable finish();
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+// Merges tables of consecutive partitions, in order; equals the one-pass table.
+PatternTable merge_tables(const std::vector<const PatternTable*>& tables, int n_threads = 0);
+
+}  // namespace cobalance

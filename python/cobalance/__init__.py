@@ -1,0 +1,10 @@
+"""cobalance: balance multi-label and segmentation datasets by class-presence patterns.
+
+Only numpy is needed to import this package; torch, kornia, matplotlib and dask are
+imported lazily by the parts that use them.
+"""
+
+from ._version import __version__
+from .patterns import PatternTable
+
+__all__ = ["PatternTable", "__version__"]

@@ -1,0 +1,327 @@
+"""Class-presence pattern tables: unique label sets, their counts, and each sample's pattern."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from . import _core
+from ._atomic import atomic_savez
+
+__all__ = ["PatternTable"]
+
+_FORMAT_VERSION = 1
+
+
+def _threads(n_threads: Optional[int]) -> int:
+    if n_threads is None:
+        return 0
+    if not isinstance(n_threads, (int, np.integer)) or n_threads < 1:
+        raise ValueError(f"n_threads must be a positive integer or None (all cores), got {n_threads!r}")
+    return int(n_threads)
+
+
+def _as_dense_labels(labels, name: str = "labels") -> np.ndarray:
+    """A C-contiguous uint8 view of a 0/1 matrix; copies only when dtype or layout differ."""
+    arr = np.asarray(labels)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n_samples, n_classes) array, got ndim={arr.ndim}")
+    if arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)
+    elif arr.dtype != np.uint8:
+        if arr.dtype.kind not in "iuf":
+            raise ValueError(f"{name} must hold 0/1 numbers or booleans, got dtype {arr.dtype}")
+        if arr.size:
+            bad = (arr != 0) & (arr != 1)
+            if bad.any():
+                r, c = np.argwhere(bad)[0]
+                raise ValueError(f"{name} must be 0 or 1, got {arr[r, c]!r} at row {r}, column {c}")
+        arr = arr.astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def _as_index(a, name: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got ndim={arr.ndim}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _check_n_classes(n_classes) -> int:
+    if not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+        raise ValueError(f"n_classes must be a positive integer, got {n_classes!r}")
+    return int(n_classes)
+
+
+class PatternTable:
+    """Unique class-presence vectors of a dataset.
+
+    A sample's class-presence vector has bit ``i`` set when the sample contains
+    class ``i``. Identical vectors form one *pattern*. Patterns are numbered in order
+    of first occurrence, so a table depends only on the samples and their order,
+    never on the number of threads.
+
+    Build one with :meth:`from_labels`, :meth:`from_packed`, :meth:`from_lists`,
+    :meth:`from_masks` or :meth:`from_chunks`; combine partitions with :meth:`merge`.
+
+    Attributes
+    ----------
+    patterns : ndarray of bool, shape (n_patterns, n_classes)
+    packed : ndarray of uint64, shape (n_patterns, ceil(n_classes / 64))
+        The patterns bit-packed: class ``i`` is bit ``i % 64`` of word ``i // 64``.
+    counts : ndarray of int64, shape (n_patterns,)
+    inverse : ndarray of int64, shape (n_samples,)
+        Pattern index of every sample (absent when built with ``keep_inverse=False``).
+    class_names : list of str
+    """
+
+    def __init__(self, native: "_core.PatternTable", class_names: Optional[Sequence[str]] = None):
+        self._native = native
+        self.class_names = _class_names(class_names, native.n_classes)
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_labels(cls, labels, *, class_names=None, keep_inverse: bool = True,
+                    n_threads: Optional[int] = None) -> "PatternTable":
+        """Group the rows of a dense 0/1 label matrix.
+
+        Parameters
+        ----------
+        labels : array-like, shape (n_samples, n_classes)
+            bool or uint8 (viewed without a copy when C-contiguous); other integer or
+            float dtypes are checked for 0/1 and converted (a copy).
+        class_names : sequence of str, optional
+        keep_inverse : bool
+            Keep the sample -> pattern index (8 bytes per sample).
+        n_threads : int, optional
+            Threads to use; default all cores. The result is the same for any value.
+
+        Raises
+        ------
+        ValueError
+            Not 2-D, zero columns, or a value other than 0/1 (the message names it).
+        """
+        y = _as_dense_labels(labels)
+        if y.shape[1] == 0:
+            raise ValueError("labels must have at least one column (n_classes >= 1), got shape "
+                             f"{y.shape}")
+        n_classes = y.shape[1]
+        builder = _core.PatternTableBuilder(n_classes, keep_inverse, _threads(n_threads))
+        builder.add_dense(y)
+        return cls(builder.finish(), class_names)
+
+    @classmethod
+    def from_packed(cls, words, n_classes: int, *, class_names=None, keep_inverse: bool = True,
+                    n_threads: Optional[int] = None) -> "PatternTable":
+        """Group bit-packed rows (n_samples x ceil(n_classes / 64) uint64 words).
+
+        Class ``i`` is bit ``i % 64`` of word ``i // 64``; bits at or beyond
+        ``n_classes`` must be zero. A C-contiguous uint64 array is not copied.
+        """
+        n_classes = _check_n_classes(n_classes)
+        w = np.asarray(words)
+        if w.ndim == 1 and n_classes <= 64:
+            w = w.reshape(-1, 1)
+        if w.ndim != 2:
+            raise ValueError(f"words must be 2-D (n_samples, n_words), got ndim={w.ndim}")
+        if w.dtype != np.uint64:
+            if w.dtype.kind not in "iu":
+                raise ValueError(f"words must be unsigned 64-bit integers, got dtype {w.dtype}")
+            w = w.astype(np.uint64)
+        builder = _core.PatternTableBuilder(n_classes, keep_inverse, _threads(n_threads))
+        builder.add_packed(np.ascontiguousarray(w))
+        return cls(builder.finish(), class_names)
+
+    @classmethod
+    def from_lists(cls, indptr, indices, n_classes: int, *, class_names=None,
+                   keep_inverse: bool = True, n_threads: Optional[int] = None) -> "PatternTable":
+        """Group sparse label lists in CSR form (e.g. ``scipy.sparse.csr_matrix``'s).
+
+        The classes of sample ``r`` are ``indices[indptr[r]:indptr[r + 1]]``. Arrays
+        are converted to int64 (a copy unless already int64 and contiguous).
+        """
+        n_classes = _check_n_classes(n_classes)
+        builder = _core.PatternTableBuilder(n_classes, keep_inverse, _threads(n_threads))
+        builder.add_lists(_as_index(indptr, "indptr"), _as_index(indices, "indices"))
+        return cls(builder.finish(), class_names)
+
+    @classmethod
+    def from_sparse(cls, matrix, **kwargs) -> "PatternTable":
+        """Group the rows of a scipy.sparse matrix (any nonzero entry means present)."""
+        csr = matrix.tocsr()
+        csr.eliminate_zeros()
+        return cls.from_lists(csr.indptr, csr.indices, csr.shape[1], **kwargs)
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable, n_classes: Optional[int] = None, *, class_names=None,
+                    keep_inverse: bool = True, n_threads: Optional[int] = None) -> "PatternTable":
+        """Group dense label chunks added one after another (out-of-core input).
+
+        Each chunk is an (n_i, n_classes) 0/1 array, e.g. slices of a ``numpy.memmap``.
+        The result equals :meth:`from_labels` on the concatenation.
+        """
+        builder = None
+        for chunk in chunks:
+            y = _as_dense_labels(chunk, "chunk")
+            if builder is None:
+                n_classes = _check_n_classes(n_classes if n_classes is not None else y.shape[1])
+                builder = _core.PatternTableBuilder(n_classes, keep_inverse, _threads(n_threads))
+            builder.add_dense(y)
+        if builder is None:
+            if n_classes is None:
+                raise ValueError("from_chunks got no chunks; pass n_classes to build an empty table")
+            builder = _core.PatternTableBuilder(_check_n_classes(n_classes), keep_inverse, _threads(n_threads))
+        return cls(builder.finish(), class_names)
+
+    @classmethod
+    def merge(cls, tables: Sequence["PatternTable"], *, n_threads: Optional[int] = None) -> "PatternTable":
+        """Merge tables of consecutive partitions, in order.
+
+        The result equals the table of the concatenated samples: same patterns in the
+        same order, counts summed, inverse indices referring to the merged patterns.
+        """
+        tables = list(tables)
+        if not tables:
+            raise ValueError("merge needs at least one table")
+        for i, t in enumerate(tables):
+            if not isinstance(t, PatternTable):
+                raise ValueError(f"tables[{i}] must be a PatternTable, got {type(t).__name__}")
+            if t.n_classes != tables[0].n_classes:
+                raise ValueError(f"tables[{i}] has {t.n_classes} classes, tables[0] has {tables[0].n_classes}")
+        native = _core.merge_tables([t._native for t in tables], _threads(n_threads))
+        return cls(native, tables[0].class_names)
+
+    @classmethod
+    def from_masks(cls, masks, *, n_classes: int, class_names=None, **scan_options) -> "PatternTable":
+        """Scan segmentation masks and group their class presence (see :func:`cobalance.scan_masks`)."""
+        from .masks import scan_masks
+
+        scan = scan_masks(masks, n_classes=n_classes, **scan_options)
+        table = cls.from_labels(scan.presence, class_names=class_names)
+        table.mask_scan = scan
+        return table
+
+    # -- attributes ----------------------------------------------------------------
+
+    @property
+    def n_classes(self) -> int:
+        return self._native.n_classes
+
+    @property
+    def n_patterns(self) -> int:
+        return self._native.n_patterns
+
+    @property
+    def n_samples(self) -> int:
+        return self._native.n_samples
+
+    @property
+    def packed(self) -> np.ndarray:
+        return self._native.packed()
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._native.counts()
+
+    @property
+    def has_inverse(self) -> bool:
+        return self._native.has_inverse
+
+    @property
+    def inverse(self) -> np.ndarray:
+        if not self._native.has_inverse:
+            raise AttributeError("this table was built with keep_inverse=False")
+        return self._native.inverse()
+
+    @property
+    def patterns(self) -> np.ndarray:
+        """Dense (n_patterns, n_classes) bool copy of the patterns."""
+        return self._native.dense().view(np.bool_)
+
+    def sparse_patterns(self):
+        """The patterns in CSR form: ``(indptr, indices)`` (int64)."""
+        return self._native.sparse()
+
+    def class_counts(self) -> np.ndarray:
+        """Number of samples containing each class (int64, length n_classes)."""
+        return self._native.class_counts()
+
+    def class_presence(self) -> np.ndarray:
+        """Fraction of samples containing each class (float64, length n_classes)."""
+        n = self.n_samples
+        counts = self.class_counts().astype(np.float64)
+        return counts / n if n else np.zeros_like(counts)
+
+    def __len__(self) -> int:
+        return self.n_patterns
+
+    def __repr__(self) -> str:
+        return (f"PatternTable(n_samples={self.n_samples}, n_classes={self.n_classes}, "
+                f"n_patterns={self.n_patterns})")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, PatternTable):
+            return NotImplemented
+        same = (self.n_classes == other.n_classes and self.class_names == other.class_names
+                and np.array_equal(self.packed, other.packed) and np.array_equal(self.counts, other.counts)
+                and self.has_inverse == other.has_inverse)
+        return same and (not self.has_inverse or np.array_equal(self.inverse, other.inverse))
+
+    __hash__ = None  # mutable-array container
+
+    def __reduce__(self):
+        return (_restore, (self._native, self.class_names))
+
+    # -- persistence ---------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Write the table to an ``.npz`` file (atomically: temporary name, then rename)."""
+        arrays = dict(
+            format=np.array("cobalance.PatternTable"),
+            version=np.array(_FORMAT_VERSION),
+            n_classes=np.array(self.n_classes),
+            packed=self.packed,
+            counts=self.counts,
+            class_names=np.array(self.class_names, dtype=str),
+        )
+        if self.has_inverse:
+            arrays["inverse"] = self.inverse
+        atomic_savez(path, arrays)
+
+    @classmethod
+    def load(cls, path) -> "PatternTable":
+        """Read a table written by :meth:`save`; the content is validated."""
+        with np.load(path, allow_pickle=False) as z:
+            if "format" not in z or str(z["format"]) != "cobalance.PatternTable":
+                raise ValueError(f"{os.fspath(path)!r} is not a cobalance pattern-table file")
+            version = int(z["version"])
+            if version > _FORMAT_VERSION:
+                raise ValueError(f"{os.fspath(path)!r} has format version {version}; this cobalance reads "
+                                 f"up to {_FORMAT_VERSION}")
+            n_classes = int(z["n_classes"])
+            packed = np.ascontiguousarray(z["packed"], dtype=np.uint64).reshape(-1, max(1, (n_classes + 63) // 64))
+            counts = np.ascontiguousarray(z["counts"], dtype=np.int64)
+            inverse = np.ascontiguousarray(z["inverse"], dtype=np.int64) if "inverse" in z else None
+            names = [str(s) for s in z["class_names"]]
+        native = _core.PatternTable.from_parts(n_classes, packed, counts, inverse)
+        return cls(native, names)
+
+
+def _restore(native, class_names):
+    return PatternTable(native, class_names)
+
+
+def _class_names(names, n_classes: int) -> list:
+    if names is None:
+        return [str(i) for i in range(n_classes)]
+    names = [str(n) for n in names]
+    if len(names) != n_classes:
+        raise ValueError(f"class_names has {len(names)} entries, expected n_classes = {n_classes}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names must be unique, got {names}")
+    return names
