@@ -15,7 +15,7 @@ namespace {
 // Independent histogram copies filled round-robin: runs of equal pixels (a mask is
 // mostly background) would otherwise chain every increment on the previous store to
 // the same counter.
-constexpr int kLanes = 4;
+constexpr int kLanes = 8;
 // Local uint32 counters are folded into int64 totals before they can overflow.
 constexpr index_t kFlushPixels = index_t{1} << 31;
 // Below this many pixels per thread, starting a thread costs more than it saves.
@@ -202,19 +202,13 @@ class LabelHistogram {
 
  private:
   void accumulate(const T* p, index_t n) {
-    std::uint32_t* h0 = hist_.data();
-    std::uint32_t* h1 = h0 + bins_;
-    std::uint32_t* h2 = h1 + bins_;
-    std::uint32_t* h3 = h2 + bins_;
+    std::uint32_t* h = hist_.data();
+    const index_t stride = bins_;
     index_t i = 0;
     if constexpr (kDirect) {
-      for (; i + 4 <= n; i += 4) {
-        ++h0[p[i]];
-        ++h1[p[i + 1]];
-        ++h2[p[i + 2]];
-        ++h3[p[i + 3]];
-      }
-      for (; i < n; ++i) ++h0[p[i]];
+      for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) ++h[l * stride + p[i + l]];
+      for (; i < n; ++i) ++h[p[i]];
     } else {
       const auto limit = static_cast<std::uint64_t>(binned_classes_);
       const auto ignore_bin = static_cast<std::uint64_t>(binned_classes_ + 1);
@@ -226,18 +220,13 @@ class LabelHistogram {
         const std::uint64_t b = u < limit ? u : limit;
         return (use_ignore && v == ignore) ? ignore_bin : b;
       };
-      for (; i + 4 <= n; i += 4) {
-        ++h0[bin(p[i])];
-        ++h1[bin(p[i + 1])];
-        ++h2[bin(p[i + 2])];
-        ++h3[bin(p[i + 3])];
-      }
-      for (; i < n; ++i) ++h0[bin(p[i])];
+      for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) ++h[static_cast<std::uint64_t>(l * stride) + bin(p[i + l])];
+      for (; i < n; ++i) ++h[bin(p[i])];
     }
   }
 
   void flush() {
-    static_assert(kLanes == 4, "accumulate() fills four lanes");
     for (index_t l = 0; l < kLanes; ++l)
       for (index_t b = 0; b < bins_; ++b) {
         auto& h = hist_[static_cast<std::size_t>(l * bins_ + b)];
