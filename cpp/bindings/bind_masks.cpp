@@ -12,7 +12,8 @@ namespace {
 using MinPixels = py::array_t<index_t, py::array::c_style>;
 
 MaskScanOptions make_options(std::optional<std::int64_t> ignore_index, const MinPixels& min_pixels,
-                             std::pair<index_t, index_t> tile, std::pair<index_t, index_t> stride, int n_threads) {
+                             std::pair<index_t, index_t> tile, std::pair<index_t, index_t> stride, int n_threads,
+                             index_t first_image) {
   require_ndim(min_pixels, 1, "min_pixels");
   MaskScanOptions o;
   o.has_ignore_index = ignore_index.has_value();
@@ -23,6 +24,7 @@ MaskScanOptions make_options(std::optional<std::int64_t> ignore_index, const Min
   o.stride_h = stride.first;
   o.stride_w = stride.second;
   o.n_threads = n_threads;
+  o.first_image = first_image;
   return o;
 }
 
@@ -53,10 +55,10 @@ void bind_masks(py::module_& m) {
   m.def(
       "scan_label_maps",
       [](py::array masks, index_t n_classes, std::optional<std::int64_t> ignore_index, MinPixels min_pixels,
-         std::pair<index_t, index_t> tile, std::pair<index_t, index_t> stride, int n_threads) {
+         std::pair<index_t, index_t> tile, std::pair<index_t, index_t> stride, int n_threads, index_t first_image) {
         require_ndim(masks, 3, "masks");
         require_c_contiguous(masks, "masks");
-        const MaskScanOptions o = make_options(ignore_index, min_pixels, tile, stride, n_threads);
+        const MaskScanOptions o = make_options(ignore_index, min_pixels, tile, stride, n_threads, first_image);
         const auto dt = masks.dtype();
         if (dt.is(py::dtype::of<std::uint8_t>())) return to_python(scan_labels_as<std::uint8_t>(masks, n_classes, o));
         if (dt.is(py::dtype::of<std::uint16_t>()))
@@ -66,15 +68,15 @@ void bind_masks(py::module_& m) {
                                     py::str(py::object(dt)).cast<std::string>());
       },
       py::arg("masks").noconvert(), py::arg("n_classes"), py::arg("ignore_index"), py::arg("min_pixels"),
-      py::arg("tile"), py::arg("stride"), py::arg("n_threads") = 0,
+      py::arg("tile"), py::arg("stride"), py::arg("n_threads") = 0, py::arg("first_image") = 0,
       "Scan label maps (n_images, height, width); returns (presence, pixel_counts, valid_pixels, origins).");
 
   m.def(
       "scan_binary_masks",
       [](py::array_t<std::uint8_t, py::array::c_style> masks, MinPixels min_pixels, std::pair<index_t, index_t> tile,
-         std::pair<index_t, index_t> stride, int n_threads) {
+         std::pair<index_t, index_t> stride, int n_threads, index_t first_image) {
         require_ndim(masks, 4, "masks");
-        const MaskScanOptions o = make_options(std::nullopt, min_pixels, tile, stride, n_threads);
+        const MaskScanOptions o = make_options(std::nullopt, min_pixels, tile, stride, n_threads, first_image);
         const std::uint8_t* data = masks.data();
         const index_t n = masks.shape(0), c = masks.shape(1), h = masks.shape(2), w = masks.shape(3);
         MaskScanResult r;
@@ -86,7 +88,7 @@ void bind_masks(py::module_& m) {
         return to_python(std::move(r));
       },
       py::arg("masks").noconvert(), py::arg("min_pixels"), py::arg("tile"), py::arg("stride"),
-      py::arg("n_threads") = 0,
+      py::arg("n_threads") = 0, py::arg("first_image") = 0,
       "Scan binary masks (n_images, n_classes, height, width); returns (presence, pixel_counts, valid_pixels, "
       "origins).");
 

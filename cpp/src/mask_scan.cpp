@@ -31,6 +31,7 @@ struct Grid {
 };
 
 Grid make_grid(index_t n_images, index_t height, index_t width, const MaskScanOptions& o) {
+  if (o.first_image < 0) throw std::invalid_argument("first_image must be >= 0, got " + str(o.first_image));
   if (n_images < 0) throw std::invalid_argument("n_images must be >= 0, got " + str(n_images));
   if (height < 0) throw std::invalid_argument("height must be >= 0, got " + str(height));
   if (width < 0) throw std::invalid_argument("width must be >= 0, got " + str(width));
@@ -96,7 +97,7 @@ MaskScanResult run_scan(const Grid& g, index_t n_classes, index_t planes, const 
   const auto nx = static_cast<index_t>(g.xs.size());
   for (index_t s = 0; s < r.n_samples; ++s) {
     const index_t k = s % g.per_image();
-    r.origins[static_cast<std::size_t>(3 * s)] = s / g.per_image();
+    r.origins[static_cast<std::size_t>(3 * s)] = o.first_image + s / g.per_image();
     r.origins[static_cast<std::size_t>(3 * s + 1)] = g.ys[static_cast<std::size_t>(k / nx)];
     r.origins[static_cast<std::size_t>(3 * s + 2)] = g.xs[static_cast<std::size_t>(k % nx)];
   }
@@ -125,7 +126,7 @@ MaskScanResult run_scan(const Grid& g, index_t n_classes, index_t planes, const 
       const auto s3 = static_cast<std::size_t>(3 * s);
       index_t* counts = bands > 1 ? &band_counts[static_cast<std::size_t>(u) * c] : &r.pixel_counts[s * c];
       index_t* valid = bands > 1 ? &band_valid[static_cast<std::size_t>(u)] : &r.valid_pixels[s];
-      worker(r.origins[s3], r.origins[s3 + 1], r.origins[s3 + 2], row_begin, row_end, counts, valid);
+      worker(r.origins[s3] - o.first_image, r.origins[s3 + 1], r.origins[s3 + 2], row_begin, row_end, counts, valid);
     }
   });
   if (bands > 1) {
@@ -151,7 +152,12 @@ class LabelHistogram {
 
  public:
   LabelHistogram(const T* masks, const Grid& g, index_t n_classes, const MaskScanOptions& o)
-      : masks_(masks), g_(g), n_classes_(n_classes), has_ignore_(o.has_ignore_index), ignore_(o.ignore_index) {
+      : masks_(masks),
+        g_(g),
+        n_classes_(n_classes),
+        has_ignore_(o.has_ignore_index),
+        ignore_(o.ignore_index),
+        first_image_(o.first_image) {
     const auto max_id = static_cast<index_t>(std::numeric_limits<T>::max());
     binned_classes_ = std::min(n_classes, max_id + 1);
     bins_ = kDirect ? 256 : binned_classes_ + 2;
@@ -238,13 +244,14 @@ class LabelHistogram {
   // Slow path, only on error: the first offending pixel of the image in row-major
   // order, so the message does not depend on tiling or threads.
   [[noreturn]] void throw_first_bad_pixel(index_t image) const {
+    const index_t shown = image + first_image_;
     const T* m = masks_ + image * g_.height * g_.width;
     for (index_t y = 0; y < g_.height; ++y)
       for (index_t x = 0; x < g_.width; ++x) {
         const auto v = static_cast<index_t>(m[y * g_.width + x]);
         if ((v < 0 || v >= n_classes_) && !(has_ignore_ && v == ignore_))
           throw std::invalid_argument(
-              "mask value " + str(v) + " at image " + str(image) + ", pixel (y=" + str(y) + ", x=" + str(x) +
+              "mask value " + str(v) + " at image " + str(shown) + ", pixel (y=" + str(y) + ", x=" + str(x) +
               ") is not a class id in [0, n_classes=" + str(n_classes_) + ")" +
               (has_ignore_ ? " nor ignore_index=" + str(ignore_) : std::string()));
       }
@@ -256,6 +263,7 @@ class LabelHistogram {
   index_t n_classes_;
   bool has_ignore_;
   index_t ignore_;
+  index_t first_image_;
   bool ignore_representable_ = false;
   index_t binned_classes_ = 0;
   index_t bins_ = 0;

@@ -134,7 +134,11 @@ class MaskScan:
 
     @classmethod
     def concatenate(cls, scans: Sequence["MaskScan"], *, renumber_images: bool = True) -> "MaskScan":
-        """Join scans sample-wise; with ``renumber_images`` image indices continue across scans."""
+        """Join scans sample-wise.
+
+        With ``renumber_images`` the image indices of each scan are shifted to continue
+        after the previous scans' images; without, origins are kept as they are.
+        """
         scans = list(scans)
         if not scans:
             raise ValueError("concatenate needs at least one scan")
@@ -154,7 +158,7 @@ class MaskScan:
         return cls(np.concatenate([s.presence for s in scans]), np.concatenate([s.pixel_counts for s in scans]),
                    np.concatenate([s.valid_pixels for s in scans]), np.concatenate(origins),
                    tile=scans[0].tile if len(tiles) == 1 else None, class_names=scans[0].class_names,
-                   n_images=offset if renumber_images else max(s.n_images for s in scans))
+                   n_images=sum(s.n_images for s in scans))
 
     def __repr__(self) -> str:
         return f"MaskScan(n_samples={self.n_samples}, n_classes={self.n_classes}, tile={self.tile})"
@@ -292,6 +296,12 @@ def scan_masks(masks, *, n_classes: int, layout: Optional[str] = None, ignore_in
         (naming both sizes); stride > tile; min_pixels < 1 or of the wrong length;
         ignore_index with multi-label masks.
     """
+    return _scan(masks, n_classes=n_classes, layout=layout, ignore_index=ignore_index, min_pixels=min_pixels,
+                 tile=tile, stride=stride, n_threads=n_threads, class_names=class_names, first_image=0)
+
+
+def _scan(masks, *, n_classes, layout, ignore_index, min_pixels, tile, stride, n_threads, class_names,
+          first_image: int) -> MaskScan:
     n_classes = _check_n_classes(n_classes)
     arr = np.asarray(masks)
     layout = _infer_layout(layout, arr.ndim)
@@ -306,12 +316,12 @@ def scan_masks(masks, *, n_classes: int, layout: Optional[str] = None, ignore_in
     if layout == "label":
         batch = _label_batch(arr, ignore_index)
         parts = _core.scan_label_maps(batch, n_classes, None if ignore_index is None else int(ignore_index),
-                                      min_px, tile_hw, stride_hw, threads)
+                                      min_px, tile_hw, stride_hw, threads, first_image)
     else:
         if ignore_index is not None:
             raise ValueError(f"ignore_index={ignore_index} does not apply to multi-label masks (0/nonzero per class)")
         batch = _multilabel_batch(arr, n_classes)
-        parts = _core.scan_binary_masks(batch, min_px, tile_hw, stride_hw, threads)
+        parts = _core.scan_binary_masks(batch, min_px, tile_hw, stride_hw, threads, first_image)
     presence, pixel_counts, valid_pixels, origins = parts
     return MaskScan(presence.view(np.bool_), pixel_counts, valid_pixels, origins,
                     tile=None if tile is None else tile_hw, class_names=class_names, n_images=batch.shape[0])
@@ -330,20 +340,24 @@ def scan_masks_iter(masks: Iterable, *, n_classes: int, layout: Optional[str] = 
     :attr:`MaskScan.origins` count images across all items in order.
 
     Parameters are those of :func:`scan_masks`. Errors name the item: a bad value in
-    item ``k`` raises ValueError starting with ``"mask item k: "``.
+    item ``k`` raises ValueError starting with ``"mask item k: "``, and the image index
+    in the message counts across items like the origins do.
     """
     scans = []
+    n_images = 0
     for k, item in enumerate(masks):
         try:
-            scans.append(scan_masks(item, n_classes=n_classes, layout=layout, ignore_index=ignore_index,
-                                    min_pixels=min_pixels, tile=tile, stride=stride, n_threads=n_threads,
-                                    class_names=class_names))
+            scan = _scan(item, n_classes=n_classes, layout=layout, ignore_index=ignore_index,
+                         min_pixels=min_pixels, tile=tile, stride=stride, n_threads=n_threads,
+                         class_names=class_names, first_image=n_images)
         except ValueError as err:
             raise ValueError(f"mask item {k}: {err}") from None
+        n_images += scan.n_images
+        scans.append(scan)
     if not scans:
         n_classes = _check_n_classes(n_classes)
         _min_pixels(min_pixels, n_classes)
         return MaskScan(np.zeros((0, n_classes), np.bool_), np.zeros((0, n_classes), np.int64),
                         np.zeros(0, np.int64), np.zeros((0, 3), np.int64),
                         tile=None if tile is None else _pair(tile, "tile"), class_names=class_names, n_images=0)
-    return MaskScan.concatenate(scans)
+    return MaskScan.concatenate(scans, renumber_images=False)

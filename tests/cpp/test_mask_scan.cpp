@@ -113,6 +113,10 @@ void bad_input() {
   CHECK_INVALID(cobalance::scan_label_maps(m.data(), 2, 2, 2, 3, o), "mask value -3 at image 1, pixel (y=1, x=0)");
   o.has_ignore_index = true, o.ignore_index = -3;
   CHECK_INVALID(cobalance::scan_label_maps(m.data(), 2, 2, 2, 3, o), "mask value 9 at image 1, pixel (y=1, x=1)");
+  o.first_image = 40;  // numbering continued from earlier batches
+  CHECK_INVALID(cobalance::scan_label_maps(m.data(), 2, 2, 2, 3, o), "mask value 9 at image 41, pixel (y=1, x=1)");
+  const auto ok = cobalance::scan_label_maps(m.data(), 1, 2, 2, 3, o);
+  CHECK((ok.origins == std::vector<index_t>{40, 0, 0}));
   const std::vector<std::uint8_t> m8 = {0, 5};
   o = MaskScanOptions{};
   CHECK_INVALID(cobalance::scan_label_maps(m8.data(), 1, 1, 2, 5, o), "mask value 5 at image 0, pixel (y=0, x=1)");

@@ -48,6 +48,9 @@ struct MaskScanOptions {
   index_t stride_h = 0, stride_w = 0;
   // 0: every hardware thread.
   int n_threads = 0;
+  // Index given to the first image in origins and error messages, so that masks
+  // scanned one batch at a time are numbered as one sequence.
+  index_t first_image = 0;
 };
 
 struct MaskScanResult {
