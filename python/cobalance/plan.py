@@ -209,17 +209,25 @@ def _copies_from_pattern_counts(inverse: np.ndarray, members: np.ndarray, counts
     partial = remainder[inverse] > 0
     chosen = np.flatnonzero(partial)
     if chosen.size:
-        groups = inverse[chosen]
-        # a random priority per sample; distinct integer keys make the sort order
-        # independent of the sort algorithm (so of the machine and numpy build)
-        priority = rng.permutation(chosen.size).astype(np.int64)
-        order = np.argsort(groups.astype(np.int64) * chosen.size + priority)
+        # Visit the members of the partially filled patterns in a seeded random order,
+        # then group them by pattern with a stable sort: within each pattern the
+        # members stay in random order, and the first `remainder` of them get one
+        # more copy. A stable sort has a unique result, so the plan does not depend
+        # on the sort algorithm, the machine or the numpy build. Small pattern ids
+        # make numpy use its linear-time radix sort.
+        shuffled = chosen[rng.permutation(chosen.size)]
+        groups = inverse[shuffled]
+        n_groups = counts.size
+        small = np.uint16 if n_groups <= np.iinfo(np.uint16).max else (
+            np.uint32 if n_groups <= np.iinfo(np.uint32).max else np.int64)
+        order = np.argsort(groups.astype(small), kind="stable")
         sorted_groups = groups[order]
-        starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-        lengths = np.diff(np.r_[starts, sorted_groups.size])
-        rank = np.arange(sorted_groups.size) - np.repeat(starts, lengths)
+        partial_groups = np.flatnonzero(remainder > 0)  # ascending: the order after the sort
+        lengths = members[partial_groups]
+        starts = np.cumsum(lengths) - lengths
+        rank = np.arange(sorted_groups.size, dtype=np.int64) - np.repeat(starts, lengths)
         extra = rank < remainder[sorted_groups]
-        copies[chosen[order[extra]]] += 1
+        copies[shuffled[order[extra]]] += 1
     return copies
 
 
