@@ -123,6 +123,9 @@ class ExperimentConfig:
         Balancer target (``"rare_boost"``, ``"uniform"``, or {class: fraction}).
     gamma : float, optional
         Regularizer weight of the regularized arms; None: the Balancer's default.
+    undersample : bool
+        Let the balancer drop tiles of over-represented patterns; by default a
+        balanced set is the training tiles plus duplicates.
     rfs_threshold : float
         Repeat-factor threshold ``t`` of the ``rfs`` arm.
     epoch_size : "train", "plan" or int
@@ -163,6 +166,7 @@ class ExperimentConfig:
     arms: List[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_ARMS))
     target: object = "rare_boost"
     gamma: Optional[float] = None
+    undersample: bool = False
     rfs_threshold: float = 0.3
     epoch_size: object = "train"
     focal_gamma: float = 2.0
@@ -408,16 +412,18 @@ class _TorchTiles:
 
 def _balancer_plan(arm: str, presence: np.ndarray, config: ExperimentConfig, fold: int, class_names):
     import cobalance
+    from cobalance.balancer import Balancer
 
     table = cobalance.PatternTable.from_labels(presence, class_names=list(class_names))
-    kwargs = dict(target=config.target, random_state=_seed(config, "balance", arm, fold))
+    kwargs = dict(target=config.target, allow_undersampling=config.undersample,
+                  random_state=_seed(config, "balance", arm, fold))
     if arm == "balanced_noreg":
         kwargs.update(regularizer="none")
     else:
         kwargs.update(regularizer="proportions", solver="exact" if arm == "exact" else "adam")
         if config.gamma is not None:
             kwargs["gamma"] = float(config.gamma)
-    balancer = cobalance.Balancer(**kwargs)
+    balancer = Balancer(**kwargs)
     balancer.fit(table)
     return balancer.plan_
 
@@ -518,7 +524,7 @@ def _train_arm_fold(arm: str, fold: int, tiles: TileSet, train_idx: np.ndarray, 
         raise ValueError(f"arm {arm!r}, fold {fold}: the plan keeps no training tile")
     epoch_size = {"train": train_idx.size, "plan": indices.size}.get(config.epoch_size, config.epoch_size)
 
-    train_set = BalancedDataset(_TorchTiles(tiles, train_idx), plan)
+    train_set = BalancedDataset(_TorchTiles(tiles, train_idx), plan, with_source=True)
     test_loader = DataLoader(_TorchTiles(tiles, test_idx), batch_size=config.batch_size * 2, shuffle=False,
                              num_workers=config.num_workers)
     augment = DuplicateAugmentation(seed=_seed(config, "augment", fold)) if config.augment else None
@@ -550,14 +556,12 @@ def _train_arm_fold(arm: str, fold: int, tiles: TileSet, train_idx: np.ndarray, 
         total, count = 0.0, 0
         batches = _progress(loader, config.progress, desc=f"{arm} fold {fold} epoch {epoch + 1}/{config.epochs}",
                             leave=False)
-        for step, (x, m, copy_index) in enumerate(batches):
+        for x, m, sample, copy_index in batches:
             x, m = x.to(device), m.to(device)
             if augment is not None:
                 # Seeded by the tile's id in the whole dataset: a duplicate is augmented
-                # the same way whatever the batch it lands in.
-                at = positions[step * config.batch_size: step * config.batch_size + x.shape[0]]
-                sample = torch.as_tensor(train_idx[indices[at]])
-                x, m = augment(x, m, sample, copy_index)
+                # the same way whatever the fold, batch or position it lands in.
+                x, m = augment(x, m, torch.as_tensor(train_idx)[sample], copy_index)
             loss = loss_fn(model(_normalize(x)), m)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -924,6 +928,7 @@ def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--target", type=_target_arg, default="rare_boost",
                    help="balancer target: rare_boost, uniform, or CLASS=FRACTION,... (default rare_boost)")
     p.add_argument("--gamma", type=float, default=None, help="regularizer weight (default: the Balancer's)")
+    p.add_argument("--undersample", action="store_true", help="let the balancer drop tiles")
     p.add_argument("--rfs-threshold", type=float, default=0.3, help="repeat-factor threshold t (default 0.3)")
     p.add_argument("--epoch-size", type=_epoch_size_arg, default="train",
                    help="samples per epoch: train (fold's tile count, default), plan, or an integer")
