@@ -45,7 +45,7 @@ def _synthetic_folder(root, n_images=6, size=64, seed=0):
 
 def _config(data, out, **kw):
     base = dict(data=str(data), out=str(out), tile=32, folds=2, epochs=1, batch_size=4, model="unet",
-                encoder="conv-tiny", arms=list(ARMS), progress=False, seed=0)
+                encoder="conv-tiny", arms=list(ARMS), progress=False, seed=0, threads=1)
     base.update(kw)
     return ExperimentConfig(**base)
 
@@ -212,7 +212,7 @@ def test_cli_parser_hooks_into_subparsers(synthetic, tmp_path, capsys):
     args = parser.parse_args(["experiment", "--data", str(synthetic), "--out", str(tmp_path / "cli"),
                               "--tile", "32", "--folds", "2", "--epochs", "1", "--model", "unet",
                               "--encoder", "conv-tiny", "--arms", "unbalanced,rfs", "--no-progress",
-                              "--target", "rare=0.5", "--epoch-size", "plan"])
+                              "--target", "rare=0.5", "--epoch-size", "plan", "--threads", "1"])
     assert args.target == {"rare": 0.5} and args.epoch_size == "plan" and args.arms == ["unbalanced", "rfs"]
     assert args.func(args) == 0
     printed = capsys.readouterr().out

@@ -85,7 +85,7 @@ ARM_TITLES = {
 _RESULT_VERSION = 1
 # Config fields that do not change what a finished (arm, fold) holds: changing them
 # between an interrupted run and its resumption is allowed.
-_RUNTIME_FIELDS = ("out", "arms", "device", "num_workers", "progress", "cache_images")
+_RUNTIME_FIELDS = ("out", "arms", "device", "num_workers", "threads", "progress", "cache_images")
 
 
 @dataclasses.dataclass
@@ -145,6 +145,9 @@ class ExperimentConfig:
     seed : int
     num_workers : int
         DataLoader workers (0: load in the main process).
+    threads : int, optional
+        torch CPU threads during the run (default: torch's). On a machine shared with
+        other jobs, 1 can be many times faster than oversubscribed OpenMP threads.
     progress : bool
         Show tqdm progress bars.
     """
@@ -178,6 +181,7 @@ class ExperimentConfig:
     device: str = "cpu"
     seed: int = 0
     num_workers: int = 0
+    threads: Optional[int] = None
     progress: bool = True
 
     def validate(self) -> "ExperimentConfig":
@@ -209,6 +213,7 @@ class ExperimentConfig:
             raise ValueError(f"rfs_threshold must be in (0, 1], got {self.rfs_threshold!r}")
         if self.gamma is not None and not (float(self.gamma) >= 0):
             raise ValueError(f"gamma must be >= 0 or None, got {self.gamma!r}")
+        positive_int("threads", self.threads, allow_none=True)
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
         if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes)):
@@ -451,9 +456,12 @@ def _epoch_positions(n_plan: int, epoch_size: int, seed: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _deterministic(device_type: str):
+def _deterministic(device_type: str, threads: Optional[int] = None):
     import torch
 
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     if device_type == "cuda":
@@ -464,6 +472,7 @@ def _deterministic(device_type: str):
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+        torch.set_num_threads(previous_threads)
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -566,7 +575,7 @@ def _train_arm_fold(arm: str, fold: int, tiles: TileSet, train_idx: np.ndarray, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * x.shape[0]
+            total += float(loss.detach()) * x.shape[0]
             count += x.shape[0]
         dice, vd = _evaluate(model, test_loader, n_classes, device)
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), "dice": _nan_to_none(dice),
@@ -587,6 +596,7 @@ def _train_arm_fold(arm: str, fold: int, tiles: TileSet, train_idx: np.ndarray, 
         "classes": class_names,
         "device": str(device),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "n_train_tiles": int(train_idx.size),
         "n_test_tiles": int(test_idx.size),
         "n_train_images": int(np.unique(tiles.image_of[train_idx]).size),
@@ -702,7 +712,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
 
     runs: Dict[str, List[dict]] = {arm: [] for arm in config.arms}
     jobs = [(arm, fold) for fold in range(config.folds) for arm in config.arms]
-    with _deterministic(torch.device(config.device).type):
+    with _deterministic(torch.device(config.device).type, config.threads):
         for arm, fold in _progress(jobs, config.progress, desc="arms x folds"):
             run_dir = out / "runs" / arm
             result_path = run_dir / f"fold{fold}.json"
@@ -940,6 +950,7 @@ def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
