@@ -85,7 +85,7 @@ ARM_TITLES = {
 _RESULT_VERSION = 1
 # Config fields that do not change what a finished (arm, fold) holds: changing them
 # between an interrupted run and its resumption is allowed.
-_RUNTIME_FIELDS = ("out", "arms", "device", "num_workers", "threads", "progress", "cache_images")
+_RUNTIME_FIELDS = ("out", "data_cache", "arms", "device", "num_workers", "threads", "progress", "cache_images")
 
 
 @dataclasses.dataclass
@@ -106,7 +106,9 @@ class ExperimentConfig:
     downscale : int
         Integer factor to shrink images (area average) and masks (max pooling, so a
         lesion pixel survives) before tiling; 1 uses the data as is. The shrunk copy
-        is cached under ``<out>/data-<factor>x``.
+        is cached under ``data_cache``.
+    data_cache : str, optional
+        Folder for the downscaled copy; default ``<out>/data-<factor>x``.
     min_pixels : int
         A class is present in a tile when it covers at least this many pixels.
     folds, epochs, batch_size, lr
@@ -158,6 +160,7 @@ class ExperimentConfig:
     tile: int = 512
     stride: Optional[int] = None
     downscale: int = 1
+    data_cache: Optional[str] = None
     min_pixels: int = 1
     folds: int = 3
     epochs: int = 10
@@ -430,18 +433,30 @@ def _balancer_plan(arm: str, presence: np.ndarray, config: ExperimentConfig, fol
             kwargs["gamma"] = float(config.gamma)
     balancer = Balancer(**kwargs)
     balancer.fit(table)
-    return balancer.plan_
+    info = {"target": [float(v) for v in balancer.target_], "loss": float(balancer.loss_)}
+    gap = getattr(balancer, "optimality_gap_", None)
+    if gap is not None:
+        info["optimality_gap"] = float(gap)
+    return balancer.plan_, info
 
 
 def arm_plan(arm: str, presence: np.ndarray, config: ExperimentConfig, fold: int, class_names):
-    """The :class:`cobalance.Plan` of one arm over a fold's training tiles."""
+    """The :class:`cobalance.Plan` of one arm over a fold's training tiles.
+
+    Returns
+    -------
+    plan : cobalance.Plan
+    info : dict
+        For the balancer arms its resolved target, final loss and (Adam) optimality
+        gap; for ``rfs`` the threshold; empty for ``unbalanced``.
+    """
     import cobalance
 
     if arm == "unbalanced":
-        return cobalance.Plan.identity(presence.shape[0])
+        return cobalance.Plan.identity(presence.shape[0]), {}
     if arm == "rfs":
         copies = repeat_factor_copies(presence, config.rfs_threshold, random_state=_seed(config, "rfs", fold))
-        return cobalance.Plan.from_copies(copies)
+        return cobalance.Plan.from_copies(copies), {"rfs_threshold": float(config.rfs_threshold)}
     return _balancer_plan(arm, presence, config, fold, class_names)
 
 
@@ -527,7 +542,7 @@ def _train_arm_fold(arm: str, fold: int, tiles: TileSet, train_idx: np.ndarray, 
     class_names = tiles.class_names
     n_classes = len(class_names)
     presence = tiles.presence[train_idx]
-    plan = arm_plan(arm, presence, config, fold, class_names)
+    plan, plan_info = arm_plan(arm, presence, config, fold, class_names)
     indices = plan.indices()
     if indices.size == 0:
         raise ValueError(f"arm {arm!r}, fold {fold}: the plan keeps no training tile")
@@ -561,7 +576,7 @@ def _train_arm_fold(arm: str, fold: int, tiles: TileSet, train_idx: np.ndarray, 
         model.train()
         positions = _epoch_positions(indices.size, epoch_size, _seed(config, "order", arm, fold, epoch))
         loader = DataLoader(train_set, batch_size=config.batch_size, sampler=positions.tolist(),
-                            num_workers=config.num_workers)
+                            num_workers=config.num_workers, pin_memory=device.type == "cuda")
         total, count = 0.0, 0
         batches = _progress(loader, config.progress, desc=f"{arm} fold {fold} epoch {epoch + 1}/{config.epochs}",
                             leave=False)
@@ -606,6 +621,7 @@ def _train_arm_fold(arm: str, fold: int, tiles: TileSet, train_idx: np.ndarray, 
         "plan_duplicates": int(indices.size - np.count_nonzero(plan.copies)),
         "plan_max_copies": int(plan.copies.max()),
         "plan_dropped": int(np.count_nonzero(plan.copies == 0)),
+        "plan_info": plan_info,
         "epoch_size": int(epoch_size),
         "presence_before": presence.mean(axis=0).tolist(),
         "presence": (presence.astype(np.float64) * plan.copies[:, None]).sum(axis=0).tolist(),
@@ -699,7 +715,8 @@ def run_experiment(config: ExperimentConfig) -> dict:
 
     root = data
     if config.downscale > 1:
-        root = downscale_folder(data, out / f"data-{config.downscale}x", config.downscale, class_names,
+        cache = Path(config.data_cache) if config.data_cache else out / f"data-{config.downscale}x"
+        root = downscale_folder(data, cache, config.downscale, class_names,
                                 progress=config.progress)
     tiles = TileSet(root, class_names, tile=config.tile, stride=config.stride, min_pixels=config.min_pixels)
     tiles.cache_images = config.cache_images
@@ -800,11 +817,13 @@ def _table2_markdown(t2) -> str:
     lines = ["| class | " + " | ".join(ARM_TITLES.get(a, a) for a in arms) + " |", "|---|" + "---:|" * len(arms)]
     for metric in t2["metrics"]:
         means = [t2["cells"][a][metric]["mean"] for a in arms]
-        top = max((m for m in means if m is not None), default=None)
+        known = [m for m in means if m is not None]
+        # Bold the best arm(s), unless every arm has the same mean.
+        top = max(known) if known and min(known) != max(known) else None
         cells = []
         for a, m in zip(arms, means):
             s = f"{_fmt(m)} ± {_fmt(t2['cells'][a][metric]['std'])}"
-            cells.append(f"**{s}**" if m is not None and m == top and len(arms) > 1 else s)
+            cells.append(f"**{s}**" if top is not None and m == top else s)
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -924,6 +943,7 @@ def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=512, help="tile size in pixels (default 512)")
     p.add_argument("--stride", type=int, default=None, help="tile stride (default: the tile size)")
     p.add_argument("--downscale", type=int, default=1, help="shrink images by this integer factor first")
+    p.add_argument("--data-cache", default=None, help="folder for the downscaled copy (default OUT/data-Nx)")
     p.add_argument("--min-pixels", type=int, default=1, help="pixels of a class that make it present in a tile")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10)
