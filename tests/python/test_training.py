@@ -218,6 +218,11 @@ def test_cli_parser_hooks_into_subparsers(synthetic, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| vDice |" in printed
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["epoch_size"] == "plan"
+    # The cobalance CLI's handler(args, console) lets errors reach its own reporting.
+    bad = parser.parse_args(["experiment", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"),
+                             "--model", "unet"])
+    with pytest.raises(ValueError, match="does not exist"):
+        bad.handler(bad, None)
 
 
 def test_epoch_positions_are_shuffled_passes():

@@ -71,7 +71,7 @@ from .folds import MultilabelStratifiedKFold
 from .rfs import repeat_factor_copies
 
 __all__ = ["ARMS", "DEFAULT_ARMS", "ExperimentConfig", "run_experiment", "add_experiment_parser",
-           "run_from_args", "main"]
+           "experiment_handler", "run_from_args", "main", "arm_plan", "downscale_folder"]
 
 ARMS = ("unbalanced", "balanced_noreg", "balanced_reg", "exact", "rfs")
 DEFAULT_ARMS = ("unbalanced", "balanced_noreg", "balanced_reg")
@@ -980,29 +980,40 @@ def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return ExperimentConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Handler of the ``experiment`` subcommand: run, print Table 2, return the exit status."""
-    try:
-        result = run_experiment(_config_from_args(args))
-    except (ValueError, ImportError) as err:
-        print(f"cobalance experiment: error: {err}", file=sys.stderr)
-        return 2
+def experiment_handler(args: argparse.Namespace, console=None) -> int:
+    """Run the ``experiment`` subcommand; errors propagate (ValueError, ImportError).
+
+    The signature is the ``cobalance`` CLI's ``handler(args, console)``; ``console``
+    is not used (progress goes through tqdm, results to stdout).
+    """
+    result = run_experiment(_config_from_args(args))
     print(_table1_markdown(result["table1"]))
     print(_table2_markdown(result["table2"]))
     print(f"results in {args.out}")
     return 0
 
 
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the ``experiment`` subcommand; an error is one line on stderr and exit status 2."""
+    try:
+        return experiment_handler(args)
+    except (ValueError, ImportError) as err:
+        print(f"cobalance experiment: error: {err}", file=sys.stderr)
+        return 2
+
+
 def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``experiment`` subcommand to an ``argparse`` subparsers object.
 
-    The handler is set as ``func``: ``args.func(args)`` runs it and returns the exit
-    status.
+    Two handlers are set: ``args.func(args)`` (:func:`run_from_args`, which turns errors
+    into exit status 2) and ``args.handler(args, console)``
+    (:func:`experiment_handler`, which lets them propagate to the caller's error
+    handling). Returns the subparser.
     """
     p = subparsers.add_parser("experiment", help="train a U-Net on each balancing arm and compare per-class Dice",
                               description=__doc__.split("\n\n")[0])
     _configure_parser(p)
-    p.set_defaults(func=run_from_args)
+    p.set_defaults(func=run_from_args, handler=experiment_handler)
     return p
 
 
