@@ -195,3 +195,18 @@ def test_rfs_bad_input():
         repeat_factor_copies(np.array([[2]]), 0.5)
     with pytest.raises(ValueError, match="at least one sample"):
         repeat_factor_copies(np.zeros((0, 2)), 0.5)
+
+
+def test_training_package_imports_without_torch():
+    # Folds and repeat-factor sampling need only numpy: importing the package (and the
+    # experiment module's names) must not pull in torch.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, cobalance.training as t; t.MultilabelStratifiedKFold; "
+            "from cobalance.training import experiment; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "python"))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -16,7 +16,8 @@ _LAZY = {
     "create_model": "models", "list_models": "models", "list_encoders": "models", "UNet": "models",
     "FocalLoss": "losses", "sigmoid_focal_loss": "losses", "softmax_focal_loss": "losses",
     "ExperimentConfig": "experiment", "run_experiment": "experiment", "main": "experiment",
-    "add_experiment_parser": "experiment", "ARMS": "experiment",
+    "add_experiment_parser": "experiment", "experiment_handler": "experiment", "run_from_args": "experiment",
+    "ARMS": "experiment", "DEFAULT_ARMS": "experiment",
 }
 
 __all__ = ["MultilabelStratifiedKFold", "iterative_stratification", "class_repeat_factors",
