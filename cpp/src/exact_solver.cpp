@@ -47,14 +47,19 @@ class ConvexQP {
         parts_(problem.parts(n_threads)) {
     // Diagonal of R's Hessian in p (every regularizer is a separable quadratic).
     hess_.assign(static_cast<std::size_t>(k_), 0.0);
+    lin_.assign(static_cast<std::size_t>(k_), 0.0);
     const auto& n = pr_.counts();
     const auto& p0 = pr_.base_proportions();
     for (index_t j = 0; j < k_; ++j) {
       switch (reg_) {
-        case Regularizer::none: hess_[j] = 0.0; break;
-        case Regularizer::counts: hess_[j] = 2.0 * total_ * total_ / (n[j] * n[j]); break;
-        case Regularizer::proportions: hess_[j] = 2.0 * kHundredSquared; break;
-        case Regularizer::ratio: hess_[j] = 2.0 / (p0[j] * p0[j]); break;
+        case Regularizer::none: hess_[j] = 0.0, lin_[j] = 0.0; break;
+        case Regularizer::counts:
+          hess_[j] = 2.0 * total_ * total_ / (n[j] * n[j]), lin_[j] = -2.0 * total_ / n[j];
+          break;
+        case Regularizer::proportions:
+          hess_[j] = 2.0 * kHundredSquared, lin_[j] = -2.0 * kHundredSquared * p0[j];
+          break;
+        case Regularizer::ratio: hess_[j] = 2.0 / (p0[j] * p0[j]), lin_[j] = -2.0 / p0[j]; break;
       }
     }
   }
@@ -132,36 +137,27 @@ class ConvexQP {
     for (index_t i = 0; i < c_; ++i) work[i] = s_f * 2.0 * w[i] * (f[i] - d[i]);
     pr_.pattern_sums(work.data(), grad, n_threads_);
     if (reg_ == Regularizer::none || s_r == 0.0) return;
-    const auto& n = pr_.counts();
-    const auto& p0 = pr_.base_proportions();
+    // Every regularizer's gradient is affine in p: hess_j p_j + lin_j.
+    const double* h = hess_.data();
+    const double* b = lin_.data();
     for_patterns([&](index_t j0, index_t j1) {
-      for (index_t j = j0; j < j1; ++j) {
-        double r;
-        if (reg_ == Regularizer::counts) {
-          r = 2.0 * (total_ * p[j] / n[j] - 1.0) * total_ / n[j];
-        } else if (reg_ == Regularizer::proportions) {
-          r = 2.0 * kHundredSquared * (p[j] - p0[j]);
-        } else {
-          r = 2.0 * (p[j] / p0[j] - 1.0) / p0[j];
-        }
-        grad[j] += s_r * r;
-      }
+      for (index_t j = j0; j < j1; ++j) grad[j] += s_r * (h[j] * p[j] + b[j]);
     });
   }
 
   // out = argmin sum_j metric_j (q_j - y_j)^2  s.t. sum q = 1, lo <= q <= hi, i.e.
-  // out_j = clamp(y_j - tau / metric_j, lo_j, hi_j) with sum out = 1. The sum is a
+  // out_j = clamp(y_j - tau / metric_j, lo_j, hi_j) with sum out = 1 (inv_metric = 1 / metric). The sum is a
   // non-increasing piecewise-linear function of tau; safeguarded Newton steps on it
   // are exact linear solves on the current piece, so the loop ends on the piece that
   // holds the root. `tau` is a warm start in, the multiplier out.
-  void project(const double* y, const double* metric, double* out, double& tau) const {
+  void project(const double* y, const double* inv_metric, double* out, double& tau) const {
     const double* lo = lo_.data();
     const double* hi = hi_.data();
     auto measure = [&](double t) {
       // [0] sum of clamped values, [1] sum of free y_j, [2] sum of free 1/metric_j,
       // [3] sum of bounds of clamped entries.
       return sum_patterns<4>([&](index_t j, std::array<double, 4>& acc) {
-        const double inv = 1.0 / metric[j];
+        const double inv = inv_metric[j];
         const double v = y[j] - t * inv;
         if (v <= lo[j]) {
           acc[0] += lo[j];
@@ -191,7 +187,7 @@ class ConvexQP {
         if (!bracketed) {
           // Where every entry sits at its upper bound (or at >= 1 when unbounded) the
           // sum is >= 1; where every entry sits at its lower bound it is <= 1.
-          const auto range = bracket(y, metric);
+          const auto range = bracket(y, inv_metric);
           below = std::max(below, range.first);
           above = std::min(above, range.second);
           bracketed = true;
@@ -203,7 +199,7 @@ class ConvexQP {
     }
     tau = t;
     for_patterns([&](index_t j0, index_t j1) {
-      for (index_t j = j0; j < j1; ++j) out[j] = std::clamp(y[j] - t / metric[j], lo[j], hi[j]);
+      for (index_t j = j0; j < j1; ++j) out[j] = std::clamp(y[j] - t * inv_metric[j], lo[j], hi[j]);
     });
   }
 
@@ -261,14 +257,14 @@ class ConvexQP {
   }
 
  private:
-  std::pair<double, double> bracket(const double* y, const double* metric) const {
+  std::pair<double, double> bracket(const double* y, const double* inv_metric) const {
     const double* lo = lo_.data();
     const double* hi = hi_.data();
     double first = kInf, last = -kInf;
     for (index_t j = 0; j < k_; ++j) {
       const double top = std::isfinite(hi[j]) ? hi[j] : lo[j] + 1.0;
-      first = std::min(first, metric[j] * (y[j] - top));
-      last = std::max(last, metric[j] * (y[j] - lo[j]));
+      first = std::min(first, (y[j] - top) / inv_metric[j]);
+      last = std::max(last, (y[j] - lo[j]) / inv_metric[j]);
     }
     return {first, last};
   }
@@ -276,7 +272,7 @@ class ConvexQP {
   const BalanceProblem& pr_;
   Regularizer reg_;
   double total_;
-  std::vector<double> lo_, hi_, hess_;
+  std::vector<double> lo_, hi_, hess_, lin_;  // R's gradient is hess_ * p + lin_
   mutable std::vector<double> ones_;
   int n_threads_;
   index_t k_, c_;
@@ -297,9 +293,9 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
                   double tol, Scale&& grad_scale) {
   const index_t k = qp.k(), c = qp.c();
   const auto& hess = qp.hessian_diagonal();
-  std::vector<double> metric(static_cast<std::size_t>(k));
+  std::vector<double> inv_metric(static_cast<std::size_t>(k));
   auto set_metric = [&] {
-    for (index_t j = 0; j < k; ++j) metric[j] = lipschitz + mu * hess[j];
+    for (index_t j = 0; j < k; ++j) inv_metric[j] = 1.0 / (lipschitz + mu * hess[j]);
   };
   set_metric();
   std::vector<double> y = x, x_new(static_cast<std::size_t>(k)), grad(static_cast<std::size_t>(k)),
@@ -325,9 +321,9 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
     result.n_iter = it;
     qp.gradient(y.data(), fy.data(), 1.0, mu, grad.data(), work);
     qp.for_patterns([&](index_t j0, index_t j1) {
-      for (index_t j = j0; j < j1; ++j) z[j] = y[j] - grad[j] / metric[j];
+      for (index_t j = j0; j < j1; ++j) z[j] = y[j] - grad[j] * inv_metric[j];
     });
-    qp.project(z.data(), metric.data(), x_new.data(), tau);
+    qp.project(z.data(), inv_metric.data(), x_new.data(), tau);
     qp.marginals(x_new.data(), f_new.data());
 
     // F is quadratic: F(y + d) - F(y) - <dF(y), d> = sum_i w_i (U^T d)_i^2 exactly, so the
