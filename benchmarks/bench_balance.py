@@ -24,6 +24,10 @@ LARGE = os.environ.get("COBALANCE_BENCH_LARGE") == "1"
 SIZES = [(100, 9), (100, 300), (10_000, 9), (10_000, 300)] + ([(1_000_000, 9), (1_000_000, 300)] if LARGE else [])
 OBJECTIVE, REGULARIZER, GAMMA = "fraction", "proportions", 1e-3
 LR = 0.05
+# trust-constr's iteration cap at K = 1e4: uncapped it ran for over 300 s here and still
+# stopped short of the optimum; the cap keeps the default run short and only flatters
+# scipy (it is timed for fewer iterations than it needs; the loss gap is recorded).
+SCIPY_MAXITER = int(os.environ.get("COBALANCE_BENCH_SCIPY_MAXITER", "10"))
 
 
 def long_tailed(k: int, c: int, seed: int = 0):
@@ -205,7 +209,7 @@ def exact_scipy(d):
     else:
         res = minimize(fun, p0, jac=jac, hessp=hessp, method="trust-constr", bounds=Bounds(lo, hi),
                        constraints=[LinearConstraint(sp.csr_matrix(np.ones((1, k))), 1.0, 1.0)],
-                       options=dict(maxiter=2000, gtol=1e-10, xtol=1e-12))
+                       options=dict(maxiter=SCIPY_MAXITER, gtol=1e-10, xtol=1e-12))
     return np.clip(res.x, lo, hi)
 
 
@@ -221,6 +225,9 @@ def test_exact_solver(benchmark, k, c, impl):
     n = d["counts"]
     loss = d["problem"].loss(p * n.sum(), OBJECTIVE, REGULARIZER, GAMMA)
     best = d["problem"].loss(exact_native(d) * n.sum(), OBJECTIVE, REGULARIZER, GAMMA)
-    # scipy reaches the native optimum's loss to its own tolerance; nothing beats it.
+    benchmark.extra_info["loss"] = loss
+    benchmark.extra_info["relative_gap_to_exact"] = (loss - best) / best
+    # Nothing beats the global optimum; SLSQP (K = 1e2) reaches it.
     assert loss >= best - 1e-12 * best
-    assert loss <= best * (1 + 1e-4)
+    if impl == "scipy" and k <= 1000:
+        assert loss <= best * (1 + 1e-6)

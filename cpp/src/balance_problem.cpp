@@ -223,8 +223,11 @@ BalanceProblem::BalanceProblem(std::vector<index_t> indptr, std::vector<index_t>
 }
 
 int BalanceProblem::parts(int n_threads) const noexcept {
-  const int by_work = parts_for(nnz() + n_patterns(), n_threads, kWorkPerPart);
-  return static_cast<int>(std::min<index_t>(by_work, n_blocks_));
+  // Asked once: the query is a system call, too slow for every pass of a solver loop.
+  static const int hardware = resolve_threads(0);
+  const index_t threads = n_threads > 0 ? n_threads : hardware;
+  const index_t by_work = std::max<index_t>(1, (nnz() + n_patterns()) / kWorkPerPart);
+  return static_cast<int>(std::min({threads, by_work, n_blocks_}));
 }
 
 void BalanceProblem::check_alpha(const double* alpha, index_t size, const char* name) const {

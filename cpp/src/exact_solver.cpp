@@ -286,11 +286,9 @@ struct InnerResult {
 };
 
 // FISTA with gradient restart for F + mu R from x (feasible; updated in place). The
-// stopping test is on the natural residual of grad_scale(x) * (dF + mu dR), which is
-// the reported problem's gradient (see solve_exact).
-template <class Scale>
+// stopping test is on the natural residual of dF + mu dR.
 InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double& lipschitz, index_t max_iter,
-                  double tol, Scale&& grad_scale) {
+                  double tol) {
   const index_t k = qp.k(), c = qp.c();
   const auto& hess = qp.hessian_diagonal();
   std::vector<double> inv_metric(static_cast<std::size_t>(k));
@@ -307,8 +305,7 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
   InnerResult result;
 
   auto residual_at_x = [&]() {
-    const double s = grad_scale(fx);
-    qp.gradient(x.data(), fx.data(), s, s * mu, grad.data(), work);
+    qp.gradient(x.data(), fx.data(), 1.0, mu, grad.data(), work);
     return qp.natural_residual(x.data(), grad.data(), work2, tau_residual);
   };
 
@@ -414,21 +411,15 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
   qp.project(problem.base_proportions().data(), ones.data(), x.data(), tau);
   double lipschitz = std::max(1.02 * qp.curvature_estimate(), 1e-12);
 
-  auto root_scale = [&](const std::vector<double>& fx) {
-    const double value = qp.objective(fx.data());
-    return value > 0.0 ? 0.5 / std::sqrt(value) : 0.0;
-  };
   ExactResult result;
   bool outer_converged = true;
+  double mu = gamma;  // the regularizer's weight in the QP that is solved
   if (objective == Objective::fraction) {
-    const auto inner = fista(qp, gamma, x, lipschitz, options.max_iter, options.tol, [](const std::vector<double>&) {
-      return 1.0;
-    });
-    result.n_iter = inner.n_iter;
+    result.n_iter = fista(qp, gamma, x, lipschitz, options.max_iter, options.tol).n_iter;
   } else if (gamma == 0.0 || regularizer == Regularizer::none) {
     // sqrt is increasing: the minimiser of sqrt(F) is that of F.
-    const auto inner = fista(qp, 0.0, x, lipschitz, options.max_iter, options.tol, root_scale);
-    result.n_iter = inner.n_iter;
+    mu = 0.0;
+    result.n_iter = fista(qp, 0.0, x, lipschitz, options.max_iter, options.tol).n_iter;
   } else {
     // KKT of sqrt(F) + gamma R == KKT of F + mu R with mu = 2 gamma sqrt(F): find the
     // root of h(mu) = mu - 2 gamma sqrt(F(p(mu))), unique because the optimum is.
@@ -436,19 +427,19 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
       qp.marginals(x.data(), f.data());
       return 2.0 * gamma * std::sqrt(qp.objective(f.data()));
     };
-    double mu = fixed_point();
-    double mu_below = 0.0, h_below = -kInf, mu_above = kInf, h_above = kInf;
+    mu = fixed_point();
+    double mu_below = 0.0, h_below = 0.0, mu_above = kInf, h_above = 0.0, mu_previous = 0.0, h_previous = 0.0;
     bool has_below = false, has_above = false;
     int side = 0;  // Illinois: the side kept twice in a row
     outer_converged = false;
     for (int outer = 0; outer < 200 && result.n_iter < options.max_iter; ++outer) {
-      const double inner_tol = options.tol;
-      const auto inner = fista(qp, mu, x, lipschitz, options.max_iter - result.n_iter, inner_tol, root_scale);
+      const auto inner = fista(qp, mu, x, lipschitz, options.max_iter - result.n_iter, options.tol);
       result.n_iter += inner.n_iter;
       const double image = fixed_point();
       const double h = mu - image;
-      if (std::abs(h) <= 1e-12 * std::max(mu, 1e-300) && inner.converged) {
-        outer_converged = true;
+      // Relative to mu, with an absolute floor for an exact fit (F = 0, mu -> 0).
+      if (std::abs(h) <= 1e-12 * std::max(mu, image) + 1e-15 * gamma) {
+        outer_converged = inner.converged;
         break;
       }
       if (h < 0.0) {
@@ -458,24 +449,31 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
         if (has_above && side == 1) h_below *= 0.5;
         mu_above = mu, h_above = h, has_above = true, side = 1;
       }
-      double next = image;  // the fixed-point step until the root is bracketed
+      // Secant steps through the last two points until the root is bracketed (the
+      // fixed-point map can contract slowly), falling back on the fixed-point step.
+      double next = image;
+      if (outer > 0 && h != h_previous) {
+        const double secant = mu - h * (mu - mu_previous) / (h - h_previous);
+        if (std::isfinite(secant) && secant >= 0.0) next = secant;
+      }
+      mu_previous = mu, h_previous = h;
       if (has_below && has_above) {
-        next = mu_below - h_below * (mu_above - mu_below) / (h_above - h_below);
-        if (!(next > mu_below && next < mu_above)) next = 0.5 * (mu_below + mu_above);
         if (mu_above - mu_below <= 1e-15 * mu_above) {
           outer_converged = inner.converged;
           break;
         }
+        next = mu_below - h_below * (mu_above - mu_below) / (h_above - h_below);
+        if (!(next > mu_below && next < mu_above)) next = 0.5 * (mu_below + mu_above);
       }
       mu = next;
     }
+    mu = fixed_point();
   }
 
-  // Report the KKT residual of the problem as posed (objective + gamma R).
+  // The KKT residual of the QP that was solved (see the header for fraction_l2).
   qp.marginals(x.data(), f.data());
-  const double scale = objective == Objective::fraction ? 1.0 : root_scale(f);
   std::vector<double> grad(static_cast<std::size_t>(k)), work, work2;
-  qp.gradient(x.data(), f.data(), scale, gamma, grad.data(), work);
+  qp.gradient(x.data(), f.data(), 1.0, mu, grad.data(), work);
   double tau_residual = 0.0;
   result.kkt_residual = qp.natural_residual(x.data(), grad.data(), work2, tau_residual);
   result.converged = outer_converged && result.kkt_residual <= options.tol;

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cobalance import _core
 
@@ -116,6 +118,11 @@ def test_adam_bad_arguments():
 def check_kkt(prob, objective, regularizer, gamma, total, lower, upper, p, tol):
     """KKT of min loss(p) on {sum p = 1, lower/total <= p <= upper/total}, checked from scratch."""
     lo, hi = lower / total, upper / total
+    if objective == "fraction_l2":
+        # sqrt(F) + gamma R has the KKT conditions of F + mu R, mu = 2 gamma sqrt(F); this
+        # form stays valid at an exact fit (F = 0), where sqrt is not differentiable.
+        f_value, _ = problem_in_p(prob, "fraction", "none", 0.0, total)(p)
+        objective, gamma = "fraction", 2 * gamma * np.sqrt(f_value)
     _, grad = problem_in_p(prob, objective, regularizer, gamma, total)(p)
     assert abs(p.sum() - 1) < 1e-12
     assert np.all(p >= lo - 1e-15) and np.all(p <= hi + 1e-15)
@@ -225,3 +232,23 @@ def test_exact_solver_bad_arguments():
     ]:
         with pytest.raises(ValueError, match=needle):
             run(**kw)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 15), st.integers(1, 6),
+       st.sampled_from(CASES), st.floats(0.3, 3.0), st.booleans())
+def test_property_exact_solver_meets_kkt(seed, k, c, case, size, unbounded):
+    objective, regularizer, gamma = case
+    rng = np.random.default_rng(seed)
+    prob = random_problem(rng, k, c, weights=True)
+    problem = make(prob)
+    n = prob["counts"]
+    total = size * n.sum()
+    lower = rng.random(k) * n * min(size, 1.0)
+    upper = np.full(k, np.inf) if unbounded else lower + n * (1 + 5 * rng.random(k))
+    if upper.sum() < total:
+        upper *= total / upper.sum() * 1.01
+    out = _core.solve_exact(problem, objective, regularizer, gamma, total, lower, upper)
+    assert out["converged"], out
+    check_kkt(prob, objective, regularizer, gamma, total, lower, upper, out["p"], 1e-7)
+    assert np.all(out["alpha"] >= lower * (1 - 1e-12)) and np.all(out["alpha"] <= upper * (1 + 1e-12))

@@ -17,12 +17,14 @@
 // (for some multiplier t: grad_j = t where p_j is strictly inside its bounds,
 // grad_j >= t at a lower bound, grad_j <= t at an upper bound).
 //
-// `fraction_l2` (sqrt(F) + gamma R): when gamma == 0 the minimiser is that of F, so the
-// squared problem is solved. When gamma > 0, the KKT conditions of sqrt(F) + gamma R are
-// those of F + mu R with mu = 2 gamma sqrt(F(p)), so the QP is solved for a sequence of
-// mu (warm-started), and mu is found as the root of mu - 2 gamma sqrt(F(p(mu))) by a
-// safeguarded secant method; the reported KKT residual is that of F + mu R at the root,
-// which is (2 sqrt F) times the residual of the original problem's gradient.
+// `fraction_l2` (sqrt(F) + gamma R): sqrt is not differentiable where F = 0 (an exact
+// fit), so the smooth QP below is solved instead and its KKT residual reported. When
+// gamma == 0 (or no regularizer) the minimiser is that of F: the QP is F itself. When
+// gamma > 0, the KKT conditions of sqrt(F) + gamma R are those of F + mu R with
+// mu = 2 gamma sqrt(F(p)), so the QP is solved for a sequence of mu (warm-started) and
+// mu found as the root of mu - 2 gamma sqrt(F(p(mu))) (fixed-point steps, then a
+// safeguarded secant); the residual reported is that of F + mu R at the final p with
+// mu = 2 gamma sqrt(F(p)), i.e. 2 sqrt(F) times the original gradient where F > 0.
 // The `geo` objective is not convex in p and is refused.
 #pragma once
 
