@@ -5,10 +5,11 @@ imported lazily by the parts that use them.
 """
 
 from ._version import __version__
+from .balancer import Balancer
 from .patterns import PatternTable
 from .plan import Plan
 from .report import Report
 from .targets import FeasibilityWarning, resolve_target
 
 __all__ = ["PatternTable", "__version__"]
-__all__ += ["Plan", "Report", "FeasibilityWarning", "resolve_target"]
+__all__ += ["Balancer", "Plan", "Report", "FeasibilityWarning", "resolve_target"]
