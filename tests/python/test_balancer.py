@@ -268,3 +268,9 @@ def test_rounded_plan_is_within_1e3_of_the_exact_optimum_on_real_data(name, targ
     # under 20 %, as it is), the optimum moves away from it
     if np.max(np.abs(b.target_ - table.class_presence())) > 0:
         assert np.max(np.abs(optimum["marginals"] - table.class_presence())) > 1e-2
+
+
+def test_fit_needs_the_sample_index():
+    table = PatternTable.from_labels(paper_labels(), keep_inverse=False)
+    with pytest.raises(ValueError, match="keep_inverse"):
+        Balancer(target="uniform").fit(table)
