@@ -86,7 +86,8 @@ class Balancer:
     init : {"counts", "constant", "class_weighted"}
         Adam's start: ``counts`` alpha_j = n_j; ``constant`` alpha_j = N / K;
         ``class_weighted`` alpha_j proportional to ``1 / presence`` of the rarest
-        class in pattern j (1 for the empty pattern), scaled to sum N. The start is
+        class in pattern j (1 for the empty pattern), scaled to sum N. With
+        ``n_samples_out`` the start is scaled by ``n_samples_out / N``; it is then
         clipped into the bounds.
     min_count, max_count : scalar or array-like of shape (K,), optional
         Bounds on each pattern's total count.
@@ -147,8 +148,8 @@ class Balancer:
 
     - ``n_samples_out`` given: the size is ``n_samples_out``. Adam's ``alpha`` is
       rescaled to that total (one factor for all patterns, entries clipped to their
-      bounds); the exact solver is solved at that total.
-      Adam itself does not hold the sum fixed, so where the rescaling hits a bound
+      bounds); the exact solver is solved at that total. Adam itself does not hold
+      the sum fixed, so where the rescaling hits a bound
       (e.g. ``n_samples_out`` close to ``max_copies * N``) its result can be
       noticeably worse than the exact optimum at that size; ``optimality_gap_``
       shows by how much, and ``solver="exact"`` avoids it.
