@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cobalance
-from cobalance import Balancer, FeasibilityWarning, PatternTable, Plan, Report
+from cobalance import Balancer, FeasibilityWarning, PatternTable, Report
 
 DATA = Path(__file__).parents[2] / ".." / "shared" / "data" / "multilabel"
 DATASETS = ["emotions", "yeast", "scene", "enron", "medical", "genbase"]
