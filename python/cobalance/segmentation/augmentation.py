@@ -282,7 +282,9 @@ class DuplicateAugmentation:
         samples = torch.as_tensor(samples).reshape(-1).tolist()
         copies = torch.as_tensor(copy_index).reshape(-1).tolist()
         if len(samples) != b or len(copies) != b:
-            raise ValueError(f"samples and copy_index need {b} entries (the batch size), got {len(samples)}, {len(copies)}")
+            raise ValueError(
+                f"samples and copy_index need {b} entries (the batch size), got {len(samples)}, {len(copies)}"
+            )
         chosen = [k for k in range(b) if self.augment_originals or copies[k] > 0]
         if not chosen:
             return images, masks
