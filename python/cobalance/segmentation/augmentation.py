@@ -59,7 +59,9 @@ class DuplicateAugmentation:
     stacked and applied to the whole batch at once on the batch's device. A duplicate
     therefore gets the same transformation whatever the batch it is in and whatever the
     device; results on different devices agree up to floating-point rounding of the
-    image interpolation.
+    image interpolation. Because kornia draws from torch's global CPU generator, one
+    object must not be called from several threads at once (DataLoader worker
+    processes are fine).
 
     Parameters
     ----------
