@@ -58,10 +58,11 @@ class DuplicateAugmentation:
     (inside ``torch.random.fork_rng``, so the caller's random state is untouched), then
     stacked and applied to the whole batch at once on the batch's device. A duplicate
     therefore gets the same transformation whatever the batch it is in and whatever the
-    device; results on different devices agree up to floating-point rounding of the
-    image interpolation. Because kornia draws from torch's global CPU generator, one
-    object must not be called from several threads at once (DataLoader worker
-    processes are fine).
+    device. The outputs then agree up to floating-point rounding (batched kernels may
+    round image values differently, about 1e-6; on another device a mask pixel that
+    sits exactly on a sampling boundary may flip). Because kornia draws from torch's
+    global CPU generator, augmentations must not be called from several threads at
+    once (DataLoader worker processes are fine).
 
     Parameters
     ----------
