@@ -82,7 +82,8 @@ def test_binary_tiles_with_flip_augmentation_keep_presence(tmp_path):
     plan = make_plan(copies)
     # flips only: they keep every pixel, so class presence must match the plan exactly
     flips = DuplicateAugmentation(seed=4, elastic=False)
-    report = write_balanced(src, plan, tmp_path / "out", augment=flips, seed=4, progress=False)
+    # the manifest's seeds are the augmentation's own, not write_balanced's default seed
+    report = write_balanced(src, plan, tmp_path / "out", augment=flips, progress=False)
     out = MaskFolder(tmp_path / "out", class_names=classes)
     assert out.layout == "binary_folders" and len(out) == plan.n_samples_out
     expected = source_presence(src.folder)[plan.indices()].sum(0)
@@ -102,6 +103,10 @@ def test_binary_tiles_with_flip_augmentation_keep_presence(tmp_path):
             # a flip of the source tile (or the tile itself when neither flip fired)
             candidates = [src_mask, src_mask[:, ::-1], src_mask[:, :, ::-1], src_mask[:, ::-1, ::-1]]
             assert any(np.array_equal(got, c) for c in candidates)
+            # and exactly the one this copy's seed gives
+            _, expected_mask = flips(torch.from_numpy(src_image.transpose(2, 0, 1) / 255.0).float()[None],
+                                     torch.from_numpy(src_mask.copy())[None], [sample], [copy])
+            np.testing.assert_array_equal(got, expected_mask[0].numpy())
 
 
 def test_default_augmentation_keeps_masks_binary(tmp_path):
