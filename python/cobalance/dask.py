@@ -60,14 +60,17 @@ def _is_dask_array(obj) -> bool:
 # -- tasks (module-level functions so that worker processes can unpickle them) ---------
 
 
-def _block_table(block, n_classes: int, n_threads: int) -> PatternTable:
+def _block_table(block, partition: int, n_classes: int, n_threads: int) -> PatternTable:
     """The table of one partition, with its local inverse (kept on the worker)."""
     values = block.to_numpy() if hasattr(block, "to_numpy") else np.asarray(block)
     if values.ndim != 2 or values.shape[1] != n_classes:
-        raise ValueError(f"a partition has shape {values.shape}, expected (n, {n_classes})")
+        raise ValueError(f"partition {partition} has shape {values.shape}, expected (n, {n_classes})")
     if values.shape[0] == 0:
         return PatternTable(_core.PatternTableBuilder(n_classes, True, 1).finish())
-    return PatternTable.from_labels(values, n_threads=n_threads)
+    try:
+        return PatternTable.from_labels(values, n_threads=n_threads)
+    except ValueError as exc:  # name the partition: rows are counted within it
+        raise ValueError(f"partition {partition}: {exc}") from None
 
 
 def _summary(table: PatternTable):
@@ -251,7 +254,7 @@ def pattern_table(labels, *, class_names: Optional[Sequence[str]] = None, keep_i
     names = PatternTable(_core.PatternTableBuilder(n_classes, False, 1).finish(), names).class_names
 
     delayed = dask.delayed
-    leaves = [delayed(_block_table, pure=True)(b, n_classes, int(n_threads)) for b in blocks]
+    leaves = [delayed(_block_table, pure=True)(b, i, n_classes, int(n_threads)) for i, b in enumerate(blocks)]
     level = [delayed(_summary, pure=True)(t) for t in leaves]
 
     # Upward pass: merge consecutive groups of `split_every` summaries, level by level,
