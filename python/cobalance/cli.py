@@ -296,7 +296,7 @@ def _npz_labels(path: Path):
     with z:
         keys = list(z.keys())
         if "format" in keys:
-            raise UsageError(f"{path} is a cobalance {str(z['format'])} file, not a label matrix")
+            raise UsageError(f"{path} is a {str(z['format'])} file, not a label matrix")
         if "labels" in keys:
             key = "labels"
         else:
