@@ -412,16 +412,11 @@ def _presence_text(table: PatternTable, pixel_share=None, unit: str = "samples")
     return "\n".join(lines)
 
 
-def _scan_masks(path: Path, args, console: _Console):
-    """A masks folder -> (table, pixel share, record options); needs cobalance.folders."""
-    try:
-        from .folders import MaskFolder
-    except ImportError as exc:
-        raise ImportError(f"scanning a masks folder needs cobalance.folders ({_one_line(exc)})") from exc
-    folder = MaskFolder(path, **_mask_folder_options(args))
-    scan = folder.scan(progress=console.progress)
-    table = scan.to_table()
-    return table, scan, {"mask_folder": _mask_folder_record(args, table.class_names)}
+def _mask_folder(path: Path, args):
+    """A MaskFolder from the command line's masks options."""
+    from .folders import MaskFolder
+
+    return MaskFolder(path, **_mask_folder_options(args))
 
 
 def _mask_folder_options(args) -> dict:
@@ -438,10 +433,13 @@ def _mask_folder_options(args) -> dict:
     return options
 
 
-def _mask_folder_record(args, class_names) -> dict:
-    options = _mask_folder_options(args)
-    options["class_names"] = list(class_names)
-    return options
+def _mask_folder_record(folder) -> dict:
+    """What rebuilds the same samples in the same order (for ``write``)."""
+    return {"layout": folder.layout, "class_names": list(folder.class_names),
+            "tile": None if folder.tile is None else list(folder.tile),
+            "stride": None if folder.stride is None else list(folder.stride),
+            "ignore_index": folder.ignore_index,
+            "min_pixels": np.asarray(folder.min_pixels).tolist()}
 
 
 def _cmd_scan(args, console: _Console) -> int:
@@ -455,9 +453,14 @@ def _cmd_scan(args, console: _Console) -> int:
         raise UsageError(f"--format masks expects a folder, got the file {args.input!r}")
     pixel_share = None
     if fmt == "masks":
-        table, scan, options = _scan_masks(path, args, console)
+        if args.columns or args.delimiter:
+            raise UsageError("--columns and --delimiter apply to label files, not masks folders")
+        folder = _mask_folder(path, args)
+        scan = folder.scan()
+        table = scan.to_table(folder.class_names)
         pixel_share = scan.pixel_share()
-        unit = "tiles" if args.tile is not None else "images"
+        options = {"mask_folder": _mask_folder_record(folder)}
+        unit = "tiles" if folder.tile is not None else "images"
     else:
         for flag in ("tile", "stride", "ignore_index", "min_pixels", "layout"):
             if getattr(args, flag) is not None:
@@ -480,6 +483,382 @@ def _cmd_scan(args, console: _Console) -> int:
     if args.output:
         console.print(f"\nwrote {args.output}")
     console.emit_json(doc)
+    return EXIT_OK
+
+
+# -- fit ----------------------------------------------------------------------------------
+
+_TARGET_HELP = "uniform | rare_boost | CLASS=FRACTION,... | F1,F2,... (one per class) | FILE.json"
+
+
+def _parse_target(text: str, table: PatternTable):
+    """The ``--target`` text as what :func:`cobalance.resolve_target` accepts, validated."""
+    from .targets import resolve_target
+
+    text = text.strip()
+    spec = text
+    if text.lower().endswith(".json") or (os.sep in text and not "=" in text):
+        path = _require_file(text, "target file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                spec = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read target file {text!r}: {_one_line(exc)}") from None
+        if isinstance(spec, dict) and "target" in spec and not set(spec) - {"target", "format"}:
+            spec = spec["target"]  # {"target": ...} as written by `fit --json`
+        if not isinstance(spec, (str, list, dict)):
+            raise UsageError(f"target file {text!r} must hold a list of fractions, an object "
+                             "{class: fraction} or \"uniform\"/\"rare_boost\"")
+    elif "=" in text:
+        spec = {}
+        for item in text.split(","):
+            name, sep, value = item.partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or not name:
+                raise UsageError(f"--target: expected CLASS=FRACTION, got {item.strip()!r}")
+            if name in spec:
+                raise UsageError(f"--target: class {name!r} is given twice")
+            spec[name] = _fraction(value, f"--target {name}")
+    elif text not in ("uniform", "rare_boost"):
+        try:
+            spec = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise UsageError(f"--target must be {_TARGET_HELP}; got {text!r}") from None
+    if isinstance(spec, dict):
+        unknown = [k for k in spec if str(k) not in table.class_names]
+        if unknown:
+            raise UsageError(f"--target: unknown class {str(unknown[0])!r}; the classes are "
+                             f"{', '.join(table.class_names)}")
+        for k, v in spec.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+                raise UsageError(f"--target: the fraction of {k!r} must be in [0, 1], got {v!r}")
+    elif isinstance(spec, list):
+        if len(spec) != table.n_classes:
+            raise UsageError(f"--target lists {len(spec)} fractions, the table has {table.n_classes} classes "
+                             f"({', '.join(table.class_names)})")
+        for name, v in zip(table.class_names, spec):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+                raise UsageError(f"--target: the fraction of {name!r} must be in [0, 1], got {v!r}")
+    try:
+        return spec, resolve_target(spec, table)
+    except ValueError as exc:
+        raise UsageError(f"--target: {_one_line(exc)}") from None
+
+
+def _fraction(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{what}: expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects nan
+        raise UsageError(f"{what}: the fraction must be in [0, 1], got {text}")
+    return value
+
+
+def _load_table(path, what: str = "table") -> PatternTable:
+    p = _require_file(path, what)
+    try:
+        table = PatternTable.load(p)
+    except (OSError, KeyError, EOFError) as exc:
+        raise UsageError(f"cannot read {what} {str(path)!r}: {_one_line(exc)}") from None
+    except ValueError as exc:
+        raise UsageError(f"cannot read {what} {str(path)!r}: {_one_line(exc)}") from None
+    if not table.has_inverse:
+        raise UsageError(f"{what} {str(path)!r} has no per-sample index (it was saved with keep_inverse=False)")
+    return table
+
+
+def _load_plan(path):
+    from .plan import Plan
+
+    p = _require_file(path, "plan")
+    try:
+        return Plan.load(p)
+    except (OSError, KeyError, EOFError, json.JSONDecodeError, ValueError) as exc:
+        raise UsageError(f"cannot read plan {str(path)!r}: {_one_line(exc)}") from None
+
+
+def _balancer_options(args) -> dict:
+    options = {"objective": args.objective, "regularizer": args.regularizer, "gamma": args.gamma,
+               "solver": args.solver, "lr": args.lr, "max_iter": args.max_iter, "tol": args.tol,
+               "init": args.init, "max_copies": args.max_copies,
+               "allow_undersampling": not args.no_undersampling, "n_samples_out": args.n_samples_out,
+               "random_state": args.seed}
+    return options
+
+
+def _fit(table: PatternTable, target_spec, options: dict, console: _Console):
+    """Fit a Balancer; feasibility warnings become notes on stderr."""
+    import warnings
+
+    from .balancer import Balancer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        balancer = Balancer(target=target_spec, **options).fit(table)
+    for w in caught:
+        console.note(f"warning: {_one_line(w.message)}")
+    return balancer
+
+
+def _write_report_files(report, args, console: _Console, written: dict) -> None:
+    if getattr(args, "markdown", None):
+        atomic_write_text(args.markdown, report.to_markdown())
+        written["markdown"] = str(args.markdown)
+    if getattr(args, "report_json", None):
+        atomic_write_text(args.report_json, json.dumps(report.to_dict(), indent=2) + "\n")
+        written["report_json"] = str(args.report_json)
+    if getattr(args, "png", None):
+        report.save_png(args.png)
+        written["png"] = str(args.png)
+
+
+def _plan_path(text: str) -> Path:
+    p = Path(text)
+    if p.suffix not in (".npz", ".json"):
+        raise UsageError(f"--output must end in .npz or .json (a plan file), got {text!r}")
+    return p
+
+
+def _cmd_fit(args, console: _Console) -> int:
+    out = _plan_path(args.output)
+    table_path = Path(args.table)
+    table = _load_table(table_path)
+    target_spec, target = _parse_target(args.target, table)
+    options = _balancer_options(args)
+    balancer = _fit(table, target_spec, options, console)
+    plan, report = balancer.plan_, balancer.report_
+    # The plan first, then the record naming it: a record always describes a whole plan.
+    plan.save(out)
+    record = {
+        "format": _FIT_RECORD, "version": 1, "cobalance": __version__,
+        "plan_sha256": _sha256(out),
+        "table": {"path": str(table_path.resolve()),
+                  "relative_path": os.path.relpath(table_path.resolve(), out.resolve().parent),
+                  "sha256": _sha256(table_path), "n_samples": table.n_samples,
+                  "n_patterns": table.n_patterns},
+        "class_names": table.class_names,
+        "target_spec": target_spec,
+        "target": [float(v) for v in target],
+        "balancer": options,
+        "report": report.to_dict(),
+    }
+    _write_record(_record_path(out, "fit"), record)
+    written = {"plan": str(out), "record": str(_record_path(out, "fit"))}
+    _write_report_files(report, args, console, written)
+    console.print(report.to_markdown().rstrip("\n"))
+    console.print(f"\nwrote {', '.join(written.values())}")
+    console.emit_json({"command": "fit", "table": str(table_path), "outputs": written,
+                       "target": record["target"], "balancer": options, "report": report.to_dict()})
+    return EXIT_OK
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def _fit_record_for(plan_path: Path, *, required: bool) -> Optional[dict]:
+    record_path = _record_path(plan_path, "fit")
+    record = _read_record(record_path, _FIT_RECORD)
+    if record is None:
+        if required:
+            raise UsageError(f"no fit record {record_path} beside the plan; pass --table (and --target)")
+        return None
+    if record.get("plan_sha256") != _sha256(plan_path):
+        raise UsageError(f"{record_path} describes another plan (the plan file changed since `fit`); "
+                         "pass --table and --target")
+    return record
+
+
+def _table_for_plan(plan_path: Path, record: Optional[dict], override) -> Tuple[PatternTable, Path]:
+    if override:
+        return _load_table(override), Path(override)
+    assert record is not None
+    info = record["table"]
+    candidates = [plan_path.resolve().parent / info["relative_path"], Path(info["path"])]
+    for candidate in candidates:
+        if candidate.is_file():
+            if _sha256(candidate) != info["sha256"]:
+                raise UsageError(f"the table {candidate} changed since the plan was fitted (SHA-256 differs); "
+                                 "pass --table to use it anyway")
+            return _load_table(candidate), candidate
+    raise UsageError(f"the plan's table is not at {candidates[0]} nor {candidates[1]}; pass --table")
+
+
+def _cmd_report(args, console: _Console) -> int:
+    from .report import Report
+
+    plan_path = _require_file(args.plan, "plan")
+    plan = _load_plan(plan_path)
+    record = _fit_record_for(plan_path, required=not (args.table and args.target))
+    table, table_path = _table_for_plan(plan_path, record, args.table)
+    if plan.n_samples != table.n_samples:
+        raise UsageError(f"the plan has {plan.n_samples} samples but the table {table_path} has {table.n_samples}")
+    if args.target:
+        _, target = _parse_target(args.target, table)
+    else:
+        target = np.asarray(record["target"], dtype=np.float64)
+        if target.shape != (table.n_classes,):
+            raise UsageError(f"the fit record's target has {target.size} classes, the table {table.n_classes}")
+    extra = dict(record["report"].get("extra", {})) if record and not args.target else None
+    report = Report.from_plan(table, plan, target, extra=extra)
+    written = {}
+    _write_report_files(report, args, console, written)
+    console.print(report.to_markdown().rstrip("\n"))
+    if written:
+        console.print(f"\nwrote {', '.join(written.values())}")
+    console.emit_json({"command": "report", "plan": str(plan_path), "table": str(table_path),
+                       "outputs": written, "report": report.to_dict()})
+    return EXIT_OK
+
+
+# -- demo -------------------------------------------------------------------------------
+
+
+def _cmd_demo(args, console: _Console) -> int:
+    from .folders import MaskFolder, sample_path
+
+    root = sample_path()
+    folder = MaskFolder(root, tile=args.tile, stride=args.stride, min_pixels=args.min_pixels)
+    whole = MaskFolder(root)
+    scan = folder.scan()
+    table = scan.to_table(folder.class_names)
+    images = whole.scan().to_table(whole.class_names)
+    tile_text = f"{folder.tile[0]}x{folder.tile[1]}"
+    console.print(f"IDRiD sample: {whole.n_images} fundus images ({root})")
+    pixels = "pixel" if args.min_pixels == 1 else "pixels"
+    console.print(f"tiles of {tile_text} pixels, a class present from {args.min_pixels} {pixels} on\n")
+    names = table.class_names
+    width = max(5, *(len(n) for n in names))
+    console.print(f"{'class':<{width}}  images %  tiles %  pixel share %")
+    img_presence, tile_presence, share = images.class_presence(), table.class_presence(), scan.pixel_share()
+    for i, n in enumerate(names):
+        console.print(f"{n:<{width}}  {100 * img_presence[i]:8.1f}  {100 * tile_presence[i]:7.1f}  "
+                      f"{100 * share[i]:13.3f}")
+    console.print(f"\n{table.n_samples} tiles, {table.n_patterns} class-presence patterns")
+
+    target_spec, target = _parse_target(args.target, table)
+    options = _balancer_options(args)
+    balancer = _fit(table, target_spec, options, console)
+    plan, report = balancer.plan_, balancer.report_
+    console.print(f"\nbalanced towards target {args.target!r}:\n")
+    console.print(report.to_markdown().rstrip("\n"))
+
+    written = {}
+    skipped = None
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        table_path, plan_path = out / "table.npz", out / "plan.npz"
+        table.save(table_path)
+        _write_record(_record_path(table_path, "scan"), {
+            "format": _SCAN_RECORD, "version": 1, "cobalance": __version__, "source": str(root),
+            "source_format": "masks", "table_sha256": _sha256(table_path),
+            "mask_folder": _mask_folder_record(folder)})
+        plan.save(plan_path)
+        _write_record(_record_path(plan_path, "fit"), {
+            "format": _FIT_RECORD, "version": 1, "cobalance": __version__, "plan_sha256": _sha256(plan_path),
+            "table": {"path": str(table_path.resolve()), "relative_path": table_path.name,
+                      "sha256": _sha256(table_path), "n_samples": table.n_samples,
+                      "n_patterns": table.n_patterns},
+            "class_names": table.class_names, "target_spec": target_spec,
+            "target": [float(v) for v in target], "balancer": options, "report": report.to_dict()})
+        written.update(table=str(table_path), plan=str(plan_path))
+        atomic_write_text(out / "report.md", report.to_markdown())
+        atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        written.update(markdown=str(out / "report.md"), report_json=str(out / "report.json"))
+        try:
+            report.save_png(out / "report.png")
+            written["png"] = str(out / "report.png")
+        except ImportError:
+            console.note("matplotlib is not installed: no report.png (pip install 'cobalance[plot]')")
+        skipped = _demo_write_dataset(folder, plan, out / "balanced", args, console, written)
+        console.print(f"\nwrote {len(written)} outputs under {out}")
+    console.emit_json({
+        "command": "demo", "source": str(root), "n_images": whole.n_images, "n_tiles": table.n_samples,
+        "n_patterns": table.n_patterns, "tile": list(folder.tile), "min_pixels": args.min_pixels,
+        "classes": [{"name": n, "image_presence": float(img_presence[i]), "tile_presence": float(tile_presence[i]),
+                     "pixel_share": float(share[i])} for i, n in enumerate(names)],
+        "report": report.to_dict(), "outputs": written, "skipped": skipped})
+    return EXIT_OK
+
+
+def _demo_write_dataset(folder, plan, out_dir: Path, args, console: _Console, written: dict):
+    """The balanced dataset folder; returns why it was skipped, or None."""
+    try:
+        import torch  # noqa: F401  (the writer's augmentations run on torch)
+        from .segmentation.writer import write_balanced
+    except ImportError as exc:
+        why = f"torch is not installed ({_one_line(exc)}): skipped writing the balanced dataset"
+        console.note(why + " (pip install 'cobalance[torch]')")
+        return why
+    _write_dataset(write_balanced, folder, plan, out_dir, args, console)
+    written["balanced"] = str(out_dir)
+    return None
+
+
+# -- write ------------------------------------------------------------------------------
+
+
+def _scan_record_of_plan(plan_path: Path, table_override) -> Optional[dict]:
+    """The scan record of the plan's table: it says how the samples were cut."""
+    record = _fit_record_for(plan_path, required=False)
+    if table_override:
+        table_path = Path(table_override)
+    elif record is not None:
+        _, table_path = _table_for_plan(plan_path, record, None)
+    else:
+        return None
+    return _read_record(_record_path(table_path, "scan"), _SCAN_RECORD)
+
+
+def _write_dataset(write_balanced, folder, plan, out_dir: Path, args, console: _Console):
+    """Run the writer; a bar on stderr when it is a terminal and not --quiet."""
+    show = not console.quiet and console.stderr.isatty()
+    try:
+        return write_balanced(folder, plan, out_dir, augment=True if args.augment else None, seed=args.seed,
+                              progress=show)
+    except KeyboardInterrupt:
+        console.note(f"interrupted: {out_dir} holds the complete items so far and no manifest; "
+                     "rerun the same command to finish it")
+        raise
+
+
+def _cmd_write(args, console: _Console) -> int:
+    try:
+        import torch  # noqa: F401
+        from .segmentation.writer import write_balanced
+    except ImportError as exc:
+        raise ImportError(f"`cobalance write` needs torch: pip install 'cobalance[torch]' ({_one_line(exc)})") \
+            from None
+    plan_path = _require_file(args.plan, "plan")
+    plan = _load_plan(plan_path)
+    dataset = Path(args.dataset)
+    if not dataset.is_dir():
+        raise UsageError(f"dataset {args.dataset!r} is not a folder")
+    scan_record = _scan_record_of_plan(plan_path, args.table)
+    options = {}
+    if scan_record is not None and scan_record.get("source_format") == "masks":
+        recorded = dict(scan_record["mask_folder"])
+        for key in ("tile", "stride"):
+            if recorded.get(key) is not None:
+                recorded[key] = tuple(recorded[key])
+        options.update({k: v for k, v in recorded.items() if v is not None})
+        if Path(scan_record["source"]).resolve() != dataset.resolve():
+            console.note(f"note: the plan's table was scanned from {scan_record['source']}, writing from {dataset}")
+    options.update(_mask_folder_options(args))  # the command line overrides the record
+    from .folders import MaskFolder
+
+    folder = MaskFolder(dataset, **options)
+    if len(folder) != plan.n_samples:
+        cut = f"tiles of {folder.tile[0]}x{folder.tile[1]}" if folder.tile else "whole images"
+        raise UsageError(f"the plan has {plan.n_samples} samples but {dataset} has {len(folder)} ({cut}); "
+                         "pass the --tile/--stride the table was scanned with")
+    result = _write_dataset(write_balanced, folder, plan, Path(args.out_dir), args, console)
+    console.print(f"wrote {result.written} items ({result.skipped} already complete) to {args.out_dir}; "
+                  f"manifest {result.manifest}")
+    console.emit_json({"command": "write", "plan": str(plan_path), "dataset": str(dataset),
+                       "out_dir": str(args.out_dir), "manifest": str(result.manifest),
+                       "written": result.written, "skipped": result.skipped, "n_items": plan.n_samples_out})
     return EXIT_OK
 
 
@@ -511,6 +890,49 @@ class names; .csv, .csv.gz, .tsv), .npy (2-D), .npz (array 'labels' and optional
 cobalance.folders.MaskFolder); --tile cuts every image into tiles, each a sample.
 With -o, the table is saved (.npz) with a side record TABLE.scan.json naming the
 source and the scan options.
+"""
+
+
+_FIT_EPILOG = """\
+examples:
+  cobalance fit table.npz --target rare_boost -o plan.npz
+  cobalance fit table.npz --target SE=0.5,OD=0.4 --gamma 0.01 -o plan.npz --markdown report.md
+  cobalance fit table.npz --target target.json --solver exact --no-undersampling -o plan.json
+  cobalance fit table.npz --target uniform --n-samples-out 1000 --json -o plan.npz
+
+Targets: 'uniform' (every class at 1), 'rare_boost' (classes under 20 % presence to
+0.9, the others kept), CLASS=FRACTION,... (the listed classes; the others kept), one
+fraction per class, or a JSON file with a list, an object {class: fraction} or one
+of the two names. Besides PLAN, a record PLAN.fit.json is written: the table's path
+and SHA-256, the resolved target, the options and the report; `report` and `write`
+use it to find the table.
+"""
+
+_REPORT_EPILOG = """\
+examples:
+  cobalance report plan.npz
+  cobalance report plan.npz --png chart.png --markdown report.md
+  cobalance report plan.npz --table table.npz --target uniform --json
+
+The table and the target come from PLAN.fit.json (written by `fit`) unless given.
+"""
+
+_WRITE_EPILOG = """\
+examples:
+  cobalance write plan.npz masks/ balanced/
+  cobalance write plan.npz masks/ balanced/ --augment --seed 7
+
+The tiling the table was scanned with is read from the table's record
+(TABLE.scan.json); --tile/--stride/--layout override it. Every file is written to
+a temporary name and renamed, the manifest last: an interrupted run leaves only
+complete items and no manifest, and the same command resumes it.
+"""
+
+_DEMO_EPILOG = """\
+examples:
+  cobalance demo
+  cobalance demo --tile 64 --target SE=0.5 --out demo/
+  cobalance demo --json --quiet
 """
 
 
@@ -581,7 +1003,120 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_options(p)
     p.set_defaults(handler=_cmd_scan)
 
+    p = sub.add_parser("fit", parents=[common], help="pattern table + target -> plan and report",
+                       description="Find per-pattern repeat counts that move class presence towards a "
+                       "target; write the integer plan and print the report.", epilog=_FIT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", help="pattern table (.npz from `cobalance scan`)")
+    p.add_argument("--target", required=True, metavar="TARGET", help=_TARGET_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="PLAN.npz", help="plan file (.npz or .json)")
+    _add_balancer_options(p)
+    _add_report_outputs(p)
+    p.set_defaults(handler=_cmd_fit)
+
+    p = sub.add_parser("report", parents=[common], help="plan -> markdown table and PNG chart",
+                       description="Per-class presence before / target / after a plan.", epilog=_REPORT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", help="plan file from `cobalance fit`")
+    p.add_argument("--table", help="pattern table (default: the one recorded in PLAN.fit.json)")
+    p.add_argument("--target", metavar="TARGET", help="target to compare with (default: the fitted one); "
+                   + _TARGET_HELP)
+    _add_report_outputs(p)
+    p.set_defaults(handler=_cmd_report)
+
+    p = sub.add_parser("write", parents=[common], help="plan + dataset folder -> balanced dataset folder",
+                       description="Write the balanced dataset of a plan as files, in the source's layout, "
+                       "with a manifest. Needs torch.", epilog=_WRITE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", help="plan file from `cobalance fit`")
+    p.add_argument("dataset", help="the masks folder the table was scanned from")
+    p.add_argument("out_dir", help="output folder: missing, empty, or an interrupted run of the same job")
+    p.add_argument("--table", help="pattern table (default: the one recorded in PLAN.fit.json)")
+    p.add_argument("--augment", action="store_true", help="augment the duplicates (kornia flips and elastic)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="augmentation seed (default 0)")
+    p.add_argument("--class-names", metavar="A,B,...", help=argparse.SUPPRESS)
+    _add_mask_options(p)
+    p.set_defaults(handler=_cmd_write)
+
+    p = sub.add_parser("demo", parents=[common], help="the whole path on the shipped IDRiD sample",
+                       description="Scan the IDRiD sample shipped with cobalance into tiles, print the "
+                       "per-class presence and pixel share, balance, and print the report.",
+                       epilog=_DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", metavar="DIR", help="also write table, plan, reports, chart and (with torch) the "
+                   "balanced tiles here")
+    p.add_argument("--tile", type=_positive_int, default=128, metavar="PIXELS", help="tile size (default 128)")
+    p.add_argument("--stride", type=_positive_int, metavar="PIXELS", help="tile stride (default: the tile size)")
+    p.add_argument("--min-pixels", type=_non_negative_int, default=1, metavar="N",
+                   help="a class is present in a tile from N pixels on (default 1)")
+    p.add_argument("--target", default="rare_boost", metavar="TARGET", help=_TARGET_HELP + " (default rare_boost)")
+    p.add_argument("--augment", action="store_true", help="augment the duplicates when writing")
+    _add_balancer_options(p)
+    p.set_defaults(handler=_cmd_demo)
     return parser
+
+
+def _add_balancer_options(p: argparse.ArgumentParser) -> None:
+    from .balancer import DEFAULT_GAMMA, DEFAULT_LR, DEFAULT_MAX_ITER, DEFAULT_TOL, INITS, OBJECTIVES, \
+        REGULARIZERS, SOLVERS
+
+    g = p.add_argument_group("balancer (see cobalance.Balancer)")
+    g.add_argument("--objective", choices=OBJECTIVES, default="fraction")
+    g.add_argument("--regularizer", choices=REGULARIZERS, default="proportions")
+    g.add_argument("--gamma", type=_non_negative_float, default=DEFAULT_GAMMA,
+                   help=f"regularizer weight (default {DEFAULT_GAMMA:g})")
+    g.add_argument("--solver", choices=SOLVERS, default="adam")
+    g.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, help=f"Adam step (default {DEFAULT_LR:g})")
+    g.add_argument("--max-iter", type=_positive_int, default=DEFAULT_MAX_ITER,
+                   help=f"Adam steps (default {DEFAULT_MAX_ITER})")
+    g.add_argument("--tol", type=_non_negative_float, default=DEFAULT_TOL,
+                   help=f"relative loss change that stops Adam (default {DEFAULT_TOL:g})")
+    g.add_argument("--init", choices=INITS, default="counts")
+    g.add_argument("--max-copies", type=_max_copies, default=50.0, metavar="X",
+                   help="at most X copies per sample (default 50; 'none' for no cap)")
+    g.add_argument("--no-undersampling", action="store_true", help="never drop a sample")
+    g.add_argument("--n-samples-out", type=_positive_int, metavar="N", help="size of the balanced set")
+    if not any(a.dest == "seed" for a in p._actions):
+        g.add_argument("--seed", type=_non_negative_int, default=0,
+                       help="seeds which samples get a pattern's remainder copies (default 0)")
+
+
+def _add_report_outputs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("report files")
+    g.add_argument("--markdown", metavar="FILE.md", help="write the report as Markdown")
+    g.add_argument("--report-json", metavar="FILE.json", help="write the report as JSON")
+    g.add_argument("--png", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not value >= 0 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _max_copies(text: str):
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}") from None
+    if not value >= 1 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}")
+    return value
 
 
 # -- entry point ------------------------------------------------------------------------
