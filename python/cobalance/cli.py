@@ -18,8 +18,9 @@ Exit codes
 2
     Bad usage or bad input: unknown option, missing or unreadable file, a value that is
     not 0/1, an unknown class name, a target outside [0, 1].
-130
-    Interrupted (Ctrl-C); no partial output file is left behind.
+130, 143
+    Interrupted (Ctrl-C) or terminated (SIGTERM); no partial output file is left
+    behind (``write`` leaves the items completed so far, and resumes on a rerun).
 
 Errors are reported as one line on stderr, ``cobalance: error: ...``, without a
 traceback. ``--json`` prints one JSON document on stdout instead of the human-readable
@@ -71,6 +72,14 @@ _FIT_RECORD = "cobalance.fit"
 
 class UsageError(Exception):
     """Bad usage or bad input: exit code 2, message printed as one line."""
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that partial outputs are cleaned up like on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _Parser(argparse.ArgumentParser):
@@ -873,8 +882,9 @@ examples:
   cobalance write plan.npz masks/ balanced/
 
 exit codes: 0 ok, 1 failure (missing dependency, unexpected error), 2 bad usage or
-bad input, 130 interrupted. Errors are one line on stderr; set COBALANCE_DEBUG=1 for
-a traceback.
+bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Errors are one line on
+stderr; set COBALANCE_DEBUG=1 for a traceback. Outputs are written to a temporary
+name and renamed, so an interrupted command leaves no partial file.
 """
 
 _SCAN_EPILOG = """\
@@ -1137,24 +1147,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     console = _Console(args)
     debug = os.environ.get("COBALANCE_DEBUG", "") not in ("", "0")
+    with _terminate_as_interrupt():
+        try:
+            return args.handler(args, console)
+        except _Terminated as exc:
+            print("cobalance: terminated", file=sys.stderr)
+            return 128 + exc.signum
+        except KeyboardInterrupt:
+            print("cobalance: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (UsageError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            if debug:
+                raise
+            print(f"cobalance: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        except ImportError as exc:
+            if debug:
+                raise
+            print(f"cobalance: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILURE
+        except Exception as exc:  # noqa: BLE001 - the command line reports, never dumps a traceback
+            if debug:
+                raise
+            print(f"cobalance: error: {type(exc).__name__}: {_one_line(exc)} "
+                  "(set COBALANCE_DEBUG=1 for a traceback)", file=sys.stderr)
+            return EXIT_FAILURE
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Turn SIGTERM into an exception while a command runs (main thread only).
+
+    The default SIGTERM action ends the process at once, leaving temporary files;
+    as an exception it unwinds through the atomic writers, which remove them.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        return args.handler(args, console)
-    except KeyboardInterrupt:
-        print("cobalance: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (UsageError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        if debug:
-            raise
-        print(f"cobalance: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except ImportError as exc:
-        if debug:
-            raise
-        print(f"cobalance: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
-    except Exception as exc:  # noqa: BLE001 - the command line reports, never dumps a traceback
-        if debug:
-            raise
-        print(f"cobalance: error: {type(exc).__name__}: {_one_line(exc)} (set COBALANCE_DEBUG=1 for a traceback)",
-              file=sys.stderr)
-        return EXIT_FAILURE
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
