@@ -167,11 +167,13 @@ class LabelHistogram {
     ignore_representable_ = has_ignore_ && ignore_ >= min_id && ignore_ <= max_id;
     hist_.assign(static_cast<std::size_t>(kLanes * bins_), 0);
     totals_.assign(static_cast<std::size_t>(bins_), 0);
+    for (index_t v = 0; v < binned_classes_; ++v)
+      if (!(kDirect && ignore_representable_ && v == ignore_)) class_bins_.push_back(v);
+    if (ignore_representable_) ignore_bin_ = kDirect ? ignore_ : binned_classes_ + 1;
   }
 
   void operator()(index_t image, index_t y0, index_t x0, index_t row_begin, index_t row_end, index_t* counts,
                   index_t* valid) {
-    std::fill(totals_.begin(), totals_.end(), 0);
     index_t pending = 0;
     for (index_t y = row_begin; y < row_end; ++y) {
       const T* row = masks_ + (image * g_.height + y0 + y) * g_.width + x0;
@@ -187,22 +189,22 @@ class LabelHistogram {
       }
     }
     flush();
+    // Every pixel went to a class bin, the ignore bin, or a bin of an invalid value;
+    // the last are never folded, so a shortfall in the folded sum reveals them.
     const index_t pixels = (row_end - row_begin) * g_.tile_w;
-    index_t ignored = 0;
-    bool bad = false;
-    if constexpr (kDirect) {
-      for (index_t v = 0; v < 256; ++v) {
-        const index_t n = totals_[static_cast<std::size_t>(v)];
-        if (ignore_representable_ && v == ignore_) ignored = n;
-        else if (v < n_classes_) counts[v] += n;
-        else bad = bad || n > 0;
-      }
-    } else {
-      for (index_t v = 0; v < binned_classes_; ++v) counts[v] += totals_[static_cast<std::size_t>(v)];
-      bad = totals_[static_cast<std::size_t>(binned_classes_)] > 0;
-      ignored = totals_[static_cast<std::size_t>(binned_classes_ + 1)];
+    index_t accounted = 0;
+    for (const index_t b : class_bins_) {
+      auto& total = totals_[static_cast<std::size_t>(b)];
+      counts[b] += total;
+      accounted += total;
+      total = 0;
     }
-    if (bad) throw_first_bad_pixel(image);
+    index_t ignored = 0;
+    if (ignore_bin_ >= 0) {
+      ignored = totals_[static_cast<std::size_t>(ignore_bin_)];
+      totals_[static_cast<std::size_t>(ignore_bin_)] = 0;
+    }
+    if (accounted + ignored != pixels) throw_first_bad_pixel(image);
     *valid += pixels - ignored;
   }
 
@@ -232,13 +234,20 @@ class LabelHistogram {
     }
   }
 
+  // Folds and clears only the class and ignore bins: with valid input no other bin
+  // is ever touched, so a tile costs O(n_classes) besides its pixels, not O(bins).
   void flush() {
-    for (index_t l = 0; l < kLanes; ++l)
-      for (index_t b = 0; b < bins_; ++b) {
+    auto fold = [&](index_t b) {
+      index_t sum = 0;
+      for (index_t l = 0; l < kLanes; ++l) {
         auto& h = hist_[static_cast<std::size_t>(l * bins_ + b)];
-        totals_[static_cast<std::size_t>(b)] += h;
+        sum += h;
         h = 0;
       }
+      totals_[static_cast<std::size_t>(b)] += sum;
+    };
+    for (const index_t b : class_bins_) fold(b);
+    if (ignore_bin_ >= 0) fold(ignore_bin_);
   }
 
   // Slow path, only on error: the first offending pixel of the image in row-major
@@ -267,6 +276,8 @@ class LabelHistogram {
   bool ignore_representable_ = false;
   index_t binned_classes_ = 0;
   index_t bins_ = 0;
+  std::vector<index_t> class_bins_;  // bins holding class counts (ids, minus a class-valued ignore_index)
+  index_t ignore_bin_ = -1;          // -1: no ignore_index the dtype can hold
   std::vector<std::uint32_t> hist_;
   std::vector<index_t> totals_;
 };
