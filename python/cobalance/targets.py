@@ -134,17 +134,18 @@ def _identical_columns(indptr: np.ndarray, indices: np.ndarray, n_classes: int):
     keys = np.stack([length.astype(np.float64), np.round(h1, 9), np.round(h2, 9)], axis=1)
     _, group_id = np.unique(keys, axis=0, return_inverse=True)
     group_id = group_id.ravel()
+    n_patterns = indptr.size - 1
+    # constant columns (never or always present) are reported on their own
+    varying = (length > 0) & (length < n_patterns)
     groups = []
-    for g in np.flatnonzero(np.bincount(group_id) > 1):  # one Python step per candidate group
-        members = np.flatnonzero(group_id == g)
-        # split exactly by the actual row lists (hash collisions are split apart)
-        remaining = list(members)
+    for g in np.flatnonzero(np.bincount(group_id[varying]) > 1):  # one step per candidate group
+        remaining = [int(c) for c in np.flatnonzero((group_id == g) & varying)]
+        # split exactly by the actual pattern lists (hash collisions fall apart here)
         while remaining:
-            first = remaining[0]
-            ref = col_rows[col_start[first]:col_start[first + 1]]
-            same = [c for c in remaining if np.array_equal(col_rows[col_start[c]:col_start[c + 1]], ref)]
+            ref = col_rows[col_start[remaining[0]]:col_start[remaining[0] + 1]]
+            same = {c for c in remaining if np.array_equal(col_rows[col_start[c]:col_start[c + 1]], ref)}
             if len(same) > 1:
-                groups.append(same)
+                groups.append(sorted(same))
             remaining = [c for c in remaining if c not in same]
     return groups, length
 
@@ -197,8 +198,6 @@ def check_feasibility(target, table, *, class_weights=None, tol: float = 1e-12) 
                         f"nearest achievable fraction 1")
     for group in groups:
         g = np.asarray(group)
-        if length[g[0]] in (0, n_patterns):
-            continue  # reported above
         if np.ptp(target[g]) <= tol:
             continue
         weights = w[g]

@@ -205,3 +205,24 @@ def test_plan_handles_a_large_table_vectorised():
     plan = Plan.from_pattern_counts(table, counts, random_state=0)
     assert plan.n_samples_out == counts.sum()
     np.testing.assert_array_equal(np.bincount(table.inverse, weights=plan.copies).astype(np.int64), counts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 4), st.integers(0, 2 ** 31), st.integers(0, 5))
+def test_plan_invariants_property(n, c, seed, scale):
+    rng = np.random.default_rng(seed)
+    table = PatternTable.from_labels((rng.random((n, c)) < 0.5).astype(np.uint8))
+    counts = rng.integers(0, scale * table.counts + 2)
+    plan = Plan.from_pattern_counts(table, counts, random_state=seed)
+    np.testing.assert_array_equal(np.bincount(plan.indices(), minlength=n), plan.copies)
+    for j in range(table.n_patterns):
+        members = plan.copies[table.inverse == j]
+        assert members.sum() == counts[j] and members.max() - members.min() <= 1
+
+
+def test_plan_constructor_checks_consistency():
+    with pytest.raises(ValueError, match="pattern_counts sum to 3 but copies to 2"):
+        Plan([1, 1], pattern_counts=[3])
+    table = PatternTable.from_labels(np.eye(3, dtype=np.uint8), keep_inverse=False)
+    with pytest.raises(ValueError, match="keep_inverse"):
+        Plan.from_pattern_counts(table, [1, 1, 1])
