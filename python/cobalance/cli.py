@@ -827,6 +827,12 @@ def _write_dataset(write_balanced, folder, plan, out_dir: Path, args, console: _
         return write_balanced(folder, plan, out_dir, augment=True if args.augment else None, seed=args.seed,
                               progress=show)
     except KeyboardInterrupt:
+        # The atomic writers remove their temporary file when the exception passes
+        # through them, but a signal can also land between creating the file and
+        # entering that cleanup; the folder is this job's alone, so sweep it.
+        for tmp in out_dir.rglob(".tmp-*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         console.note(f"interrupted: {out_dir} holds the complete items so far and no manifest; "
                      "rerun the same command to finish it")
         raise
