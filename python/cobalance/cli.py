@@ -665,16 +665,15 @@ def _cmd_fit(args, console: _Console) -> int:
 # -- report -----------------------------------------------------------------------------
 
 
-def _fit_record_for(plan_path: Path, *, required: bool) -> Optional[dict]:
+def _fit_record_for(plan_path: Path, *, required: bool, hint: str = "pass --table") -> Optional[dict]:
     record_path = _record_path(plan_path, "fit")
     record = _read_record(record_path, _FIT_RECORD)
     if record is None:
         if required:
-            raise UsageError(f"no fit record {record_path} beside the plan; pass --table (and --target)")
+            raise UsageError(f"no fit record {record_path} beside the plan; {hint}")
         return None
     if record.get("plan_sha256") != _sha256(plan_path):
-        raise UsageError(f"{record_path} describes another plan (the plan file changed since `fit`); "
-                         "pass --table and --target")
+        raise UsageError(f"{record_path} describes another plan (the plan file changed since `fit`); {hint}")
     return record
 
 
@@ -698,7 +697,9 @@ def _cmd_report(args, console: _Console) -> int:
 
     plan_path = _require_file(args.plan, "plan")
     plan = _load_plan(plan_path)
-    record = _fit_record_for(plan_path, required=not (args.table and args.target))
+    # With both --table and --target the record is not needed (nor checked).
+    record = None if (args.table and args.target) else _fit_record_for(plan_path, required=True,
+                                                                          hint="pass --table and --target")
     table, table_path = _table_for_plan(plan_path, record, args.table)
     if plan.n_samples != table.n_samples:
         raise UsageError(f"the plan has {plan.n_samples} samples but the table {table_path} has {table.n_samples}")
@@ -810,10 +811,9 @@ def _demo_write_dataset(folder, plan, out_dir: Path, args, console: _Console, wr
 
 def _scan_record_of_plan(plan_path: Path, table_override) -> Optional[dict]:
     """The scan record of the plan's table: it says how the samples were cut."""
-    record = _fit_record_for(plan_path, required=False)
     if table_override:
         table_path = Path(table_override)
-    elif record is not None:
+    elif (record := _fit_record_for(plan_path, required=False)) is not None:
         _, table_path = _table_for_plan(plan_path, record, None)
     else:
         return None

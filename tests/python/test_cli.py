@@ -398,8 +398,15 @@ def test_report_bad_input(yeast_table, labels, tmp_path, capsys):
     record = (tmp_path / "plan.fit.json").read_text()
     (tmp_path / "plan.fit.json").unlink()
     code, _, err = run(["report", plan_path], capsys)
-    assert_one_line_error(code, err, "no fit record", "--table")
+    assert_one_line_error(code, err, "no fit record", "pass --table and --target")
     (tmp_path / "plan.fit.json").write_text(record)
+    # a plan rewritten by other means no longer matches its record
+    from cobalance import Plan
+
+    Plan.identity(2417).save(plan_path)
+    code, _, err = run(["report", plan_path], capsys)
+    assert_one_line_error(code, err, "describes another plan", "pass --table and --target")
+    assert run(["fit", table_path, "--target", "uniform", "-o", plan_path, "--quiet"], capsys)[0] == 0
     # a table that changed since the fit is refused
     names, y = labels
     PatternTable.from_labels(y, class_names=names).save(table_path)
