@@ -21,6 +21,8 @@ Exit codes
 130, 143
     Interrupted (Ctrl-C) or terminated (SIGTERM); no partial output file is left
     behind (``write`` leaves the items completed so far, and resumes on a rerun).
+141
+    stdout was closed before the output was printed (e.g. piped into ``head``).
 
 Errors are reported as one line on stderr, ``cobalance: error: ...``, without a
 traceback. ``--json`` prints one JSON document on stdout instead of the human-readable
@@ -62,6 +64,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 #: Rows read per chunk from label files (bounded memory on large inputs).
 CHUNK_ROWS = 1 << 16
@@ -206,14 +209,18 @@ def _checked_chunk(values: np.ndarray, first_row: int, names: Sequence[str], sou
                     try:
                         float(v)
                     except (TypeError, ValueError):
+                        shown = "an empty cell" if str(v).strip() == "" else repr(v)
                         raise UsageError(f"{source}: row {first_row + r + 1}, column {names[c]!r}: "
-                                         f"{v!r} is not 0 or 1") from None
+                                         f"{shown} is not 0 or 1") from None
         values = np.asarray(values, dtype=np.float64)
     bad = (values != 0) & (values != 1)
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        v = values[r, c]
-        shown = "an empty cell" if isinstance(v, float) and np.isnan(v) else repr(v.item())
+        v = values[r, c].item()
+        if isinstance(v, float) and np.isnan(v):
+            shown = "an empty cell"
+        else:
+            shown = repr(int(v) if isinstance(v, float) and v.is_integer() else v)
         raise UsageError(f"{source}: row {first_row + int(r) + 1}, column {names[int(c)]!r}: "
                          f"{shown} is not 0 or 1")
     return values.astype(np.uint8)
@@ -888,8 +895,8 @@ examples:
   cobalance write plan.npz masks/ balanced/
 
 exit codes: 0 ok, 1 failure (missing dependency, unexpected error), 2 bad usage or
-bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Errors are one line on
-stderr; set COBALANCE_DEBUG=1 for a traceback. Outputs are written to a temporary
+bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 stdout closed early.
+Errors are one line on stderr; set COBALANCE_DEBUG=1 for a traceback. Outputs are written to a temporary
 name and renamed, so an interrupted command leaves no partial file.
 """
 
@@ -1155,7 +1162,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = os.environ.get("COBALANCE_DEBUG", "") not in ("", "0")
     with _terminate_as_interrupt():
         try:
-            return args.handler(args, console)
+            code = args.handler(args, console)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return code
+        except BrokenPipeError:
+            # stdout was closed early (e.g. piped into `head`): nothing left to tell anyone
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         except _Terminated as exc:
             print("cobalance: terminated", file=sys.stderr)
             return 128 + exc.signum
