@@ -48,7 +48,6 @@ import hashlib
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -58,7 +57,7 @@ from ._atomic import atomic_write_text
 from ._version import __version__
 from .patterns import PatternTable
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -146,7 +145,8 @@ def _sha256(path) -> str:
 def _record_path(path, kind: str) -> Path:
     """``table.npz`` -> ``table.scan.json``; ``plan.npz`` -> ``plan.fit.json``."""
     p = Path(path)
-    return p.with_name(p.name[: -len(p.suffix)] if p.suffix else p.name).with_suffix(f".{kind}.json")
+    stem = p.name[: -len(p.suffix)] if p.suffix else p.name
+    return p.with_name(f"{stem}.{kind}.json")
 
 
 def _write_record(path: Path, doc: dict) -> None:
@@ -963,7 +963,8 @@ def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     out = common.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of text")
-    out.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    out.add_argument("-q", "--quiet", action="store_true",
+                     help="print nothing but errors (and the --json document when asked for)")
     return common
 
 

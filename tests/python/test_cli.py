@@ -342,6 +342,10 @@ def test_fit_rare_boost_on_yeast(yeast_table, tmp_path, capsys):
         assert f"| {name} | {100 * b:.1f} |" in md and f"| {100 * a:.1f} |" in md
     record = json.loads((tmp_path / "plan.fit.json").read_text())
     assert record["format"] == "cobalance.fit" and record["table"]["relative_path"] == "yeast.npz"
+    # dotted names keep their dots: plan.v2.json -> plan.v2.fit.json
+    code, _, _ = run(["fit", table_path, "--target", "uniform", "-o", tmp_path / "plan.v2.json", "--quiet"], capsys)
+    assert code == EXIT_OK and (tmp_path / "plan.v2.fit.json").exists()
+    assert run(["report", tmp_path / "plan.v2.json", "--quiet"], capsys)[0] == EXIT_OK
 
 
 def test_fit_options_reach_the_balancer(labels, tmp_path, capsys):
