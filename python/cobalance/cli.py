@@ -268,21 +268,24 @@ def _csv_chunks(path: Path, delimiter: Optional[str], columns) -> Tuple[List[str
             except (ValueError, OSError, UnicodeDecodeError, EOFError) as exc:
                 raise UsageError(f"cannot read {path} as CSV: {_one_line(exc)}") from None
             return
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
-            rows = csv.reader(f, delimiter=delimiter)
-            next(rows)
-            block, row = [], 0
-            for line_no, fields in enumerate(rows, start=2):
-                if len(fields) != len(header):
-                    raise UsageError(f"{path}: line {line_no} has {len(fields)} fields, the header has "
-                                     f"{len(header)}")
-                block.append([fields[i].strip() for i in keep])
-                if len(block) == CHUNK_ROWS:
+        try:
+            with opener(path, "rt", encoding="utf-8", newline="") as f:
+                rows = csv.reader(f, delimiter=delimiter)
+                next(rows)
+                block, row = [], 0
+                for line_no, fields in enumerate(rows, start=2):
+                    if len(fields) != len(header):
+                        raise UsageError(f"{path}: line {line_no} has {len(fields)} fields, the header has "
+                                         f"{len(header)}")
+                    block.append([fields[i].strip() for i in keep])
+                    if len(block) == CHUNK_ROWS:
+                        yield row, _text_block(block)
+                        row += len(block)
+                        block = []
+                if block:
                     yield row, _text_block(block)
-                    row += len(block)
-                    block = []
-            if block:
-                yield row, _text_block(block)
+        except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:  # e.g. a truncated .gz
+            raise UsageError(f"cannot read {path} as CSV: {_one_line(exc)}") from None
 
     return names, chunks()
 
@@ -467,6 +470,8 @@ def _cmd_scan(args, console: _Console) -> int:
         raise UsageError(f"input {args.input!r} is a folder; --format {fmt} expects a file")
     if fmt == "masks" and not path.is_dir():
         raise UsageError(f"--format masks expects a folder, got the file {args.input!r}")
+    if args.output and Path(args.output).suffix != ".npz":
+        raise UsageError(f"--output must end in .npz (a pattern-table file), got {args.output!r}")
     pixel_share = None
     if fmt == "masks":
         if args.columns or args.delimiter:
@@ -487,14 +492,8 @@ def _cmd_scan(args, console: _Console) -> int:
            "n_samples": table.n_samples, "n_classes": table.n_classes, "n_patterns": table.n_patterns,
            "classes": _presence_rows(table, pixel_share)}
     if args.output:
-        out = Path(args.output)
-        if out.suffix != ".npz":
-            raise UsageError(f"--output must end in .npz (a pattern-table file), got {args.output!r}")
-        table.save(out)
-        record = {"format": _SCAN_RECORD, "version": 1, "cobalance": __version__, "source": str(path.resolve()),
-                  "source_format": fmt, "table_sha256": _sha256(out), **options}
-        _write_record(_record_path(out, "scan"), record)
-        doc["output"] = str(out)
+        _save_table_with_record(table, Path(args.output), path, fmt, options)
+        doc["output"] = str(args.output)
     console.print(_presence_text(table, pixel_share, unit))
     if args.output:
         console.print(f"\nwrote {args.output}")
@@ -513,15 +512,13 @@ def _parse_target(text: str, table: PatternTable):
 
     text = text.strip()
     spec = text
-    if text.lower().endswith(".json") or (os.sep in text and not "=" in text):
+    if text.lower().endswith(".json") or (os.sep in text and "=" not in text):
         path = _require_file(text, "target file")
         try:
             with open(path, encoding="utf-8") as f:
                 spec = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UsageError(f"cannot read target file {text!r}: {_one_line(exc)}") from None
-        if isinstance(spec, dict) and "target" in spec and not set(spec) - {"target", "format"}:
-            spec = spec["target"]  # {"target": ...} as written by `fit --json`
         if not isinstance(spec, (str, list, dict)):
             raise UsageError(f"target file {text!r} must hold a list of fractions, an object "
                              "{class: fraction} or \"uniform\"/\"rare_boost\"")
@@ -575,9 +572,7 @@ def _load_table(path, what: str = "table") -> PatternTable:
     p = _require_file(path, what)
     try:
         table = PatternTable.load(p)
-    except (OSError, KeyError, EOFError) as exc:
-        raise UsageError(f"cannot read {what} {str(path)!r}: {_one_line(exc)}") from None
-    except ValueError as exc:
+    except (OSError, KeyError, EOFError, ValueError) as exc:
         raise UsageError(f"cannot read {what} {str(path)!r}: {_one_line(exc)}") from None
     if not table.has_inverse:
         raise UsageError(f"{what} {str(path)!r} has no per-sample index (it was saved with keep_inverse=False)")
@@ -629,22 +624,26 @@ def _write_report_files(report, args, console: _Console, written: dict) -> None:
         written["png"] = str(args.png)
 
 
-def _plan_path(text: str) -> Path:
-    p = Path(text)
-    if p.suffix not in (".npz", ".json"):
-        raise UsageError(f"--output must end in .npz or .json (a plan file), got {text!r}")
-    return p
+def _require_png_support(args) -> None:
+    """Fail before the work, not after it, when a chart is asked for without matplotlib."""
+    if getattr(args, "png", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError("--png needs matplotlib: pip install 'cobalance[plot]'") from None
 
 
-def _cmd_fit(args, console: _Console) -> int:
-    out = _plan_path(args.output)
-    table_path = Path(args.table)
-    table = _load_table(table_path)
-    target_spec, target = _parse_target(args.target, table)
-    options = _balancer_options(args)
-    balancer = _fit(table, target_spec, options, console)
-    plan, report = balancer.plan_, balancer.report_
-    # The plan first, then the record naming it: a record always describes a whole plan.
+def _save_table_with_record(table: PatternTable, out: Path, source: Path, fmt: str, options: dict) -> None:
+    """The table, then its scan record (source, format, scan options, the table's hash)."""
+    table.save(out)
+    _write_record(_record_path(out, "scan"), {
+        "format": _SCAN_RECORD, "version": 1, "cobalance": __version__, "source": str(Path(source).resolve()),
+        "source_format": fmt, "table_sha256": _sha256(out), **options})
+
+
+def _save_plan_with_record(plan, out: Path, table: PatternTable, table_path: Path, target_spec, target,
+                           options: dict, report) -> dict:
+    """The plan first, then the record naming it: a record always describes a whole plan."""
     plan.save(out)
     record = {
         "format": _FIT_RECORD, "version": 1, "cobalance": __version__,
@@ -660,6 +659,26 @@ def _cmd_fit(args, console: _Console) -> int:
         "report": report.to_dict(),
     }
     _write_record(_record_path(out, "fit"), record)
+    return record
+
+
+def _plan_path(text: str) -> Path:
+    p = Path(text)
+    if p.suffix not in (".npz", ".json"):
+        raise UsageError(f"--output must end in .npz or .json (a plan file), got {text!r}")
+    return p
+
+
+def _cmd_fit(args, console: _Console) -> int:
+    out = _plan_path(args.output)
+    _require_png_support(args)
+    table_path = Path(args.table)
+    table = _load_table(table_path)
+    target_spec, target = _parse_target(args.target, table)
+    options = _balancer_options(args)
+    balancer = _fit(table, target_spec, options, console)
+    plan, report = balancer.plan_, balancer.report_
+    record = _save_plan_with_record(plan, out, table, table_path, target_spec, target, options, report)
     written = {"plan": str(out), "record": str(_record_path(out, "fit"))}
     _write_report_files(report, args, console, written)
     console.print(report.to_markdown().rstrip("\n"))
@@ -703,6 +722,7 @@ def _cmd_report(args, console: _Console) -> int:
     from .report import Report
 
     plan_path = _require_file(args.plan, "plan")
+    _require_png_support(args)
     plan = _load_plan(plan_path)
     # With both --table and --target the record is not needed (nor checked).
     record = None if (args.table and args.target) else _fit_record_for(plan_path, required=True,
@@ -766,19 +786,8 @@ def _cmd_demo(args, console: _Console) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         table_path, plan_path = out / "table.npz", out / "plan.npz"
-        table.save(table_path)
-        _write_record(_record_path(table_path, "scan"), {
-            "format": _SCAN_RECORD, "version": 1, "cobalance": __version__, "source": str(root),
-            "source_format": "masks", "table_sha256": _sha256(table_path),
-            "mask_folder": _mask_folder_record(folder)})
-        plan.save(plan_path)
-        _write_record(_record_path(plan_path, "fit"), {
-            "format": _FIT_RECORD, "version": 1, "cobalance": __version__, "plan_sha256": _sha256(plan_path),
-            "table": {"path": str(table_path.resolve()), "relative_path": table_path.name,
-                      "sha256": _sha256(table_path), "n_samples": table.n_samples,
-                      "n_patterns": table.n_patterns},
-            "class_names": table.class_names, "target_spec": target_spec,
-            "target": [float(v) for v in target], "balancer": options, "report": report.to_dict()})
+        _save_table_with_record(table, table_path, root, "masks", {"mask_folder": _mask_folder_record(folder)})
+        _save_plan_with_record(plan, plan_path, table, table_path, target_spec, target, options, report)
         written.update(table=str(table_path), plan=str(plan_path))
         atomic_write_text(out / "report.md", report.to_markdown())
         atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
