@@ -92,6 +92,22 @@ def test_array_equals_reference(n, c, rows, split_every):
     np.testing.assert_array_equal(alone.counts, table.counts)
 
 
+def test_any_chunking_equals_reference():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+    @hypothesis.given(n=st.integers(0, 120), c=st.integers(1, 70), rows=st.integers(1, 50),
+                      split_every=st.integers(2, 5), n_distinct=st.integers(1, 12), seed=st.integers(0, 2**16))
+    def check(n, c, rows, split_every, n_distinct, seed):
+        rng = np.random.default_rng(seed)
+        y = random_labels(rng, n, c, density=0.3, n_distinct=n_distinct)
+        table = pattern_table(da.from_array(y, chunks=(rows, c)), split_every=split_every).compute(scheduler="sync")
+        assert_matches_reference(table, y)
+
+    check()
+
+
 def test_column_chunks_are_rechunked():
     rng = np.random.default_rng(1)
     y = random_labels(rng, 500, 12, density=0.3)
