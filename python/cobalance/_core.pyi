@@ -48,3 +48,27 @@ class PatternTableBuilder:
     def finish(self) -> PatternTable: ...
 
 def merge_tables(tables: Sequence[PatternTable], n_threads: int = 0) -> PatternTable: ...
+
+# --- mask scanning ----------------------------------------------------------------
+
+# Both return (presence uint8 (n, C), pixel_counts int64 (n, C), valid_pixels int64 (n,),
+# origins int64 (n, 3)); masks must be C-contiguous (read in place, GIL released).
+def scan_label_maps(
+    masks: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.int32],
+    n_classes: int,
+    ignore_index: Optional[int],
+    min_pixels: npt.NDArray[np.int64],
+    tile: Tuple[int, int],
+    stride: Tuple[int, int],
+    n_threads: int = 0,
+    first_image: int = 0,
+) -> Tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def scan_binary_masks(
+    masks: npt.NDArray[np.uint8],
+    min_pixels: npt.NDArray[np.int64],
+    tile: Tuple[int, int],
+    stride: Tuple[int, int],
+    n_threads: int = 0,
+    first_image: int = 0,
+) -> Tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def tile_starts(size: int, tile: int, stride: int, axis: str = "height") -> list[int]: ...

@@ -12,30 +12,7 @@ from torch.utils.data import DistributedSampler  # noqa: E402
 
 from cobalance.segmentation.samplers import PlanSampler  # noqa: E402
 
-try:
-    from cobalance import Plan
-except ImportError:  # the Plan class is not on this branch yet
-    Plan = None
-
-
-class CopiesPlan:
-    """The attributes of cobalance.Plan that the samplers read, from per-sample copies."""
-
-    def __init__(self, copies):
-        self.copies = np.asarray(copies, dtype=np.int64)
-        self.n_samples = self.copies.size
-        self.n_samples_out = int(self.copies.sum())
-        self._indices = np.repeat(np.arange(self.n_samples, dtype=np.int64), self.copies)
-        starts = np.cumsum(self.copies) - self.copies
-        self.copy_index = np.arange(self.n_samples_out, dtype=np.int64) - np.repeat(starts, self.copies)
-
-    def indices(self):
-        return self._indices
-
-
-def make_plan(copies):
-    return Plan.from_copies(np.asarray(copies, dtype=np.int64)) if Plan is not None else CopiesPlan(copies)
-
+from seg_folders import make_plan  # noqa: E402
 
 copies_strategy = st.lists(st.integers(0, 4), min_size=1, max_size=40)
 

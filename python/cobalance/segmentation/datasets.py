@@ -16,7 +16,7 @@ __all__ = ["BalancedDataset", "SegmentationFolder"]
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 in [0, 1] (a new tensor)."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).div_(255.0)
 
 
 def mask_tensor(mask: np.ndarray, label_map: bool) -> torch.Tensor:
