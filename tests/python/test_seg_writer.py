@@ -14,10 +14,22 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("kornia")
-from seg_folders import make_binary_folder, make_label_map_folder, make_plan, read_plane, read_rgb  # noqa: E402
+from seg_folders import (  # noqa: E402
+    make_binary_folder,
+    make_label_map_folder,
+    make_plan,
+    one_torch_thread,
+    read_plane,
+    read_rgb,
+)
 
 from cobalance.folders import MaskFolder  # noqa: E402
 from cobalance.segmentation import DuplicateAugmentation, SegmentationFolder, sample_seed, write_balanced  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    yield from one_torch_thread()
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 
@@ -112,6 +124,8 @@ class SlowFlips(DuplicateAugmentation):
 SCRIPT = textwrap.dedent(
     """
     import sys, time
+    import torch
+    torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, sys.argv[2])
     from seg_folders import make_plan
@@ -187,3 +201,21 @@ def test_bad_input(tmp_path):
         write_balanced(src, make_plan([1, 1, 1, 1, 1]), tmp_path / "d", augment="elastic", progress=False)
     with pytest.raises(ValueError, match="dataset_or_folder must be"):
         write_balanced([1, 2], make_plan([1, 1]), tmp_path / "e", progress=False)
+
+
+def test_balanced_idrid_sample_matches_the_balancers_report(tmp_path):
+    """Real fundus tiles: table -> Balancer -> plan -> files; re-read presence equals report_.after."""
+    from cobalance import Balancer
+    from cobalance.folders import sample_path
+
+    if not sample_path().is_dir():
+        pytest.skip(f"the shipped IDRiD sample is missing at {sample_path()}")
+    src = SegmentationFolder(sample_path(), tile=128)
+    balancer = Balancer(target="rare_boost").fit(src.pattern_table())
+    plan = balancer.plan_
+    # flips keep every lesion pixel, so presence after writing is exact
+    write_balanced(src, plan, tmp_path / "out", augment=DuplicateAugmentation(seed=0, elastic=False),
+                   progress=False)
+    out = MaskFolder(tmp_path / "out", class_names=src.class_names)
+    assert len(out) == plan.n_samples_out
+    np.testing.assert_allclose(out.scan().presence.mean(0), balancer.report_.after, rtol=0, atol=1e-12)

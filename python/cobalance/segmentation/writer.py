@@ -8,7 +8,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -118,7 +118,8 @@ def _label_map_for_png(mask: np.ndarray, name: str) -> np.ndarray:
     hi = int(mask.max()) if mask.size else 0
     lo = int(mask.min()) if mask.size else 0
     if lo < 0 or hi > 65535:
-        raise ValueError(f"label map of {name} holds value {lo if lo < 0 else hi}, outside what a PNG stores (0..65535)")
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"label map of {name} holds value {bad}, outside what a PNG stores (0..65535)")
     return mask.astype(np.uint8 if hi < 256 else np.uint16)
 
 
