@@ -690,3 +690,53 @@ def test_demo_without_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     assert res.stderr.strip().startswith("cobalance: error: `cobalance write` needs torch")
+
+
+def make_label_map_folder(root: Path):
+    """3 label-map images of 40 x 60: class ids 0..2 in rectangles, 255 for unlabelled pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    maps = []
+    for i in range(3):
+        labels = np.zeros((40, 60), np.uint8)
+        for _ in range(4):
+            y, x = rng.integers(0, 36, 2)
+            labels[y:y + rng.integers(2, 12), x:x + rng.integers(2, 20)] = rng.choice([1, 2, 255])
+        Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        Image.fromarray(labels).save(root / "masks" / f"im{i}.png")
+        maps.append(labels)
+    return maps
+
+
+def test_scan_fit_write_label_map_folder(tmp_path, capsys):
+    pytest.importorskip("PIL")
+    maps = make_label_map_folder(tmp_path / "ds")
+    # brute force: tiles of 20 x 20, a class present from 5 pixels on, 255 ignored
+    expected = np.array([[np.count_nonzero(m[y:y + 20, x:x + 20] == c) >= 5 for c in range(3)]
+                         for m in maps for y in (0, 20) for x in (0, 20, 40)], dtype=np.uint8)
+    table_path = tmp_path / "t.npz"
+    code, stdout, _ = run(["scan", tmp_path / "ds", "--class-names", "bg,a,b", "--tile", 20, "--ignore-index", 255,
+                           "--min-pixels", 5, "-o", table_path, "--json"], capsys)
+    assert code == EXIT_OK, stdout
+    doc = json.loads(stdout)
+    np.testing.assert_array_equal([c["samples"] for c in doc["classes"]], expected.sum(axis=0))
+    table = PatternTable.load(table_path)
+    np.testing.assert_array_equal(table.patterns[table.inverse], expected.astype(bool))
+    code, _, err = run(["scan", tmp_path / "ds", "--tile", 20], capsys)
+    assert code == EXIT_USAGE and err.startswith("cobalance: error: ") and len(err.strip().splitlines()) == 1
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:  # the write step needs torch
+        plan_path = tmp_path / "plan.npz"
+        assert run(["fit", table_path, "--target", "b=0.6", "-o", plan_path, "--quiet"], capsys)[0] == EXIT_OK
+        from cobalance import Plan
+
+        plan = Plan.load(plan_path)
+        code, _, _ = run(["write", plan_path, tmp_path / "ds", tmp_path / "out", "--quiet"], capsys)
+        assert code == EXIT_OK
+        assert (tmp_path / "out" / "classes.txt").read_text().split() == ["bg", "a", "b"]
+        rows = read_manifest(tmp_path / "out" / "manifest.csv")
+        np.testing.assert_array_equal(np.bincount([int(r["sample"]) for r in rows], minlength=18), plan.copies)
