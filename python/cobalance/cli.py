@@ -1089,28 +1089,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_balancer_options(p: argparse.ArgumentParser) -> None:
-    from .balancer import DEFAULT_GAMMA, DEFAULT_LR, DEFAULT_MAX_ITER, DEFAULT_TOL, INITS, OBJECTIVES, \
-        REGULARIZERS, SOLVERS
+    import inspect
 
+    from .balancer import INITS, OBJECTIVES, REGULARIZERS, SOLVERS, Balancer
+
+    # The defaults are the Balancer's own, read from its signature so the two never drift.
+    default = {k: v.default for k, v in inspect.signature(Balancer.__init__).parameters.items()}
     g = p.add_argument_group("balancer (see cobalance.Balancer)")
-    g.add_argument("--objective", choices=OBJECTIVES, default="fraction")
-    g.add_argument("--regularizer", choices=REGULARIZERS, default="proportions")
-    g.add_argument("--gamma", type=_non_negative_float, default=DEFAULT_GAMMA,
-                   help=f"regularizer weight (default {DEFAULT_GAMMA:g})")
-    g.add_argument("--solver", choices=SOLVERS, default="adam")
-    g.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, help=f"Adam step (default {DEFAULT_LR:g})")
-    g.add_argument("--max-iter", type=_positive_int, default=DEFAULT_MAX_ITER,
-                   help=f"Adam steps (default {DEFAULT_MAX_ITER})")
-    g.add_argument("--tol", type=_non_negative_float, default=DEFAULT_TOL,
-                   help=f"relative loss change that stops Adam (default {DEFAULT_TOL:g})")
-    g.add_argument("--init", choices=INITS, default="counts")
-    g.add_argument("--max-copies", type=_max_copies, default=50.0, metavar="X",
-                   help="at most X copies per sample (default 50; 'none' for no cap)")
+    g.add_argument("--objective", choices=OBJECTIVES, default=default["objective"], help="(default %(default)s)")
+    g.add_argument("--regularizer", choices=REGULARIZERS, default=default["regularizer"],
+                   help="(default %(default)s)")
+    g.add_argument("--gamma", type=_non_negative_float, default=default["gamma"],
+                   help="regularizer weight (default %(default)g)")
+    g.add_argument("--solver", choices=SOLVERS, default=default["solver"], help="(default %(default)s)")
+    g.add_argument("--lr", type=_positive_float, default=default["lr"], help="Adam step (default %(default)g)")
+    g.add_argument("--max-iter", type=_positive_int, default=default["max_iter"],
+                   help="Adam steps (default %(default)s)")
+    g.add_argument("--tol", type=_non_negative_float, default=default["tol"],
+                   help="relative loss change that stops Adam (default %(default)g)")
+    g.add_argument("--init", choices=INITS, default=default["init"], help="(default %(default)s)")
+    g.add_argument("--max-copies", type=_max_copies, default=default["max_copies"], metavar="X",
+                   help="at most X copies per sample (default %(default)s; 'none' for no cap)")
     g.add_argument("--no-undersampling", action="store_true", help="never drop a sample")
     g.add_argument("--n-samples-out", type=_positive_int, metavar="N", help="size of the balanced set")
-    if not any(a.dest == "seed" for a in p._actions):
-        g.add_argument("--seed", type=_non_negative_int, default=0,
-                       help="seeds which samples get a pattern's remainder copies (default 0)")
+    g.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seeds which samples get a pattern's remainder copies (default 0)")
 
 
 def _add_report_outputs(p: argparse.ArgumentParser) -> None:
