@@ -740,3 +740,16 @@ def test_scan_fit_write_label_map_folder(tmp_path, capsys):
         assert (tmp_path / "out" / "classes.txt").read_text().split() == ["bg", "a", "b"]
         rows = read_manifest(tmp_path / "out" / "manifest.csv")
         np.testing.assert_array_equal(np.bincount([int(r["sample"]) for r in rows], minlength=18), plan.copies)
+
+
+def test_fit_feasibility_warning_is_a_note(tmp_path, capsys):
+    y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 0]])
+    path = write_csv(tmp_path / "y.csv", ["a", "b", "never"], y)
+    assert run(["scan", path, "-o", tmp_path / "t.npz", "-q"], capsys)[0] == EXIT_OK
+    argv = ["fit", tmp_path / "t.npz", "--target", "never=0.5", "-o", tmp_path / "p.npz"]
+    code, stdout, err = run(argv, capsys)
+    assert code == EXIT_OK and "| never |" in stdout
+    assert err.startswith("cobalance: warning: classes never present in any sample") and "'never'" in err
+    code, stdout, err = run(argv + ["--json", "--quiet"], capsys)
+    assert code == EXIT_OK and err == ""
+    assert json.loads(stdout)["report"]["classes"][2]["after"] == 0.0
