@@ -76,7 +76,7 @@ def test_adam_history_and_tolerance_stop():
 
 def test_adam_is_thread_count_invariant():
     rng = np.random.default_rng(13)
-    prob = random_problem(rng, 20000, 5)
+    prob = random_problem(rng, 150_000, 5)  # nnz + K > 4 * 65536: several threads take part
     problem = make(prob)
     n = prob["counts"]
     runs = [_core.adam(problem, n, 0 * n, 10 * n, "fraction_l2", "ratio", 0.01, 0.1, max_iter=30, n_threads=t)
@@ -202,10 +202,10 @@ def test_adam_approaches_the_exact_optimum():
 
 def test_exact_solver_is_thread_count_invariant():
     rng = np.random.default_rng(22)
-    prob = random_problem(rng, 20000, 5)
+    prob = random_problem(rng, 150_000, 5)  # several threads take part
     problem = make(prob)
     n = prob["counts"]
-    runs = [_core.solve_exact(problem, "fraction", "proportions", 1e-3, n.sum(), 0 * n, 20 * n, max_iter=200,
+    runs = [_core.solve_exact(problem, "fraction", "proportions", 1e-3, n.sum(), 0 * n, 20 * n, max_iter=100,
                               n_threads=t) for t in (1, 2, 5)]
     for r in runs[1:]:
         np.testing.assert_array_equal(r["p"], runs[0]["p"])
