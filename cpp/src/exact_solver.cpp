@@ -46,6 +46,7 @@ class ConvexQP {
         c_(problem.n_classes()),
         parts_(problem.parts(n_threads)) {
     // Diagonal of R's Hessian in p (every regularizer is a separable quadratic).
+    ones_.assign(static_cast<std::size_t>(k_), 1.0);
     hess_.assign(static_cast<std::size_t>(k_), 0.0);
     lin_.assign(static_cast<std::size_t>(k_), 0.0);
     const auto& n = pr_.counts();
@@ -146,8 +147,8 @@ class ConvexQP {
   }
 
   // out = argmin sum_j metric_j (q_j - y_j)^2  s.t. sum q = 1, lo <= q <= hi, i.e.
-  // out_j = clamp(y_j - tau / metric_j, lo_j, hi_j) with sum out = 1 (inv_metric = 1 / metric). The sum is a
-  // non-increasing piecewise-linear function of tau; safeguarded Newton steps on it
+  // out_j = clamp(y_j - tau / metric_j, lo_j, hi_j) with sum out = 1 (inv_metric =
+  // 1 / metric). The sum is a non-increasing piecewise-linear function of tau; safeguarded Newton steps on it
   // are exact linear solves on the current piece, so the loop ends on the piece that
   // holds the root. `tau` is a warm start in, the multiplier out.
   void project(const double* y, const double* inv_metric, double* out, double& tau) const {
@@ -211,7 +212,6 @@ class ConvexQP {
     for_patterns([&](index_t j0, index_t j1) {
       for (index_t j = j0; j < j1; ++j) y[j] = p[j] - grad[j];
     });
-    if (ones_.empty()) ones_.assign(static_cast<std::size_t>(k_), 1.0);
     project(y, ones_.data(), q, tau);
     const index_t bs = pr_.block_size(), nb = pr_.n_blocks();
     std::vector<double> partial(static_cast<std::size_t>(nb), 0.0);
@@ -226,7 +226,6 @@ class ConvexQP {
 
   const std::vector<double>& hessian_diagonal() const { return hess_; }
   const std::vector<double>& weights() const { return pr_.class_weights(); }
-  Regularizer regularizer_kind() const { return reg_; }
 
   // Largest eigenvalue of F's Hessian 2 U W U^T, by power iteration on the C x C
   // matrix W^1/2 U^T U W^1/2 from a fixed start (deterministic).
@@ -273,7 +272,7 @@ class ConvexQP {
   Regularizer reg_;
   double total_;
   std::vector<double> lo_, hi_, hess_, lin_;  // R's gradient is hess_ * p + lin_
-  mutable std::vector<double> ones_;
+  std::vector<double> ones_;  // the Euclidean metric
   int n_threads_;
   index_t k_, c_;
   int parts_;
