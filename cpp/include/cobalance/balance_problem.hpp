@@ -19,9 +19,14 @@
 //   ratio         sum_j (p_j / p0_j - 1)^2
 //   none          0
 //
-// Every evaluation costs O(nnz + K + C). Sums over patterns are taken over fixed
-// blocks of patterns (the block size depends only on the problem's shape), each block
-// summed sequentially and the block results combined in block order, so that values
+// `geo` needs d != 0 and U^T alpha != 0; every loss needs sum alpha > 0.
+//
+// Every evaluation costs O(nnz + K + C). Determinism: sums over patterns are taken
+// over fixed blocks of patterns (the block size depends only on the problem's shape),
+// each block summed sequentially and the block results combined in block order;
+// U^T alpha is a gather over each class's pattern list in fixed chunks whose sums are
+// combined in order; U z (for the gradient) gives every pattern its classes' terms in
+// increasing class order. None of these orders depends on the thread count, so values
 // and gradients are bitwise identical for any number of threads.
 #pragma once
 
