@@ -163,6 +163,18 @@ BalanceProblem::BalanceProblem(std::vector<index_t> indptr, std::vector<index_t>
     if (indices_[e] < 0 || indices_[e] >= n_classes_)
       bad("indices must lie in [0, n_classes = " + std::to_string(n_classes_) + "), got indices[" +
           std::to_string(e) + "] = " + std::to_string(indices_[e]));
+  {
+    // A class listed twice in one pattern would be counted twice (fractions above 1).
+    std::vector<index_t> seen_in(static_cast<std::size_t>(n_classes_), -1);
+    for (index_t j = 0; j < k; ++j)
+      for (index_t e = indptr_[static_cast<std::size_t>(j)]; e < indptr_[static_cast<std::size_t>(j + 1)]; ++e) {
+        index_t& mark = seen_in[static_cast<std::size_t>(indices_[static_cast<std::size_t>(e)])];
+        if (mark == j)
+          bad("indices must not repeat a class within a pattern, got class " +
+              std::to_string(indices_[static_cast<std::size_t>(e)]) + " twice in pattern " + std::to_string(j));
+        mark = j;
+      }
+  }
   for (std::size_t j = 0; j < counts_.size(); ++j)
     if (!std::isfinite(counts_[j]) || !(counts_[j] > 0.0))
       bad("counts must be finite and > 0, got counts[" + std::to_string(j) + "] = " + show(counts_[j]));

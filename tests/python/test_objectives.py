@@ -134,6 +134,7 @@ def base_args():
     (dict(indptr=np.array([0, 1, 4])), "indptr"),
     (dict(indices=np.array([0, 2, 1])), "indices"),
     (dict(indices=np.array([0, -1, 1])), "indices"),
+    (dict(indices=np.array([0, 1, 1])), "repeat"),
     (dict(counts=np.array([0.0, 5.0])), "counts"),
     (dict(counts=np.array([np.nan, 5.0])), "counts"),
     (dict(target=np.array([0.5])), "target"),

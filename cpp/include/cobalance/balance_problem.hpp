@@ -52,7 +52,8 @@ const char* regularizer_name(Regularizer regularizer) noexcept;
 class BalanceProblem {
  public:
   // Copies and validates the problem data: indptr has K + 1 entries, starts at 0 and
-  // is non-decreasing, ends at indices.size(); every index in [0, n_classes); counts
+  // is non-decreasing, ends at indices.size(); every index in [0, n_classes) and no
+  // class twice in one pattern; counts
   // finite and > 0; target finite and in [0, 1]; class_weights (empty means all 1)
   // finite and >= 0; fewer than 2^32 patterns. Throws std::invalid_argument naming the
   // argument and the value.
