@@ -202,6 +202,23 @@ class ConvexQP {
     for_patterns([&](index_t j0, index_t j1) {
       for (index_t j = j0; j < j1; ++j) out[j] = std::clamp(y[j] - t * inv_metric[j], lo[j], hi[j]);
     });
+    // Where 1 / metric is large, one ulp of tau moves the sum by more than rounding;
+    // spread what is left over the free entries in proportion to 1 / metric (the same
+    // direction as a change of tau), so that sum out = 1 to rounding.
+    for (int fix = 0; fix < 4; ++fix) {
+      const auto m = sum_patterns<2>([&](index_t j, std::array<double, 2>& acc) {
+        acc[0] += out[j];
+        if (out[j] > lo[j] && out[j] < hi[j]) acc[1] += inv_metric[j];
+      });
+      const double excess = m[0] - 1.0;
+      if (std::abs(excess) <= 1e-14 || !(m[1] > 0.0)) break;
+      const double shift = excess / m[1];
+      for_patterns([&](index_t j0, index_t j1) {
+        for (index_t j = j0; j < j1; ++j)
+          if (out[j] > lo[j] && out[j] < hi[j]) out[j] = std::clamp(out[j] - shift * inv_metric[j], lo[j], hi[j]);
+      });
+      tau += shift;
+    }
   }
 
   // max_j |p_j - P(p - grad)_j| with P the Euclidean projection.
@@ -225,6 +242,20 @@ class ConvexQP {
   }
 
   const std::vector<double>& hessian_diagonal() const { return hess_; }
+  const std::vector<double>& linear_term() const { return lin_; }
+  const std::vector<double>& lower() const { return lo_; }
+  const std::vector<double>& upper() const { return hi_; }
+  const BalanceProblem& problem() const { return pr_; }
+  Regularizer regularizer_kind() const { return reg_; }
+  int n_threads() const { return n_threads_; }
+  // mu R(p) + <y_patterns, p>: the dual's pattern part (y_patterns = U y).
+  double dual_pattern_part(const double* p, const double* uy, double mu) const {
+    const double* h = hess_.data();
+    const double* b = lin_.data();
+    return sum_patterns<1>([&](index_t j, std::array<double, 1>& acc) {
+      acc[0] += mu * (0.5 * h[j] * p[j] * p[j] + b[j] * p[j]) + uy[j] * p[j];
+    })[0];
+  }
   const std::vector<double>& weights() const { return pr_.class_weights(); }
 
   // Largest eigenvalue of F's Hessian 2 U W U^T, by power iteration on the C x C
@@ -372,6 +403,173 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
   return result;
 }
 
+// Semismooth Newton on the dual of F + mu R (mu > 0, every w_i > 0), whose variable is
+// y = 2 w (U^T p - d), one per class. For a given y the primal minimiser is the
+// projection p(y) = P_D(c - (U y) / (mu h)) (c the regularizer's centre, D = mu h),
+// so the dual is smooth and concave with gradient U^T p(y) - d - y / (2 w), and its
+// generalised Hessian is -(U^T (V - v v^T / sum v) U + diag(1 / (2 w))) with v = 1 / (mu h)
+// on the patterns strictly inside their bounds. Steps are damped by a backtracking
+// (Armijo) line search on the dual. Returns true when the primal KKT residual at p(y)
+// is <= tol, with x = p(y); otherwise x is the last p(y) (feasible) for FISTA to go on.
+// Only used where the C x C system is cheap (see newton_applies).
+bool newton_applies(const ConvexQP& qp, double mu) {
+  const BalanceProblem& pr = qp.problem();
+  if (!(mu > 0.0) || qp.regularizer_kind() == Regularizer::none) return false;
+  if (pr.n_classes() > 512) return false;
+  for (double w : pr.class_weights())
+    if (!(w > 0.0)) return false;
+  for (double h : qp.hessian_diagonal())
+    if (!(h > 0.0) || !std::isfinite(h)) return false;
+  // Forming U^T V U costs sum_j |u_j|^2.
+  double pairs = 0.0;
+  const auto& ptr = pr.indptr();
+  for (index_t j = 0; j < pr.n_patterns(); ++j) {
+    const double len = static_cast<double>(ptr[j + 1] - ptr[j]);
+    pairs += len * len;
+  }
+  return pairs <= 64.0 * static_cast<double>(pr.nnz() + pr.n_patterns());
+}
+
+bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t max_iter, double tol,
+                 index_t& n_iter) {
+  const BalanceProblem& pr = qp.problem();
+  const index_t k = qp.k(), c = qp.c();
+  const auto& w = pr.class_weights();
+  const auto& d = pr.target();
+  const auto& h = qp.hessian_diagonal();
+  const auto& b = qp.linear_term();
+  const auto& lo = qp.lower();
+  const auto& hi = qp.upper();
+  const auto& ptr = pr.indptr();
+  const auto& idx = pr.indices();
+  std::vector<double> inv(static_cast<std::size_t>(k)), centre(static_cast<std::size_t>(k));
+  for (index_t j = 0; j < k; ++j) {
+    inv[j] = 1.0 / (mu * h[j]);
+    centre[j] = -b[j] / h[j];
+  }
+  std::vector<double> f(static_cast<std::size_t>(c)), y(static_cast<std::size_t>(c)), uy(static_cast<std::size_t>(k)),
+      z(static_cast<std::size_t>(k)), p(static_cast<std::size_t>(k)), grad_p(static_cast<std::size_t>(k)),
+      work, work2;
+  qp.marginals(x.data(), f.data());
+  for (index_t i = 0; i < c; ++i) y[i] = 2.0 * w[i] * (f[i] - d[i]);
+  double tau = 0.0, tau_residual = 0.0;
+
+  // p(y), f = U^T p(y), the dual value and its gradient.
+  std::vector<double> dual_grad(static_cast<std::size_t>(c));
+  auto evaluate = [&](const std::vector<double>& yv, std::vector<double>& pv, std::vector<double>& fv,
+                      std::vector<double>& gv) {
+    pr.pattern_sums(yv.data(), uy.data(), qp.n_threads());
+    for (index_t j = 0; j < k; ++j) z[j] = centre[j] - uy[j] * inv[j];
+    qp.project(z.data(), inv.data(), pv.data(), tau);
+    qp.marginals(pv.data(), fv.data());
+    double value = qp.dual_pattern_part(pv.data(), uy.data(), mu);
+    for (index_t i = 0; i < c; ++i) {
+      value += -yv[i] * d[i] - yv[i] * yv[i] / (4.0 * w[i]);
+      gv[i] = fv[i] - d[i] - yv[i] / (2.0 * w[i]);
+    }
+    return value;
+  };
+  double value = evaluate(y, p, f, dual_grad);
+  std::vector<double> m(static_cast<std::size_t>(c * c)), a(static_cast<std::size_t>(c)), step(static_cast<std::size_t>(c)),
+      y_try(static_cast<std::size_t>(c)), p_try(static_cast<std::size_t>(k)), f_try(static_cast<std::size_t>(c)),
+      g_try(static_cast<std::size_t>(c));
+  for (index_t it = 0; it < max_iter; ++it) {
+    qp.gradient(p.data(), f.data(), 1.0, mu, grad_p.data(), work);
+    if (qp.natural_residual(p.data(), grad_p.data(), work2, tau_residual) <= tol) {
+      x = p;
+      return true;
+    }
+    ++n_iter;
+    // M = U^T V U - a a^T / s + diag(1 / (2 w)), a = U^T v, s = sum v (lower triangle).
+    std::fill(m.begin(), m.end(), 0.0);
+    std::fill(a.begin(), a.end(), 0.0);
+    double s = 0.0;
+    for (index_t j = 0; j < k; ++j) {
+      if (!(p[j] > lo[j] && p[j] < hi[j])) continue;
+      const double v = inv[j];
+      s += v;
+      for (index_t e = ptr[j]; e < ptr[j + 1]; ++e) {
+        const index_t r = idx[e];
+        a[r] += v;
+        for (index_t e2 = ptr[j]; e2 < ptr[j + 1]; ++e2) {
+          const index_t q = idx[e2];
+          if (q <= r) m[r * c + q] += v;
+        }
+      }
+    }
+    for (index_t r = 0; r < c; ++r) {
+      for (index_t q = 0; q <= r; ++q) m[r * c + q] -= s > 0.0 ? a[r] * a[q] / s : 0.0;
+      m[r * c + r] += 1.0 / (2.0 * w[r]);
+    }
+    // Cholesky (in place, lower triangle); M is positive definite by construction.
+    for (index_t r = 0; r < c; ++r) {
+      for (index_t q = 0; q <= r; ++q) {
+        double sum = m[r * c + q];
+        for (index_t t = 0; t < q; ++t) sum -= m[r * c + t] * m[q * c + t];
+        if (q == r) {
+          if (!(sum > 0.0)) {
+            x = p;
+            return false;
+          }
+          m[r * c + r] = std::sqrt(sum);
+        } else {
+          m[r * c + q] = sum / m[q * c + q];
+        }
+      }
+    }
+    for (index_t r = 0; r < c; ++r) {
+      double sum = dual_grad[r];
+      for (index_t t = 0; t < r; ++t) sum -= m[r * c + t] * step[t];
+      step[r] = sum / m[r * c + r];
+    }
+    for (index_t r = c; r-- > 0;) {
+      double sum = step[r];
+      for (index_t t = r + 1; t < c; ++t) sum -= m[t * c + r] * step[t];
+      step[r] = sum / m[r * c + r];
+    }
+    double slope = 0.0;
+    for (index_t i = 0; i < c; ++i) slope += dual_grad[i] * step[i];
+    if (!(slope > 0.0)) break;
+    double t = 1.0, value_try = value;
+    bool accepted = false;
+    for (int ls = 0; ls < 40; ++ls, t *= 0.5) {
+      for (index_t i = 0; i < c; ++i) y_try[i] = y[i] + t * step[i];
+      value_try = evaluate(y_try, p_try, f_try, g_try);
+      if (value_try >= value + 1e-4 * t * slope) {
+        accepted = true;
+        break;
+      }
+    }
+    if (!accepted) break;
+    y.swap(y_try);
+    p.swap(p_try);
+    f.swap(f_try);
+    dual_grad.swap(g_try);
+    value = value_try;
+  }
+  x = p;
+  return false;
+}
+
+// The QP for one mu: Newton on the dual where it applies, then (if still needed) FISTA.
+InnerResult solve_qp(const ConvexQP& qp, double mu, std::vector<double>& x, double& lipschitz, index_t max_iter,
+                     double tol) {
+  InnerResult result;
+  if (newton_applies(qp, mu)) {
+    index_t newton_iter = 0;
+    const bool done = dual_newton(qp, mu, x, std::min<index_t>(max_iter, 60), tol, newton_iter);
+    if (done) {
+      result.n_iter = newton_iter;
+      result.converged = true;
+      return result;
+    }
+    result = fista(qp, mu, x, lipschitz, max_iter - newton_iter, tol);
+    result.n_iter += newton_iter;
+    return result;
+  }
+  return fista(qp, mu, x, lipschitz, max_iter, tol);
+}
+
 }  // namespace
 
 ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regularizer regularizer, double gamma,
@@ -414,7 +612,7 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
   bool outer_converged = true;
   double mu = gamma;  // the regularizer's weight in the QP that is solved
   if (objective == Objective::fraction) {
-    result.n_iter = fista(qp, gamma, x, lipschitz, options.max_iter, options.tol).n_iter;
+    result.n_iter = solve_qp(qp, gamma, x, lipschitz, options.max_iter, options.tol).n_iter;
   } else if (gamma == 0.0 || regularizer == Regularizer::none) {
     // sqrt is increasing: the minimiser of sqrt(F) is that of F.
     mu = 0.0;
@@ -427,13 +625,15 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
       return 2.0 * gamma * std::sqrt(qp.objective(f.data()));
     };
     mu = fixed_point();
+    double mu_solved = mu;
     double mu_below = 0.0, h_below = 0.0, mu_above = kInf, h_above = 0.0, mu_previous = 0.0, h_previous = 0.0;
     bool has_below = false, has_above = false;
     int side = 0;  // Illinois: the side kept twice in a row
     outer_converged = false;
     for (int outer = 0; outer < 200 && result.n_iter < options.max_iter; ++outer) {
-      const auto inner = fista(qp, mu, x, lipschitz, options.max_iter - result.n_iter, options.tol);
+      const auto inner = solve_qp(qp, mu, x, lipschitz, options.max_iter - result.n_iter, options.tol);
       result.n_iter += inner.n_iter;
+      mu_solved = mu;
       const double image = fixed_point();
       const double h = mu - image;
       // Relative to mu, with an absolute floor for an exact fit (F = 0, mu -> 0).
@@ -466,10 +666,10 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
       }
       mu = next;
     }
-    mu = fixed_point();
+    mu = mu_solved;
   }
 
-  // The KKT residual of the QP that was solved (see the header for fraction_l2).
+  // The KKT residual of the QP that was solved last (see the header for fraction_l2).
   qp.marginals(x.data(), f.data());
   std::vector<double> grad(static_cast<std::size_t>(k)), work, work2;
   qp.gradient(x.data(), f.data(), 1.0, mu, grad.data(), work);

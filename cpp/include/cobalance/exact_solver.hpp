@@ -6,7 +6,14 @@
 // on the simplex) and R is the regularizer written in p (`counts` through
 // alpha = total * p). F and every R are convex quadratics, so this is a convex QP.
 //
-// Method: FISTA with adaptive (gradient) restart in the diagonal metric
+// Method, where gamma R is strictly convex (gamma > 0, any regularizer but `none`),
+// every class weight is > 0, C <= 512 and sum_j |u_j|^2 <= 64 (nnz + K): semismooth
+// Newton on the C-dimensional dual (variable y = 2 w (U^T p - d); for a given y the
+// primal minimiser is one projection), damped by a backtracking line search on the
+// dual, each step a C x C Cholesky solve. The F part has rank <= C, which makes the
+// problem in p badly conditioned for first-order methods at large K; the dual does
+// not see K. If Newton stalls, or elsewhere, from its last point:
+// FISTA with adaptive (gradient) restart in the diagonal metric
 // D = L_F + gamma diag(H_R) (L_F an upper bound on F's curvature from power iteration,
 // checked and raised along the way), with an exact projection onto the box-constrained
 // simplex in that metric (a piecewise-linear equation in the multiplier, solved by
@@ -23,8 +30,8 @@
 // gamma > 0, the KKT conditions of sqrt(F) + gamma R are those of F + mu R with
 // mu = 2 gamma sqrt(F(p)), so the QP is solved for a sequence of mu (warm-started) and
 // mu found as the root of mu - 2 gamma sqrt(F(p(mu))) (fixed-point steps, then a
-// safeguarded secant); the residual reported is that of F + mu R at the final p with
-// mu = 2 gamma sqrt(F(p)), i.e. 2 sqrt(F) times the original gradient where F > 0.
+// safeguarded secant) to a relative 1e-12; the residual reported is that of F + mu R
+// for the last mu solved, i.e. about 2 sqrt(F) times the original gradient where F > 0.
 // The `geo` objective is not convex in p and is refused.
 #pragma once
 
@@ -35,7 +42,7 @@
 namespace cobalance {
 
 struct ExactOptions {
-  index_t max_iter = 100000;  // FISTA iterations in all
+  index_t max_iter = 100000;  // Newton plus FISTA iterations in all
   double tol = 1e-10;         // on the KKT residual
   int n_threads = 0;
 };
@@ -45,7 +52,7 @@ struct ExactResult {
   std::vector<double> p;          // the optimal proportions
   double loss = 0.0;              // objective + gamma * regularizer at alpha
   double kkt_residual = 0.0;      // see above
-  index_t n_iter = 0;             // FISTA iterations
+  index_t n_iter = 0;             // Newton plus FISTA iterations
   bool converged = false;         // kkt_residual <= tol
   std::vector<double> marginals;  // f(alpha)
   double max_abs_error = 0.0;     // max_i |f_i - d_i|
