@@ -12,8 +12,8 @@
 // primal minimiser is one projection), damped by a backtracking line search on the
 // dual, each step a C x C Cholesky solve. The F part has rank <= C, which makes the
 // problem in p badly conditioned for first-order methods at large K; the dual does
-// not see K. If Newton stalls, or elsewhere, from its last point:
-// FISTA with adaptive (gradient) restart in the diagonal metric
+// not see K. Otherwise (and from Newton's last point when it stalls): FISTA with
+// adaptive (gradient) restart in the diagonal metric
 // D = L_F + gamma diag(H_R) (L_F an upper bound on F's curvature from power iteration,
 // checked and raised along the way), with an exact projection onto the box-constrained
 // simplex in that metric (a piecewise-linear equation in the multiplier, solved by
