@@ -453,7 +453,7 @@ def test_failed_batch_leaves_the_builder_unchanged():
 
 @pytest.mark.parametrize("words, n_classes, match", [
     (np.array([[1], [1 << 5]], np.uint64), 5, "packed row 1 has bits set at or beyond n_classes = 5"),
-    (np.array([[0, 1]], np.uint64), 64, "words.*1 words, got 2"),
+    (np.array([[0, 1]], np.uint64), 64, "words.*1 words per row, got 2"),
     (np.zeros((2, 1), np.float64), 5, "words.*dtype"),
     (np.zeros((2, 1), np.uint8), 5, "words.*dtype"),
     (np.zeros((2, 1, 1), np.uint64), 5, "words.*ndim"),
