@@ -125,10 +125,11 @@ class TableArray {
 
 // Open-addressing index from packed pattern to pattern id (order of insertion)
 // and its sample count. Two layouts: a direct table indexed by the key for
-// n_classes <= 16, and linear probing over 32-byte slots beyond: (tag, id, count),
+// n_classes <= 16, and linear probing over 16-byte slots beyond: (tag, id, count),
 // where the tag is the key itself for one-word keys and the key's hash otherwise
 // (the key then lives in `keys_`). The count sits in the slot so that a probe
-// touches one cache line. Lookups are split into hash / prefetch / probe so that
+// touches one cache line; it holds the count modulo 2^31, the rest (needed only
+// past 2^31 samples of one pattern) is kept in `high_counts_`. Lookups are split into hash / prefetch / probe so that
 // callers can overlap the cache misses of several rows. Concurrent const calls are
 // safe.
 class PatternIndex {
@@ -161,7 +162,7 @@ class PatternIndex {
     std::uint64_t pos = h & mask_;
     while (true) {
       const Slot& s = slots_[pos];
-      if (s.id == kEmpty) return kEmpty;
+      if (s.id == kFree) return kEmpty;
       if (matches(s, key, h)) return s.id;
       pos = (pos + 1) & mask_;
     }
@@ -183,16 +184,19 @@ class PatternIndex {
     std::uint64_t pos = h & mask_;
     while (true) {
       Slot& s = slots_[pos];
-      if (s.id == kEmpty) {
+      if (s.id == kFree) {
+        if (size_ >= static_cast<index_t>(kFree))
+          throw std::length_error("a pattern table holds at most 2^32 - 1 distinct patterns");
         s.tag = n_words_ == 1 ? key[0] : h;
-        s.id = size_++;
-        s.count = n;
+        s.id = static_cast<std::uint32_t>(size_++);
+        s.count = 0;
+        bump(s, n);
         keys_.insert(keys_.end(), key, key + n_words_);
         if (size_ * 2 > static_cast<index_t>(slots_.size())) rehash(slots_.size() * 2);
         return size_ - 1;
       }
       if (matches(s, key, h)) {
-        s.count += n;
+        bump(s, n);
         return s.id;
       }
       pos = (pos + 1) & mask_;
@@ -200,12 +204,57 @@ class PatternIndex {
   }
   index_t add(const std::uint64_t* key, index_t n) { return add(key, hash(key), n); }
 
+  // Appends n patterns known to be absent (and distinct), ids size() .. size() + n - 1;
+  // returns where the caller writes their keys (n x n_words) and counts. Their slots
+  // are filled by the next sync(): until then find() and add() do not see them, which
+  // costs nothing when the table is finished without further lookups.
+  std::pair<std::uint64_t*, index_t*> append_unindexed(index_t n) {
+    pending_counts_.reserve(pending_counts_.size() + static_cast<std::size_t>(n));
+    keys_.resize(keys_.size() + static_cast<std::size_t>(n * n_words_));
+    pending_counts_.resize(pending_counts_.size() + static_cast<std::size_t>(n), 0);
+    size_ += n;
+    return {keys_.data() + (size_ - n) * n_words_,
+            pending_counts_.data() + pending_counts_.size() - static_cast<std::size_t>(n)};
+  }
+
+  // Gives the patterns appended by append_unindexed their slots.
+  void sync() {
+    if (pending_counts_.empty()) return;
+    const index_t first = size_ - static_cast<index_t>(pending_counts_.size());
+    if (size_ >= static_cast<index_t>(kFree))
+      throw std::length_error("a pattern table holds at most 2^32 - 1 distinct patterns");
+    if (direct_) {
+      for (index_t id = first; id < size_; ++id)
+        direct_slots_[static_cast<std::size_t>(keys_[static_cast<std::size_t>(id)])] = static_cast<std::int32_t>(id);
+      direct_counts_.insert(direct_counts_.end(), pending_counts_.begin(), pending_counts_.end());
+    } else {
+      reserve(size_);
+      constexpr index_t kAhead = 8;
+      for (index_t id = first; id < std::min(size_, first + kAhead); ++id) prefetch(hash(key(id)));
+      for (index_t id = first; id < size_; ++id) {
+        if (id + kAhead < size_) prefetch(hash(key(id + kAhead)));
+        const std::uint64_t h = hash(key(id));
+        std::uint64_t pos = h & mask_;
+        while (slots_[pos].id != kFree) pos = (pos + 1) & mask_;
+        slots_[pos] = Slot{n_words_ == 1 ? key(id)[0] : h, static_cast<std::uint32_t>(id), 0};
+        bump(slots_[pos], pending_counts_[static_cast<std::size_t>(id - first)]);
+      }
+    }
+    std::vector<index_t>().swap(pending_counts_);
+  }
+
   // Samples per pattern, by id.
   std::vector<index_t> counts() const {
-    if (direct_) return direct_counts_;
     std::vector<index_t> out(static_cast<std::size_t>(size_));
-    for (const Slot& s : slots_)
-      if (s.id != kEmpty) out[static_cast<std::size_t>(s.id)] = s.count;
+    const std::size_t indexed = static_cast<std::size_t>(size_) - pending_counts_.size();
+    if (direct_) {
+      std::copy(direct_counts_.begin(), direct_counts_.end(), out.begin());
+    } else {
+      for (const Slot& s : slots_)
+        if (s.id != kFree) out[s.id] = s.count;
+      for (std::size_t id = 0; id < high_counts_.size(); ++id) out[id] += high_counts_[id];
+    }
+    std::copy(pending_counts_.begin(), pending_counts_.end(), out.begin() + static_cast<std::ptrdiff_t>(indexed));
     return out;
   }
 
@@ -225,6 +274,7 @@ class PatternIndex {
   // Forgets the patterns with ids >= n (used to undo a failed batch, after their
   // samples were taken back out of the counts).
   void truncate(index_t n) {
+    sync();
     if (n >= size_) return;
     if (direct_) {
       for (index_t id = n; id < size_; ++id) direct_slots_[static_cast<std::size_t>(keys_[static_cast<std::size_t>(id)])] = kEmpty;
@@ -234,25 +284,43 @@ class PatternIndex {
       return;
     }
     // Linear probing cannot delete in place, so the slots are rebuilt.
-    std::vector<index_t> kept = counts();
+    const std::vector<index_t> kept = counts();
     keys_.resize(static_cast<std::size_t>(n * n_words_));
     size_ = n;
-    std::fill(slots_.begin(), slots_.end(), Slot{0, kEmpty, 0, 0});
+    high_counts_.clear();
+    std::fill(slots_.begin(), slots_.end(), Slot{0, kFree, 0});
     for (index_t id = 0; id < n; ++id) {
       const std::uint64_t h = hash(key(id));
       std::uint64_t pos = h & mask_;
-      while (slots_[pos].id != kEmpty) pos = (pos + 1) & mask_;
-      slots_[pos] = Slot{n_words_ == 1 ? key(id)[0] : h, id, kept[static_cast<std::size_t>(id)], 0};
+      while (slots_[pos].id != kFree) pos = (pos + 1) & mask_;
+      slots_[pos] = Slot{n_words_ == 1 ? key(id)[0] : h, static_cast<std::uint32_t>(id), 0};
+      bump(slots_[pos], kept[static_cast<std::size_t>(id)]);
     }
   }
 
  private:
+  static constexpr std::uint32_t kFree = 0xffffffffu;  // id of an empty slot
+  static constexpr index_t kLowSpan = index_t{1} << 31;  // a slot's count stays below this
+
   struct Slot {
     std::uint64_t tag;  // the key itself when n_words == 1, else its hash
-    index_t id;
-    index_t count;
-    index_t unused;  // pads the slot to 32 bytes: two per cache line, never straddling
+    std::uint32_t id;
+    std::uint32_t count;  // modulo 2^31; see high_counts_
   };
+
+  // Adds n (possibly negative) to the count of slot s.
+  void bump(Slot& s, index_t n) {
+    const index_t c = static_cast<index_t>(s.count) + n;
+    if (c >= 0 && c < kLowSpan) {
+      s.count = static_cast<std::uint32_t>(c);
+      return;
+    }
+    // Rare: move whole multiples of 2^31 to (or borrow them from) high_counts_.
+    if (high_counts_.size() <= s.id) high_counts_.resize(static_cast<std::size_t>(s.id) + 1, 0);
+    const index_t low = ((c % kLowSpan) + kLowSpan) % kLowSpan;
+    high_counts_[s.id] += c - low;
+    s.count = static_cast<std::uint32_t>(low);
+  }
 
   bool matches(const Slot& s, const std::uint64_t* key, std::uint64_t h) const noexcept {
     if (n_words_ == 1) return s.tag == key[0];
@@ -261,13 +329,13 @@ class PatternIndex {
 
   void rehash(std::size_t capacity) {
     TableArray<Slot> old(std::move(slots_));
-    slots_ = TableArray<Slot>(capacity, Slot{0, kEmpty, 0, 0});
+    slots_ = TableArray<Slot>(capacity, Slot{0, kFree, 0});
     mask_ = capacity - 1;
     for (const Slot& s : old) {
-      if (s.id == kEmpty) continue;
+      if (s.id == kFree) continue;
       const std::uint64_t h = n_words_ == 1 ? mix64(s.tag) : s.tag;
       std::uint64_t pos = h & mask_;
-      while (slots_[pos].id != kEmpty) pos = (pos + 1) & mask_;
+      while (slots_[pos].id != kFree) pos = (pos + 1) & mask_;
       slots_[pos] = s;
     }
   }
@@ -280,6 +348,8 @@ class PatternIndex {
   TableArray<Slot> slots_;
   std::uint64_t mask_ = 0;
   std::vector<std::uint64_t> keys_;
+  std::vector<index_t> high_counts_;  // by id: multiples of 2^31 not held in the slots
+  std::vector<index_t> pending_counts_;  // counts of the last ids, not yet in the slots
 };
 
 // ---------------------------------------------------------------------------
@@ -424,6 +494,7 @@ struct PatternTableBuilder::State {
   void add_rows(index_t n_rows, const Pack& pack) {
     if (n_rows < 0) throw std::invalid_argument("n_rows must be >= 0, got " + std::to_string(n_rows));
     if (n_rows == 0) return;
+    index.sync();
     const int parts = parts_for(n_rows, n_threads, kRowsPerPart);
     // The prefix takes the frequent patterns into the global index, so that most
     // rows of the blocks resolve to final ids; it is short because one thread runs it.
@@ -617,32 +688,82 @@ struct PatternTableBuilder::State {
       }
     });
 
-    // Everything that can fail is allocated before the fold, which therefore
-    // either does not start or completes.
-    index_t total = index.size();
-    std::vector<std::vector<index_t>> local_counts;
-    local_counts.reserve(blocks.size());
-    for (Block& blk : blocks) {
-      total += blk.local.size();
-      blk.to_global.resize(static_cast<std::size_t>(blk.local.size()));
-      local_counts.push_back(blk.local.counts());
+    // New patterns are numbered without a sequential fold: a block's local pattern
+    // is new in that block unless an earlier block's local table holds it, and the
+    // new ones are numbered block by block in local order, i.e. in order of first
+    // occurrence. All probes are read-only, so threads share them out.
+    const std::size_t n_blocks = blocks.size();
+    std::vector<std::vector<index_t>> local_counts(n_blocks);
+    std::vector<index_t> n_first(n_blocks, 0);
+    for (std::size_t t = 0; t < n_blocks; ++t)
+      blocks[t].to_global.assign(static_cast<std::size_t>(blocks[t].local.size()), kEmpty);
+    // to_global first holds, for a pattern seen in an earlier block, -2 - (its local
+    // id there) and the block in `owner`; kEmpty marks a pattern new in its block.
+    std::vector<std::vector<std::int32_t>> owner(n_blocks);
+    for (std::size_t t = 1; t < n_blocks; ++t) owner[t].assign(blocks[t].to_global.size(), -1);
+    run_parts(parts, [&](int part) {
+      local_counts[static_cast<std::size_t>(part)] = blocks[static_cast<std::size_t>(part)].local.counts();
+      for (std::size_t t = 1; t < n_blocks; ++t) {
+        Block& blk = blocks[t];
+        const index_t k = blk.local.size();
+        const index_t l0 = k * part / parts, l1 = k * (part + 1) / parts;
+        for (index_t l = l0; l < l1; l += kBatch) {
+          const int n = static_cast<int>(std::min<index_t>(kBatch, l1 - l));
+          std::uint64_t h[kBatch];
+          for (int i = 0; i < n; ++i) {
+            h[i] = blk.local.hash(blk.local.key(l + i));
+            for (std::size_t e = 0; e < t; ++e) blocks[e].local.prefetch(h[i]);
+          }
+          for (int i = 0; i < n; ++i) {
+            for (std::size_t e = 0; e < t; ++e) {
+              const index_t there = blocks[e].local.find(blk.local.key(l + i), h[i]);
+              if (there != kEmpty) {
+                blk.to_global[static_cast<std::size_t>(l + i)] = -2 - there;
+                owner[t][static_cast<std::size_t>(l + i)] = static_cast<std::int32_t>(e);
+                break;
+              }
+            }
+          }
+        }
+      }
+    });
+    for (std::size_t t = 0; t < n_blocks; ++t)
+      for (const index_t g : blocks[t].to_global) n_first[t] += g == kEmpty;
+    index_t n_new = 0;
+    std::vector<index_t> first_base(n_blocks);
+    for (std::size_t t = 0; t < n_blocks; ++t) {
+      first_base[t] = known + n_new;
+      n_new += n_first[t];
     }
-    index.reserve(total);
-
+    // The only allocation of the commit; nothing below can fail.
+    const auto fresh = index.append_unindexed(n_new);
+    std::uint64_t* new_keys = fresh.first;
+    index_t* new_counts = fresh.second;
+    run_parts(parts, [&](int t) {  // number the new patterns, copy their keys and counts
+      Block& blk = blocks[static_cast<std::size_t>(t)];
+      index_t g = first_base[static_cast<std::size_t>(t)];
+      const auto& lc = local_counts[static_cast<std::size_t>(t)];
+      for (std::size_t l = 0; l < blk.to_global.size(); ++l) {
+        if (blk.to_global[l] != kEmpty) continue;
+        std::copy(blk.local.key(static_cast<index_t>(l)), blk.local.key(static_cast<index_t>(l)) + nw,
+                  new_keys + (g - known) * nw);
+        new_counts[g - known] = lc[l];
+        blk.to_global[l] = g++;
+      }
+    });
+    for (std::size_t t = 1; t < n_blocks; ++t) {  // patterns first seen in an earlier block
+      Block& blk = blocks[t];
+      for (std::size_t l = 0; l < blk.to_global.size(); ++l) {
+        if (blk.to_global[l] >= 0) continue;
+        const index_t g = blocks[static_cast<std::size_t>(owner[t][l])].to_global[static_cast<std::size_t>(-2 - blk.to_global[l])];
+        blk.to_global[l] = g;
+        new_counts[g - known] += local_counts[t][l];
+      }
+    }
     for (index_t g = 0; g < known; ++g) {
       index_t n = 0;
       for (const Block& blk : blocks) n += blk.known_counts[static_cast<std::size_t>(g)];
       if (n) index.add(index.key(g), n);
-    }
-    constexpr index_t kAhead = 8;  // prefetch distance of the fold, in patterns
-    for (std::size_t t = 0; t < blocks.size(); ++t) {
-      Block& blk = blocks[t];
-      const index_t k = blk.local.size();
-      for (index_t l = 0; l < std::min(k, kAhead); ++l) index.prefetch(index.hash(blk.local.key(l)));
-      for (index_t l = 0; l < k; ++l) {
-        if (l + kAhead < k) index.prefetch(index.hash(blk.local.key(l + kAhead)));
-        blk.to_global[static_cast<std::size_t>(l)] = index.add(blk.local.key(l), local_counts[t][static_cast<std::size_t>(l)]);
-      }
     }
 
     if (!inv) return;
@@ -849,6 +970,7 @@ void PatternTableBuilder::add_table(const PatternTable& table) {
   if (s.keep_inverse && !table.has_inverse())
     throw std::invalid_argument("cannot merge a table without inverse into a builder that keeps the inverse");
   const index_t nw = table.n_words(), k = table.n_patterns();
+  s.index.sync();
   std::vector<index_t> map(static_cast<std::size_t>(k));
   // Allocate first so that the fold below cannot fail half-way.
   s.index.reserve(s.index.size() + k);
