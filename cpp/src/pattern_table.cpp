@@ -75,36 +75,53 @@ inline void advise_huge_pages(void* p, std::size_t bytes) noexcept {
 #endif
 }
 
-// A fixed-size array of trivially copyable T whose large instances start on a
-// 2 MiB boundary and are advised onto huge pages before they are first touched.
+// A fixed-size, zero-filled array of trivially copyable T. Large instances are
+// mapped straight from the kernel, whose fresh pages are already zero (so no fill
+// pass is needed and untouched pages cost nothing), start on a 2 MiB boundary and
+// are advised onto huge pages before they are first touched.
 template <class T>
 class TableArray {
  public:
   TableArray() = default;
-  TableArray(std::size_t n, const T& value) : n_(n) {
+  explicit TableArray(std::size_t n) : n_(n) {
     const std::size_t bytes = n * sizeof(T);
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
     constexpr std::size_t kHuge = std::size_t{1} << 21;
     if (bytes >= 2 * kHuge) {
-      data_ = static_cast<T*>(std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge));
-      if (data_) advise_huge_pages(data_, bytes);
-    } else {
-      data_ = static_cast<T*>(std::malloc(std::max<std::size_t>(bytes, 1)));
+      // Over-map by 2 MiB and trim both ends to get an aligned region.
+      const std::size_t span = (bytes + kHuge - 1) / kHuge * kHuge;
+      void* raw = mmap(nullptr, span + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (raw == MAP_FAILED) throw std::bad_alloc();
+      const std::uintptr_t base = reinterpret_cast<std::uintptr_t>(raw);
+      const std::uintptr_t aligned = (base + kHuge - 1) & ~(std::uintptr_t{kHuge} - 1);
+      if (aligned > base) munmap(raw, aligned - base);
+      const std::uintptr_t tail = base + span + kHuge - (aligned + span);
+      if (tail) munmap(reinterpret_cast<void*>(aligned + span), tail);
+      data_ = reinterpret_cast<T*>(aligned);
+      mapped_ = span;
+      advise_huge_pages(data_, span);
+      return;
     }
+#endif
+    data_ = static_cast<T*>(std::calloc(std::max<std::size_t>(n, 1), sizeof(T)));
     if (!data_) throw std::bad_alloc();
-    std::fill(data_, data_ + n, value);
   }
-  TableArray(TableArray&& o) noexcept : data_(o.data_), n_(o.n_) { o.data_ = nullptr, o.n_ = 0; }
+  TableArray(TableArray&& o) noexcept : data_(o.data_), n_(o.n_), mapped_(o.mapped_) {
+    o.data_ = nullptr;
+    o.n_ = o.mapped_ = 0;
+  }
   TableArray& operator=(TableArray&& o) noexcept {
     std::swap(data_, o.data_);
     std::swap(n_, o.n_);
+    std::swap(mapped_, o.mapped_);
     return *this;
   }
-  TableArray(const TableArray& o) : TableArray(o.n_, T{}) { std::copy(o.data_, o.data_ + o.n_, data_); }
+  TableArray(const TableArray& o) : TableArray(o.n_) { std::copy(o.data_, o.data_ + o.n_, data_); }
   TableArray& operator=(const TableArray& o) {
     if (this != &o) *this = TableArray(o);
     return *this;
   }
-  ~TableArray() { std::free(data_); }
+  ~TableArray() { release(); }
 
   std::size_t size() const noexcept { return n_; }
   T* data() noexcept { return data_; }
@@ -117,27 +134,40 @@ class TableArray {
   const T* end() const noexcept { return data_ + n_; }
 
  private:
+  void release() noexcept {
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+    if (mapped_) {
+      munmap(data_, mapped_);
+      return;
+    }
+#endif
+    std::free(data_);
+  }
+
   T* data_ = nullptr;
   std::size_t n_ = 0;
+  std::size_t mapped_ = 0;  // bytes mapped with mmap, 0 when from calloc
 };
 
 }  // namespace
 
 // Open-addressing index from packed pattern to pattern id (order of insertion)
 // and its sample count. Two layouts: a direct table indexed by the key for
-// n_classes <= 16, and linear probing over 16-byte slots beyond: (tag, id, count),
-// where the tag is the key itself for one-word keys and the key's hash otherwise
-// (the key then lives in `keys_`). The count sits in the slot so that a probe
-// touches one cache line; it holds the count modulo 2^31, the rest (needed only
-// past 2^31 samples of one pattern) is kept in `high_counts_`. Lookups are split into hash / prefetch / probe so that
-// callers can overlap the cache misses of several rows. Concurrent const calls are
-// safe.
+// n_classes <= 16, and linear probing over 16-byte slots beyond: (tag, id + 1,
+// count), where the tag is the key itself for one-word keys and the key's hash
+// otherwise (the key then lives in `keys_`). An all-zero slot is free, so a new
+// table needs no fill. The count sits in the slot so that a probe touches one
+// cache line; it holds the count modulo 2^31, the rest (needed only past 2^31
+// samples of one pattern) is kept in `high_counts_`. Lookups are split into
+// hash / prefetch / probe so that callers can overlap the cache misses of several
+// rows. Concurrent const calls are safe. Patterns appended with append_unindexed
+// are invisible to find/add until sync().
 class PatternIndex {
  public:
   explicit PatternIndex(index_t n_classes)
       : n_words_(words_for(n_classes)), direct_(n_classes <= kDirectMaxClasses) {
     if (direct_) {
-      direct_slots_ = TableArray<std::int32_t>(std::size_t{1} << n_classes, static_cast<std::int32_t>(kEmpty));
+      direct_slots_ = TableArray<std::int32_t>(std::size_t{1} << n_classes);
     } else {
       rehash(256);
     }
@@ -158,12 +188,12 @@ class PatternIndex {
 
   // The id of `key` (with hash `h`), or kEmpty when absent.
   index_t find(const std::uint64_t* key, std::uint64_t h) const noexcept {
-    if (direct_) return direct_slots_[static_cast<std::size_t>(key[0])];
+    if (direct_) return static_cast<index_t>(direct_slots_[static_cast<std::size_t>(key[0])]) - 1;
     std::uint64_t pos = h & mask_;
     while (true) {
       const Slot& s = slots_[pos];
-      if (s.id == kFree) return kEmpty;
-      if (matches(s, key, h)) return s.id;
+      if (s.id1 == 0) return kEmpty;
+      if (matches(s, key, h)) return static_cast<index_t>(s.id1) - 1;
       pos = (pos + 1) & mask_;
     }
   }
@@ -173,31 +203,31 @@ class PatternIndex {
   index_t add(const std::uint64_t* key, std::uint64_t h, index_t n) {
     if (direct_) {
       std::int32_t& slot = direct_slots_[static_cast<std::size_t>(key[0])];
-      if (slot == kEmpty) {
-        slot = static_cast<std::int32_t>(size_++);
+      if (slot == 0) {
         keys_.push_back(key[0]);
         direct_counts_.push_back(0);
+        slot = static_cast<std::int32_t>(++size_);
       }
-      direct_counts_[static_cast<std::size_t>(slot)] += n;
-      return slot;
+      direct_counts_[static_cast<std::size_t>(slot - 1)] += n;
+      return slot - 1;
     }
     std::uint64_t pos = h & mask_;
     while (true) {
       Slot& s = slots_[pos];
-      if (s.id == kFree) {
-        if (size_ >= static_cast<index_t>(kFree))
-          throw std::length_error("a pattern table holds at most 2^32 - 1 distinct patterns");
+      if (s.id1 == 0) {
+        if (size_ >= kMaxPatterns)
+          throw std::length_error("a pattern table holds at most 2^32 - 2 distinct patterns");
+        keys_.insert(keys_.end(), key, key + n_words_);
         s.tag = n_words_ == 1 ? key[0] : h;
-        s.id = static_cast<std::uint32_t>(size_++);
+        s.id1 = static_cast<std::uint32_t>(++size_);
         s.count = 0;
         bump(s, n);
-        keys_.insert(keys_.end(), key, key + n_words_);
         if (size_ * 2 > static_cast<index_t>(slots_.size())) rehash(slots_.size() * 2);
         return size_ - 1;
       }
       if (matches(s, key, h)) {
         bump(s, n);
-        return s.id;
+        return static_cast<index_t>(s.id1) - 1;
       }
       pos = (pos + 1) & mask_;
     }
@@ -209,6 +239,8 @@ class PatternIndex {
   // are filled by the next sync(): until then find() and add() do not see them, which
   // costs nothing when the table is finished without further lookups.
   std::pair<std::uint64_t*, index_t*> append_unindexed(index_t n) {
+    if (size_ + n > kMaxPatterns)
+      throw std::length_error("a pattern table holds at most 2^32 - 2 distinct patterns");
     pending_counts_.reserve(pending_counts_.size() + static_cast<std::size_t>(n));
     keys_.resize(keys_.size() + static_cast<std::size_t>(n * n_words_));
     pending_counts_.resize(pending_counts_.size() + static_cast<std::size_t>(n), 0);
@@ -221,11 +253,9 @@ class PatternIndex {
   void sync() {
     if (pending_counts_.empty()) return;
     const index_t first = size_ - static_cast<index_t>(pending_counts_.size());
-    if (size_ >= static_cast<index_t>(kFree))
-      throw std::length_error("a pattern table holds at most 2^32 - 1 distinct patterns");
     if (direct_) {
       for (index_t id = first; id < size_; ++id)
-        direct_slots_[static_cast<std::size_t>(keys_[static_cast<std::size_t>(id)])] = static_cast<std::int32_t>(id);
+        direct_slots_[static_cast<std::size_t>(keys_[static_cast<std::size_t>(id)])] = static_cast<std::int32_t>(id + 1);
       direct_counts_.insert(direct_counts_.end(), pending_counts_.begin(), pending_counts_.end());
     } else {
       reserve(size_);
@@ -233,11 +263,7 @@ class PatternIndex {
       for (index_t id = first; id < std::min(size_, first + kAhead); ++id) prefetch(hash(key(id)));
       for (index_t id = first; id < size_; ++id) {
         if (id + kAhead < size_) prefetch(hash(key(id + kAhead)));
-        const std::uint64_t h = hash(key(id));
-        std::uint64_t pos = h & mask_;
-        while (slots_[pos].id != kFree) pos = (pos + 1) & mask_;
-        slots_[pos] = Slot{n_words_ == 1 ? key(id)[0] : h, static_cast<std::uint32_t>(id), 0};
-        bump(slots_[pos], pending_counts_[static_cast<std::size_t>(id - first)]);
+        place(id, hash(key(id)), pending_counts_[static_cast<std::size_t>(id - first)]);
       }
     }
     std::vector<index_t>().swap(pending_counts_);
@@ -251,7 +277,7 @@ class PatternIndex {
       std::copy(direct_counts_.begin(), direct_counts_.end(), out.begin());
     } else {
       for (const Slot& s : slots_)
-        if (s.id != kFree) out[s.id] = s.count;
+        if (s.id1) out[s.id1 - 1] = s.count;
       for (std::size_t id = 0; id < high_counts_.size(); ++id) out[id] += high_counts_[id];
     }
     std::copy(pending_counts_.begin(), pending_counts_.end(), out.begin() + static_cast<std::ptrdiff_t>(indexed));
@@ -277,7 +303,7 @@ class PatternIndex {
     sync();
     if (n >= size_) return;
     if (direct_) {
-      for (index_t id = n; id < size_; ++id) direct_slots_[static_cast<std::size_t>(keys_[static_cast<std::size_t>(id)])] = kEmpty;
+      for (index_t id = n; id < size_; ++id) direct_slots_[static_cast<std::size_t>(keys_[static_cast<std::size_t>(id)])] = 0;
       keys_.resize(static_cast<std::size_t>(n));
       direct_counts_.resize(static_cast<std::size_t>(n));
       size_ = n;
@@ -288,25 +314,33 @@ class PatternIndex {
     keys_.resize(static_cast<std::size_t>(n * n_words_));
     size_ = n;
     high_counts_.clear();
-    std::fill(slots_.begin(), slots_.end(), Slot{0, kFree, 0});
-    for (index_t id = 0; id < n; ++id) {
-      const std::uint64_t h = hash(key(id));
-      std::uint64_t pos = h & mask_;
-      while (slots_[pos].id != kFree) pos = (pos + 1) & mask_;
-      slots_[pos] = Slot{n_words_ == 1 ? key(id)[0] : h, static_cast<std::uint32_t>(id), 0};
-      bump(slots_[pos], kept[static_cast<std::size_t>(id)]);
-    }
+    std::fill(slots_.begin(), slots_.end(), Slot{0, 0, 0});
+    for (index_t id = 0; id < n; ++id) place(id, hash(key(id)), kept[static_cast<std::size_t>(id)]);
   }
 
  private:
-  static constexpr std::uint32_t kFree = 0xffffffffu;  // id of an empty slot
+  static constexpr index_t kMaxPatterns = 0xfffffffeLL;   // id + 1 fits a uint32
   static constexpr index_t kLowSpan = index_t{1} << 31;  // a slot's count stays below this
 
   struct Slot {
-    std::uint64_t tag;  // the key itself when n_words == 1, else its hash
-    std::uint32_t id;
-    std::uint32_t count;  // modulo 2^31; see high_counts_
+    std::uint64_t tag;   // the key itself when n_words == 1, else its hash
+    std::uint32_t id1;   // id + 1; 0 marks a free slot
+    std::uint32_t count; // modulo 2^31; see high_counts_
   };
+
+  bool matches(const Slot& s, const std::uint64_t* key, std::uint64_t h) const noexcept {
+    if (n_words_ == 1) return s.tag == key[0];
+    return s.tag == h && std::equal(key, key + n_words_, keys_.data() + (static_cast<index_t>(s.id1) - 1) * n_words_);
+  }
+
+  // Puts an id known to be absent into a free slot.
+  void place(index_t id, std::uint64_t h, index_t count) {
+    std::uint64_t pos = h & mask_;
+    while (slots_[pos].id1 != 0) pos = (pos + 1) & mask_;
+    Slot& s = slots_[pos];
+    s = Slot{n_words_ == 1 ? key(id)[0] : h, static_cast<std::uint32_t>(id + 1), 0};
+    bump(s, count);
+  }
 
   // Adds n (possibly negative) to the count of slot s.
   void bump(Slot& s, index_t n) {
@@ -316,26 +350,22 @@ class PatternIndex {
       return;
     }
     // Rare: move whole multiples of 2^31 to (or borrow them from) high_counts_.
-    if (high_counts_.size() <= s.id) high_counts_.resize(static_cast<std::size_t>(s.id) + 1, 0);
+    const std::size_t id = s.id1 - 1;
+    if (high_counts_.size() <= id) high_counts_.resize(id + 1, 0);
     const index_t low = ((c % kLowSpan) + kLowSpan) % kLowSpan;
-    high_counts_[s.id] += c - low;
+    high_counts_[id] += c - low;
     s.count = static_cast<std::uint32_t>(low);
-  }
-
-  bool matches(const Slot& s, const std::uint64_t* key, std::uint64_t h) const noexcept {
-    if (n_words_ == 1) return s.tag == key[0];
-    return s.tag == h && std::equal(key, key + n_words_, keys_.data() + s.id * n_words_);
   }
 
   void rehash(std::size_t capacity) {
     TableArray<Slot> old(std::move(slots_));
-    slots_ = TableArray<Slot>(capacity, Slot{0, kFree, 0});
+    slots_ = TableArray<Slot>(capacity);
     mask_ = capacity - 1;
     for (const Slot& s : old) {
-      if (s.id == kFree) continue;
+      if (s.id1 == 0) continue;
       const std::uint64_t h = n_words_ == 1 ? mix64(s.tag) : s.tag;
       std::uint64_t pos = h & mask_;
-      while (slots_[pos].id != kFree) pos = (pos + 1) & mask_;
+      while (slots_[pos].id1 != 0) pos = (pos + 1) & mask_;
       slots_[pos] = s;
     }
   }
@@ -343,12 +373,12 @@ class PatternIndex {
   index_t n_words_;
   bool direct_;
   index_t size_ = 0;
-  TableArray<std::int32_t> direct_slots_;
+  TableArray<std::int32_t> direct_slots_;  // id + 1 by key; 0 = absent
   std::vector<index_t> direct_counts_;
   TableArray<Slot> slots_;
   std::uint64_t mask_ = 0;
   std::vector<std::uint64_t> keys_;
-  std::vector<index_t> high_counts_;  // by id: multiples of 2^31 not held in the slots
+  std::vector<index_t> high_counts_;     // by id: multiples of 2^31 not held in the slots
   std::vector<index_t> pending_counts_;  // counts of the last ids, not yet in the slots
 };
 

@@ -44,7 +44,7 @@ def reference_table(labels):
 
 def fast_reference_table(labels):
     """The same reference for large inputs: numpy.packbits rows as dict keys."""
-    y = np.asarray(labels).astype(bool)
+    y = np.asarray(labels) != 0
     n, c = y.shape
     rows = np.packbits(y, axis=1)
     ids: dict = {}
@@ -74,17 +74,15 @@ def assert_matches(table, labels, reference=reference_table):
     assert table.patterns.dtype == np.bool_ and table.patterns.shape == (len(counts), c)
     assert table.counts.dtype == np.int64 and table.inverse.dtype == np.int64
     # The packed form: class i is bit i % 64 of word i // 64.
-    words = np.zeros((len(counts), (c + 63) // 64), np.uint64)
-    for j, i in zip(*np.nonzero(patterns)):
-        words[j, i // 64] |= np.uint64(1) << np.uint64(i % 64)
-    np.testing.assert_array_equal(table.packed, words)
-    np.testing.assert_array_equal(table.class_counts(), np.asarray(labels).astype(bool).sum(axis=0))
+    np.testing.assert_array_equal(table.packed, to_packed(patterns))
+    np.testing.assert_array_equal(table.class_counts(), (np.asarray(labels) != 0).sum(axis=0, dtype=np.int64))
 
 
 def long_tailed(n, c, seed):
     """Class c (1-based) present with probability 0.9 / c, as in the benchmarks."""
     rng = np.random.default_rng(seed)
-    return (rng.random((n, c)) < 0.9 / np.arange(1, c + 1)).astype(np.uint8)
+    p = (0.9 / np.arange(1, c + 1)).astype(np.float32)
+    return (rng.random((n, c), dtype=np.float32) < p).view(np.uint8)
 
 
 def to_packed(y):
@@ -200,7 +198,7 @@ def test_thread_count_does_not_change_small_tables(y, n_threads):
     assert_same_table(PatternTable.from_labels(y, n_threads=1), PatternTable.from_labels(y, n_threads=n_threads))
 
 
-@pytest.mark.parametrize("c", [1, 7, 9, 16, 17, 63, 64, 65, 130, 300])
+@pytest.mark.parametrize("c", [1, 7, 16, 17, 63, 64, 65, 300])
 def test_parallel_paths_equal_reference(c):
     n = PARALLEL_ROWS * 2 + 17
     y = long_tailed(n, c, seed=c)
@@ -214,9 +212,9 @@ def test_parallel_paths_equal_reference(c):
     assert_matches(single, y, reference=lambda _: reference)
     for n_threads in (2, 3, 8):
         assert_same_table(single, PatternTable.from_labels(y, n_threads=n_threads))
-        assert_same_table(single, PatternTable.from_packed(to_packed(y), c, n_threads=n_threads))
-        indptr, indices = to_lists(y)
-        assert_same_table(single, PatternTable.from_lists(indptr, indices, c, n_threads=n_threads))
+    assert_same_table(single, PatternTable.from_packed(to_packed(y), c, n_threads=3))
+    indptr, indices = to_lists(y)
+    assert_same_table(single, PatternTable.from_lists(indptr, indices, c, n_threads=3))
     # Streaming: chunks of uneven sizes, the later ones large enough to be split.
     chunks = [y[:1000], y[1000:PARALLEL_ROWS + 5000], y[PARALLEL_ROWS + 5000:]]
     assert_same_table(single, PatternTable.from_chunks(chunks, n_threads=2))
