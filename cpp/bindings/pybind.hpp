@@ -44,5 +44,7 @@ inline void require_ndim(const py::array& a, py::ssize_t ndim, const char* name)
 }
 
 void bind_patterns(py::module_& m);
+void bind_masks(py::module_& m);
+void bind_balance(py::module_& m);
 
 }  // namespace cobalance::bindings

@@ -1,0 +1,189 @@
+#include "pybind.hpp"
+
+#include "cobalance/adam.hpp"
+#include "cobalance/balance_problem.hpp"
+#include "cobalance/exact_solver.hpp"
+
+namespace cobalance::bindings {
+
+namespace {
+
+// forcecast: integer counts and the like are converted (a copy) to float64 / int64;
+// float64 / int64 C-contiguous arrays are used in place.
+using Doubles = py::array_t<double, py::array::c_style | py::array::forcecast>;
+using Indices = py::array_t<index_t, py::array::c_style | py::array::forcecast>;
+
+std::vector<double> vector_of(const Doubles& a, const char* name) {
+  require_ndim(a, 1, name);
+  return std::vector<double>(a.data(), a.data() + a.size());
+}
+
+std::vector<index_t> vector_of(const Indices& a, const char* name) {
+  require_ndim(a, 1, name);
+  return std::vector<index_t>(a.data(), a.data() + a.size());
+}
+
+// A 1-D float64 view of `a` of the problem's length (checked in C++ too).
+const double* pattern_vector(const Doubles& a, const BalanceProblem& problem, const char* name) {
+  require_ndim(a, 1, name);
+  if (a.shape(0) != problem.n_patterns())
+    throw std::invalid_argument(std::string(name) + " must have n_patterns = " +
+                                std::to_string(problem.n_patterns()) + " entries, got " + std::to_string(a.shape(0)));
+  return a.data();
+}
+
+}  // namespace
+
+void bind_balance(py::module_& m) {
+  py::class_<BalanceProblem>(m, "BalanceProblem", R"doc(
+The balancing problem: sparse patterns (CSR), their counts, a target and class weights.
+
+Copies indptr, indices, counts, target and class_weights (O(nnz + K + C)); raises
+ValueError naming the argument and value for malformed input. See balance_problem.hpp
+for the objectives and regularizers.
+)doc")
+      .def(py::init([](Indices indptr, Indices indices, Doubles counts, index_t n_classes, Doubles target,
+                       py::object class_weights) {
+             std::vector<double> weights;
+             if (!class_weights.is_none()) weights = vector_of(class_weights.cast<Doubles>(), "class_weights");
+             return BalanceProblem(vector_of(indptr, "indptr"), vector_of(indices, "indices"),
+                                   vector_of(counts, "counts"), n_classes, vector_of(target, "target"),
+                                   std::move(weights));
+           }),
+           py::arg("indptr"), py::arg("indices"), py::arg("counts"), py::arg("n_classes"), py::arg("target"),
+           py::arg("class_weights") = py::none())
+      .def_property_readonly("n_patterns", &BalanceProblem::n_patterns)
+      .def_property_readonly("n_classes", &BalanceProblem::n_classes)
+      .def_property_readonly("nnz", &BalanceProblem::nnz)
+      .def_property_readonly("n_samples", &BalanceProblem::n_samples)
+      .def_property_readonly("n_blocks", &BalanceProblem::n_blocks)
+      .def(
+          "marginals",
+          [](const BalanceProblem& p, Doubles alpha, int n_threads) {
+            const double* a = pattern_vector(alpha, p, "alpha");
+            std::vector<double> out(static_cast<std::size_t>(p.n_classes()));
+            {
+              // Safe: reads `alpha` (kept alive by the caller) and the problem only.
+              py::gil_scoped_release release;
+              p.marginals(a, out.data(), n_threads);
+            }
+            return array_from(std::move(out), {p.n_classes()});
+          },
+          py::arg("alpha"), py::arg("n_threads") = 0, "Achieved class fractions f(alpha) = U^T alpha / sum(alpha).")
+      .def(
+          "loss",
+          [](const BalanceProblem& p, Doubles alpha, const std::string& objective, const std::string& regularizer,
+             double gamma, int n_threads) {
+            const Objective o = objective_from_name(objective);
+            const Regularizer r = regularizer_from_name(regularizer);
+            const double* a = pattern_vector(alpha, p, "alpha");
+            py::gil_scoped_release release;  // pure C++ over `alpha` and the problem
+            return p.loss(a, o, r, gamma, n_threads);
+          },
+          py::arg("alpha"), py::arg("objective"), py::arg("regularizer"), py::arg("gamma"), py::arg("n_threads") = 0,
+          "objective(alpha) + gamma * regularizer(alpha).")
+      .def(
+          "loss_and_gradient",
+          [](const BalanceProblem& p, Doubles alpha, const std::string& objective, const std::string& regularizer,
+             double gamma, int n_threads) {
+            const Objective o = objective_from_name(objective);
+            const Regularizer r = regularizer_from_name(regularizer);
+            const double* a = pattern_vector(alpha, p, "alpha");
+            std::vector<double> grad(static_cast<std::size_t>(p.n_patterns()));
+            double value;
+            {
+              py::gil_scoped_release release;  // pure C++ over `alpha`, the problem and `grad`
+              value = p.loss_and_gradient(a, o, r, gamma, grad.data(), n_threads);
+            }
+            return py::make_tuple(value, array_from(std::move(grad), {p.n_patterns()}));
+          },
+          py::arg("alpha"), py::arg("objective"), py::arg("regularizer"), py::arg("gamma"), py::arg("n_threads") = 0,
+          "(loss, d loss / d alpha).");
+
+  m.def(
+      "adam",
+      [](const BalanceProblem& problem, Doubles alpha0, Doubles lower, Doubles upper, const std::string& objective,
+         const std::string& regularizer, double gamma, double lr, double beta1, double beta2, double eps,
+         index_t max_iter, double tol, int n_threads) {
+        const Objective o = objective_from_name(objective);
+        const Regularizer r = regularizer_from_name(regularizer);
+        AdamOptions options;
+        options.lr = lr;
+        options.beta1 = beta1;
+        options.beta2 = beta2;
+        options.eps = eps;
+        options.max_iter = max_iter;
+        options.tol = tol;
+        options.n_threads = n_threads;
+        auto a0 = vector_of(alpha0, "alpha0");
+        auto lo = vector_of(lower, "lower");
+        auto hi = vector_of(upper, "upper");
+        AdamResult result;
+        {
+          py::gil_scoped_release release;  // works on the copies above and the caller-held problem
+          result = adam(problem, std::move(a0), lo, hi, o, r, gamma, options);
+        }
+        py::dict out;
+        const auto k = static_cast<py::ssize_t>(result.alpha.size());
+        const auto h = static_cast<py::ssize_t>(result.history.size());
+        out["alpha"] = array_from(std::move(result.alpha), {k});
+        out["history"] = array_from(std::move(result.history), {h});
+        out["n_iter"] = result.n_iter;
+        out["converged"] = result.converged;
+        return out;
+      },
+      py::arg("problem"), py::arg("alpha0"), py::arg("lower"), py::arg("upper"), py::arg("objective"),
+      py::arg("regularizer"), py::arg("gamma"), py::arg("lr"), py::arg("beta1") = 0.9, py::arg("beta2") = 0.999,
+      py::arg("eps") = 1e-8, py::arg("max_iter") = 1000, py::arg("tol") = 0.0, py::arg("n_threads") = 0,
+      R"doc(
+Adam (torch.optim.Adam's update) with alpha clamped to [lower, upper] after each step.
+
+alpha0, lower and upper are copied. Returns dict(alpha, history, n_iter, converged):
+history[0] is the loss at alpha0 and history[t] the loss after step t; the run stops
+(converged=True) when |L_{t-1} - L_t| <= tol * max(|L_{t-1}|, DBL_MIN); tol <= 0 runs
+max_iter steps. Raises ValueError for invalid arguments (named in the message).
+)doc");
+
+  m.def(
+      "solve_exact",
+      [](const BalanceProblem& problem, const std::string& objective, const std::string& regularizer, double gamma,
+         double total, Doubles lower, Doubles upper, index_t max_iter, double tol, int n_threads) {
+        const Objective o = objective_from_name(objective);
+        const Regularizer r = regularizer_from_name(regularizer);
+        ExactOptions options;
+        options.max_iter = max_iter;
+        options.tol = tol;
+        options.n_threads = n_threads;
+        auto lo = vector_of(lower, "lower");
+        auto hi = vector_of(upper, "upper");
+        ExactResult result;
+        {
+          py::gil_scoped_release release;  // works on the copies above and the caller-held problem
+          result = solve_exact(problem, o, r, gamma, total, lo, hi, options);
+        }
+        py::dict out;
+        const auto k = static_cast<py::ssize_t>(result.alpha.size());
+        const auto c = static_cast<py::ssize_t>(result.marginals.size());
+        out["alpha"] = array_from(std::move(result.alpha), {k});
+        out["p"] = array_from(std::move(result.p), {k});
+        out["loss"] = result.loss;
+        out["kkt_residual"] = result.kkt_residual;
+        out["n_iter"] = result.n_iter;
+        out["converged"] = result.converged;
+        out["marginals"] = array_from(std::move(result.marginals), {c});
+        out["max_abs_error"] = result.max_abs_error;
+        return out;
+      },
+      py::arg("problem"), py::arg("objective"), py::arg("regularizer"), py::arg("gamma"), py::arg("total"),
+      py::arg("lower"), py::arg("upper"), py::arg("max_iter") = 100000, py::arg("tol") = 1e-10,
+      py::arg("n_threads") = 0,
+      R"doc(
+The global optimum of the convex problem (objective 'fraction' or 'fraction_l2') for
+sum(alpha) = total and lower <= alpha <= upper. See exact_solver.hpp for the method and
+the KKT residual. Returns dict(alpha, p, loss, kkt_residual, n_iter, converged,
+marginals, max_abs_error). Raises ValueError for 'geo', infeasible bounds or invalid
+arguments.
+)doc");
+}
+
+}  // namespace cobalance::bindings

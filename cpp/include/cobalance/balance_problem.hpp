@@ -1,0 +1,115 @@
+// The balancing problem: patterns, their counts, a target and the losses to minimise.
+//
+// Patterns u_j (K of them, over C classes) are stored sparsely in CSR form: the
+// classes present in pattern j are indices[indptr[j] .. indptr[j+1]). n_j > 0 is the
+// number of samples of pattern j, N = sum n_j, p0 = n / N. For real repeat counts
+// alpha >= 0 with S = sum alpha > 0:
+//
+//   f(alpha) = U^T alpha / S                      achieved class fractions
+//   p(alpha) = alpha / S                          pattern proportions
+//
+// Objectives (w >= 0 are class weights, d in [0, 1]^C the target):
+//   fraction      F = sum_i w_i (f_i - d_i)^2
+//   fraction_l2   sqrt(F); its gradient is taken as 0 where F == 0 (a subgradient)
+//   geo           sum_i w_i (h_i - e_i)^2 with h = U^T alpha / ||U^T alpha||,
+//                 e = d / ||d||: the weights multiply the squared terms
+// Regularizers (multiplied by gamma >= 0):
+//   counts        sum_j (alpha_j / n_j - 1)^2
+//   proportions   sum_j (100 (p_j - p0_j))^2
+//   ratio         sum_j (p_j / p0_j - 1)^2
+//   none          0
+//
+// Every evaluation costs O(nnz + K + C). Sums over patterns are taken over fixed
+// blocks of patterns (the block size depends only on the problem's shape), each block
+// summed sequentially and the block results combined in block order, so that values
+// and gradients are bitwise identical for any number of threads.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace cobalance {
+
+using index_t = std::int64_t;
+
+enum class Objective { fraction, fraction_l2, geo };
+enum class Regularizer { none, counts, proportions, ratio };
+
+// Parses a name ("fraction", "fraction_l2", "geo"); throws std::invalid_argument
+// listing the valid names otherwise.
+Objective objective_from_name(const std::string& name);
+// Parses a name ("none", "counts", "proportions", "ratio"); throws likewise.
+Regularizer regularizer_from_name(const std::string& name);
+const char* objective_name(Objective objective) noexcept;
+const char* regularizer_name(Regularizer regularizer) noexcept;
+
+class BalanceProblem {
+ public:
+  // Copies and validates the problem data: indptr has K + 1 entries, starts at 0 and
+  // is non-decreasing, ends at indices.size(); every index in [0, n_classes); counts
+  // finite and > 0; target finite and in [0, 1]; class_weights (empty means all 1)
+  // finite and >= 0. Throws std::invalid_argument naming the argument and the value.
+  BalanceProblem(std::vector<index_t> indptr, std::vector<index_t> indices, std::vector<double> counts,
+                 index_t n_classes, std::vector<double> target, std::vector<double> class_weights = {});
+
+  index_t n_patterns() const noexcept { return static_cast<index_t>(counts_.size()); }
+  index_t n_classes() const noexcept { return n_classes_; }
+  index_t nnz() const noexcept { return static_cast<index_t>(indices_.size()); }
+  double n_samples() const noexcept { return n_total_; }
+
+  const std::vector<index_t>& indptr() const noexcept { return indptr_; }
+  const std::vector<index_t>& indices() const noexcept { return indices_; }
+  const std::vector<double>& counts() const noexcept { return counts_; }
+  const std::vector<double>& target() const noexcept { return target_; }
+  const std::vector<double>& class_weights() const noexcept { return weights_; }
+  // p0 = counts / sum(counts).
+  const std::vector<double>& base_proportions() const noexcept { return p0_; }
+
+  // Checks alpha (length K, finite, >= 0, positive sum); throws std::invalid_argument
+  // naming `name` otherwise.
+  void check_alpha(const double* alpha, index_t size, const char* name = "alpha") const;
+
+  // f(alpha), written to out[0 .. C). alpha is checked.
+  void marginals(const double* alpha, double* out, int n_threads = 0) const;
+  // The loss objective(alpha) + gamma * regularizer(alpha). alpha is checked.
+  double loss(const double* alpha, Objective objective, Regularizer regularizer, double gamma,
+              int n_threads = 0) const;
+  // The loss and its gradient with respect to alpha (written to grad[0 .. K)).
+  // alpha is checked.
+  double loss_and_gradient(const double* alpha, Objective objective, Regularizer regularizer, double gamma,
+                           double* grad, int n_threads = 0) const;
+
+  // The same without checking alpha, for solver loops whose iterates are known to be
+  // valid; `grad` may be null for the loss alone. Throws std::invalid_argument only
+  // when the loss is undefined at alpha (sum alpha == 0, or U^T alpha == 0 for geo).
+  double evaluate(const double* alpha, Objective objective, Regularizer regularizer, double gamma,
+                  double* grad, int n_threads) const;
+
+  // Building blocks, exposed for the exact solver: out = U^T x (length C) and
+  // out = U y (length K, out_j = sum of y over the classes of pattern j).
+  void class_sums(const double* x, double* out, int n_threads) const;
+  void pattern_sums(const double* y, double* out, int n_threads) const;
+  // sum_j x_j, taken blockwise like every other sum over patterns.
+  double pattern_total(const double* x, int n_threads) const;
+
+  // Number of patterns per block of the fixed-order reductions, and the number of blocks.
+  index_t block_size() const noexcept { return block_size_; }
+  index_t n_blocks() const noexcept { return n_blocks_; }
+  // Worker count used for a pass over patterns (at most n_blocks).
+  int parts(int n_threads) const noexcept;
+
+ private:
+  index_t n_classes_;
+  std::vector<index_t> indptr_;
+  std::vector<index_t> indices_;
+  std::vector<double> counts_;
+  std::vector<double> target_;
+  std::vector<double> weights_;
+  std::vector<double> p0_;
+  double n_total_ = 0.0;
+  index_t block_size_ = 1;
+  index_t n_blocks_ = 1;
+};
+
+}  // namespace cobalance

@@ -1,0 +1,59 @@
+// The exact (global) optimum of the convex balancing problem for a given total size.
+//
+// With S = total fixed, alpha = total * p and the problem in p is
+//   minimise  F(p) + gamma R(p)   subject to  sum p = 1,  lower / total <= p <= upper / total
+// where F(p) = sum_i w_i ((U^T p)_i - d_i)^2 (the `fraction` objective, since f = U^T p
+// on the simplex) and R is the regularizer written in p (`counts` through
+// alpha = total * p). F and every R are convex quadratics, so this is a convex QP.
+//
+// Method: FISTA with adaptive (gradient) restart in the diagonal metric
+// D = L_F + gamma diag(H_R) (L_F an upper bound on F's curvature from power iteration,
+// checked and raised along the way), with an exact projection onto the box-constrained
+// simplex in that metric (a piecewise-linear equation in the multiplier, solved by
+// safeguarded Newton steps that end on an exact linear solve).
+//
+// Stopping test (the KKT residual): r = || p - P(p - grad) ||_inf with P the Euclidean
+// projection onto the feasible set. r == 0 exactly when p satisfies the KKT conditions
+// (for some multiplier t: grad_j = t where p_j is strictly inside its bounds,
+// grad_j >= t at a lower bound, grad_j <= t at an upper bound).
+//
+// `fraction_l2` (sqrt(F) + gamma R): when gamma == 0 the minimiser is that of F, so the
+// squared problem is solved. When gamma > 0, the KKT conditions of sqrt(F) + gamma R are
+// those of F + mu R with mu = 2 gamma sqrt(F(p)), so the QP is solved for a sequence of
+// mu (warm-started), and mu is found as the root of mu - 2 gamma sqrt(F(p(mu))) by a
+// safeguarded secant method; the reported KKT residual is that of F + mu R at the root,
+// which is (2 sqrt F) times the residual of the original problem's gradient.
+// The `geo` objective is not convex in p and is refused.
+#pragma once
+
+#include <vector>
+
+#include "cobalance/balance_problem.hpp"
+
+namespace cobalance {
+
+struct ExactOptions {
+  index_t max_iter = 100000;  // FISTA iterations in all
+  double tol = 1e-10;         // on the KKT residual
+  int n_threads = 0;
+};
+
+struct ExactResult {
+  std::vector<double> alpha;      // total * p
+  std::vector<double> p;          // the optimal proportions
+  double loss = 0.0;              // objective + gamma * regularizer at alpha
+  double kkt_residual = 0.0;      // see above
+  index_t n_iter = 0;             // FISTA iterations
+  bool converged = false;         // kkt_residual <= tol
+  std::vector<double> marginals;  // f(alpha)
+  double max_abs_error = 0.0;     // max_i |f_i - d_i|
+};
+
+// Throws std::invalid_argument for the `geo` objective, total not finite or <= 0,
+// bounds as in check_bounds, infeasible bounds (sum lower > total or sum upper < total),
+// gamma < 0 or NaN, tol < 0 or NaN, max_iter < 0.
+ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regularizer regularizer, double gamma,
+                        double total, const std::vector<double>& lower, const std::vector<double>& upper,
+                        const ExactOptions& options);
+
+}  // namespace cobalance

@@ -1,0 +1,111 @@
+#include "cobalance/adam.hpp"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "cobalance/parallel.hpp"
+
+namespace cobalance {
+
+namespace {
+
+std::string show(double v) {
+  std::ostringstream s;
+  s.precision(17);
+  s << v;
+  return s.str();
+}
+
+[[noreturn]] void bad(const std::string& message) { throw std::invalid_argument(message); }
+
+// torch.lerp's formula (start + w (end - start) for w < 0.5, else end - (end - start)(1 - w)),
+// so that the trajectory matches torch.optim.Adam to the last bits where it can.
+inline double lerp(double start, double end, double weight) {
+  return weight < 0.5 ? start + weight * (end - start) : end - (end - start) * (1.0 - weight);
+}
+
+}  // namespace
+
+void check_bounds(const BalanceProblem& problem, const std::vector<double>& lower, const std::vector<double>& upper) {
+  const auto k = static_cast<std::size_t>(problem.n_patterns());
+  if (lower.size() != k)
+    bad("lower must have n_patterns = " + std::to_string(k) + " entries, got " + std::to_string(lower.size()));
+  if (upper.size() != k)
+    bad("upper must have n_patterns = " + std::to_string(k) + " entries, got " + std::to_string(upper.size()));
+  for (std::size_t j = 0; j < k; ++j) {
+    if (!std::isfinite(lower[j]) || lower[j] < 0.0)
+      bad("lower must be finite and >= 0, got lower[" + std::to_string(j) + "] = " + show(lower[j]));
+    if (std::isnan(upper[j])) bad("upper must not be NaN, got upper[" + std::to_string(j) + "] = nan");
+    if (upper[j] < lower[j])
+      bad("bounds must satisfy lower <= upper, got lower[" + std::to_string(j) + "] = " + show(lower[j]) +
+          " > upper[" + std::to_string(j) + "] = " + show(upper[j]));
+  }
+}
+
+AdamResult adam(const BalanceProblem& problem, std::vector<double> alpha0, const std::vector<double>& lower,
+                const std::vector<double>& upper, Objective objective, Regularizer regularizer, double gamma,
+                const AdamOptions& options) {
+  const auto k = static_cast<std::size_t>(problem.n_patterns());
+  if (!std::isfinite(options.lr) || !(options.lr > 0.0)) bad("lr must be finite and > 0, got " + show(options.lr));
+  if (!std::isfinite(gamma) || gamma < 0.0) bad("gamma must be finite and >= 0, got " + show(gamma));
+  if (!(options.beta1 >= 0.0 && options.beta1 < 1.0)) bad("beta1 must be in [0, 1), got " + show(options.beta1));
+  if (!(options.beta2 >= 0.0 && options.beta2 < 1.0)) bad("beta2 must be in [0, 1), got " + show(options.beta2));
+  if (!std::isfinite(options.eps) || !(options.eps > 0.0)) bad("eps must be finite and > 0, got " + show(options.eps));
+  if (options.max_iter < 0) bad("max_iter must be >= 0, got " + std::to_string(options.max_iter));
+  if (std::isnan(options.tol)) bad("tol must not be NaN");
+  check_bounds(problem, lower, upper);
+  problem.check_alpha(alpha0.data(), static_cast<index_t>(alpha0.size()), "alpha0");
+  for (std::size_t j = 0; j < k; ++j)
+    if (alpha0[j] < lower[j] || alpha0[j] > upper[j])
+      bad("alpha0 must lie within the bounds, got alpha0[" + std::to_string(j) + "] = " + show(alpha0[j]) +
+          " outside [" + show(lower[j]) + ", " + show(upper[j]) + "]");
+
+  AdamResult result;
+  result.alpha = std::move(alpha0);
+  double* alpha = result.alpha.data();
+  std::vector<double> grad(k), m(k, 0.0), v(k, 0.0);
+  result.history.reserve(static_cast<std::size_t>(std::min<index_t>(options.max_iter, 1 << 20)) + 1);
+  result.history.push_back(problem.evaluate(alpha, objective, regularizer, gamma, grad.data(), options.n_threads));
+
+  const int parts = problem.parts(options.n_threads);
+  const auto bounds = split_range(static_cast<std::int64_t>(k), parts);
+  const double b1 = options.beta1, b2 = options.beta2, eps = options.eps;
+  for (index_t t = 1; t <= options.max_iter; ++t) {
+    const double bias1 = 1.0 - std::pow(b1, static_cast<double>(t));
+    const double bias2 = 1.0 - std::pow(b2, static_cast<double>(t));
+    const double step = options.lr / bias1;
+    const double bias2_sqrt = std::sqrt(bias2);
+    // Elementwise: each entry depends on its own state only, so any split is exact.
+    run_parts(parts, [&](int part) {
+      for (auto j = static_cast<std::size_t>(bounds[static_cast<std::size_t>(part)]);
+           j < static_cast<std::size_t>(bounds[static_cast<std::size_t>(part) + 1]); ++j) {
+        const double gj = grad[j];
+        m[j] = lerp(m[j], gj, 1.0 - b1);
+        v[j] = v[j] * b2 + (1.0 - b2) * (gj * gj);  // torch: mul_(beta2).addcmul_(g, g, 1 - beta2)
+        const double denom = std::sqrt(v[j]) / bias2_sqrt + eps;
+        alpha[j] = std::clamp(alpha[j] - step * (m[j] / denom), lower[j], upper[j]);
+      }
+    });
+    double loss;
+    try {
+      loss = problem.evaluate(alpha, objective, regularizer, gamma, grad.data(), options.n_threads);
+    } catch (const std::invalid_argument& e) {
+      bad("Adam step " + std::to_string(t) + " reached an iterate where the loss is undefined (" + e.what() +
+          "); lower lr or raise the lower bounds");
+    }
+    result.history.push_back(loss);
+    result.n_iter = t;
+    const double previous = result.history[result.history.size() - 2];
+    if (options.tol > 0.0 && std::abs(previous - loss) <= options.tol * std::max(std::abs(previous), DBL_MIN)) {
+      result.converged = true;
+      break;
+    }
+  }
+  return result;
+}
+
+}  // namespace cobalance

@@ -1,0 +1,414 @@
+"""Per-class Dice and vDice on torch tensors, on the tensors' device.
+
+vDice, the metric of the balancing method, is the mean over classes of the binary
+Dice of each class against the rest. Both mask layouts are handled:
+
+- **label maps**: ``target`` holds class ids, shape ``(N, H, W)`` (or one ``(H, W)``
+  map); ``pred`` is either class ids of the same shape or per-class scores
+  ``(N, C, H, W)`` (logits, probabilities or one-hot), decoded by ``argmax`` over C.
+- **multi-label masks**: ``target`` is 0/1, shape ``(N, C, H, W)``; classes may
+  overlap. ``pred`` has the same shape and holds 0/1 labels, probabilities
+  (``> threshold``) or logits (``sigmoid(pred) > threshold``).
+
+Class ``c`` of image ``n`` has ``tp`` pixels predicted and labelled ``c``, ``P``
+predicted ``c`` and ``T`` labelled ``c``; its Dice is ``2 tp / (P + T)``.
+
+A class absent from both prediction and target (``P + T == 0``) has no defined Dice;
+``absent`` says what to do with it:
+
+- ``"skip"`` (default): the Dice is NaN and is left out of every mean (over images and
+  over classes); a mean over nothing is NaN.
+- ``"one"``: the Dice is 1 (an empty prediction of an empty class is perfect).
+
+``reduction`` says over what the counts are taken:
+
+- ``"global"``: counts summed over all images and pixels (micro over pixels), one Dice
+  per class, shape ``(C,)``;
+- ``"per_image"``: Dice per image and class, then the mean over images, shape ``(C,)``;
+- ``"none"``: Dice per image and class, shape ``(N, C)``.
+
+``vdice`` is always the mean over the last (class) axis of ``dice_per_class`` with the
+same arguments, so ``vdice(reduction="per_image")`` averages the per-class image means.
+(``torchmetrics``' samplewise macro Dice averages per-image means instead; the two agree
+whenever no class is skipped.)
+
+``ignore_index``: pixels whose target equals it are left out of every count (for
+multi-label masks, of the counts of that channel only). It must not be a class id.
+
+The numpy twin of this module is :mod:`cobalance.metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["DiceMeter", "DiceResult", "dice_counts", "dice_per_class", "vdice"]
+
+_ABSENT = ("skip", "one")
+_REDUCTIONS = ("global", "per_image", "none")
+_PRED_FORMATS = ("auto", "labels", "probs", "logits")
+
+
+def _check_options(num_classes, ignore_index, absent, pred_format, threshold) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if ignore_index is not None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an integer or None, got {ignore_index!r}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(
+                f"ignore_index={ignore_index} is a class id (num_classes={num_classes}); "
+                "to leave a class out of vDice, drop its column from dice_per_class instead"
+            )
+    if absent not in _ABSENT:
+        raise ValueError(f"absent must be one of {_ABSENT}, got {absent!r}")
+    if pred_format not in _PRED_FORMATS:
+        raise ValueError(f"pred_format must be one of {_PRED_FORMATS}, got {pred_format!r}")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
+    return int(num_classes)
+
+
+def _logit(p: float) -> float:
+    p = float(p)
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p / (1.0 - p))
+
+
+def _float_dtype(device: torch.device) -> torch.dtype:
+    # float64 keeps Dice exact to the last digit against numpy; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _check_range(values: torch.Tensor, num_classes: int, name: str) -> None:
+    if values.numel() == 0:
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds class id {bad}, outside [0, {num_classes}) (num_classes={num_classes})")
+
+
+def _labelmap_counts(pred, target, num_classes, ignore_index):
+    n = target.shape[0]
+    if pred.dim() == target.dim() + 1:
+        if pred.shape[1] != num_classes or pred.shape[:1] + pred.shape[2:] != target.shape:
+            raise ValueError(
+                f"pred scores must have shape (N, num_classes, H, W) = "
+                f"{(n, num_classes) + tuple(target.shape[1:])}, got {tuple(pred.shape)}"
+            )
+        pred = pred.argmax(dim=1)
+    elif pred.shape != target.shape:
+        raise ValueError(
+            f"pred must be class ids shaped like target {tuple(target.shape)} or scores "
+            f"(N, num_classes, H, W), got {tuple(pred.shape)}"
+        )
+    elif pred.is_floating_point():
+        raise ValueError(f"pred class ids must be integers, got dtype {pred.dtype}")
+    pred = pred.long().reshape(n, -1)
+    target = target.long().reshape(n, -1)
+    image = torch.arange(n, device=target.device).unsqueeze(1).expand_as(target)
+    if ignore_index is not None:
+        valid = target != ignore_index
+        pred, target, image = pred[valid], target[valid], image[valid]
+    _check_range(target, num_classes, "target")
+    _check_range(pred, num_classes, "pred")
+    # One bincount per count over (image, class) keys: a single pass over the pixels
+    # and N * C bins, instead of C one-vs-rest passes.
+    size = n * num_classes
+    key_pred = image * num_classes + pred
+    key_target = image * num_classes + target
+    pred_sum = torch.bincount(key_pred.reshape(-1), minlength=size)
+    target_sum = torch.bincount(key_target.reshape(-1), minlength=size)
+    tp = torch.bincount(key_target[pred == target].reshape(-1), minlength=size)
+    return tuple(x.reshape(n, num_classes) for x in (tp, pred_sum, target_sum))
+
+
+def _binary(values: torch.Tensor, name: str, ignore_index) -> torch.Tensor:
+    check = values if ignore_index is None else values[values != ignore_index]
+    if check.numel() and bool(((check != 0) & (check != 1)).any()):
+        bad = check[(check != 0) & (check != 1)][0].item()
+        raise ValueError(f"{name} of a multi-label mask must be 0 or 1, got {bad!r}")
+    return values == 1
+
+
+def _multilabel_counts(pred, target, num_classes, ignore_index, pred_format, threshold):
+    if target.shape[1] != num_classes:
+        raise ValueError(
+            f"multi-label target must have num_classes={num_classes} channels, got shape {tuple(target.shape)}"
+        )
+    if pred.shape != target.shape:
+        raise ValueError(f"pred must have the shape of target {tuple(target.shape)}, got {tuple(pred.shape)}")
+    fmt = pred_format
+    if fmt == "auto":
+        if not pred.is_floating_point():
+            fmt = "labels"
+        elif pred.numel() and (float(pred.min()) < 0.0 or float(pred.max()) > 1.0):
+            fmt = "logits"
+        else:
+            fmt = "probs"
+    if fmt == "labels":
+        pred_on = _binary(pred, "pred", None)
+    else:
+        # sigmoid(x) > t  <=>  x > logit(t): comparing in pred's own dtype decodes the
+        # same pixels as the numpy twin, with no rounding of a computed sigmoid.
+        cut = float(threshold) if fmt == "probs" else _logit(threshold)
+        pred_on = pred > torch.tensor(cut, dtype=pred.dtype, device=pred.device)
+    target_on = _binary(target, "target", ignore_index)
+    if ignore_index is not None:
+        valid = target != ignore_index
+        pred_on = pred_on & valid
+    dims = tuple(range(2, target.dim()))
+    tp = (pred_on & target_on).sum(dim=dims)
+    return tp, pred_on.sum(dim=dims), target_on.sum(dim=dims)
+
+
+def dice_counts(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    num_classes: int,
+    ignore_index: Optional[int] = None,
+    pred_format: str = "auto",
+    threshold: float = 0.5,
+):
+    """Per-image, per-class pixel counts behind Dice.
+
+    Parameters
+    ----------
+    pred, target : Tensor
+        See the module docstring for the accepted layouts. A ``(N, H, W)`` or ``(H, W)``
+        integer target is a label map; a ``(N, C, H, W)`` target is a multi-label mask.
+    num_classes : int
+    ignore_index : int, optional
+        Target value whose pixels are not counted; not a class id.
+    pred_format : {"auto", "labels", "probs", "logits"}
+        For multi-label masks: how ``pred`` is decoded. ``"auto"`` reads integer and
+        boolean tensors as labels, floats within [0, 1] as probabilities and other
+        floats as logits. Label-map scores are decoded by argmax whatever the format.
+    threshold : float
+        Probability above which a multi-label pixel is predicted on.
+
+    Returns
+    -------
+    tp, pred_sum, target_sum : Tensor of int64, shape (N, C), on ``target``'s device
+
+    Raises
+    ------
+    ValueError
+        On shapes that do not match, class ids outside ``[0, num_classes)``, multi-label
+        values other than 0/1, or bad options; the message names the argument.
+    """
+    num_classes = _check_options(num_classes, ignore_index, "skip", pred_format, threshold)
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError(f"pred and target must be torch tensors, got {type(pred).__name__}, {type(target).__name__}")
+    if pred.device != target.device:
+        raise ValueError(f"pred is on {pred.device} but target is on {target.device}")
+    if target.dim() == 2:
+        target = target.unsqueeze(0)
+        pred = pred.unsqueeze(0)
+    if target.dim() == 3:
+        if target.is_floating_point():
+            raise ValueError(f"a label-map target must hold integer class ids, got dtype {target.dtype}")
+        return _labelmap_counts(pred, target, num_classes, ignore_index)
+    if target.dim() == 4:
+        return _multilabel_counts(pred, target, num_classes, ignore_index, pred_format, threshold)
+    raise ValueError(
+        f"target must be a label map (N, H, W) / (H, W) or a multi-label mask (N, C, H, W), "
+        f"got shape {tuple(target.shape)}"
+    )
+
+
+def _dice(tp, pred_sum, target_sum, absent: str) -> torch.Tensor:
+    dtype = _float_dtype(tp.device)
+    denom = (pred_sum + target_sum).to(dtype)
+    empty = denom == 0
+    dice = 2.0 * tp.to(dtype) / torch.where(empty, torch.ones_like(denom), denom)
+    fill = float("nan") if absent == "skip" else 1.0
+    return torch.where(empty, torch.full_like(dice, fill), dice)
+
+
+def dice_per_class(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    num_classes: int,
+    ignore_index: Optional[int] = None,
+    absent: str = "skip",
+    reduction: str = "global",
+    pred_format: str = "auto",
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """Binary Dice of each class against the rest.
+
+    Parameters
+    ----------
+    pred, target, num_classes, ignore_index, pred_format, threshold
+        As in :func:`dice_counts`.
+    absent : {"skip", "one"}
+        Dice of a class absent from both prediction and target: NaN, left out of means
+        (``"skip"``), or 1 (``"one"``).
+    reduction : {"global", "per_image", "none"}
+        ``"global"``: counts over all images, shape ``(C,)``; ``"per_image"``: mean over
+        images of per-image Dice, shape ``(C,)``; ``"none"``: shape ``(N, C)``.
+
+    Returns
+    -------
+    Tensor of float64 (float32 on MPS) on ``target``'s device.
+
+    Raises
+    ------
+    ValueError
+        See :func:`dice_counts`; also on an unknown ``absent`` or ``reduction``.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_options(num_classes, ignore_index, absent, pred_format, threshold)
+    tp, ps, ts = dice_counts(
+        pred, target, num_classes=num_classes, ignore_index=ignore_index, pred_format=pred_format, threshold=threshold
+    )
+    if reduction == "global":
+        return _dice(tp.sum(0), ps.sum(0), ts.sum(0), absent)
+    per_image = _dice(tp, ps, ts, absent)
+    if reduction == "none":
+        return per_image
+    return torch.nanmean(per_image, dim=0)
+
+
+def vdice(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    num_classes: int,
+    ignore_index: Optional[int] = None,
+    absent: str = "skip",
+    reduction: str = "global",
+    pred_format: str = "auto",
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """vDice: the mean over classes of :func:`dice_per_class` (NaN entries left out).
+
+    Returns a 0-d tensor for ``reduction="global"`` / ``"per_image"`` and a ``(N,)``
+    tensor of per-image vDice for ``"none"``. NaN when every class is skipped.
+    Parameters and errors as in :func:`dice_per_class`.
+    """
+    per_class = dice_per_class(
+        pred,
+        target,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        absent=absent,
+        reduction=reduction,
+        pred_format=pred_format,
+        threshold=threshold,
+    )
+    return torch.nanmean(per_class, dim=-1)
+
+
+class DiceResult(NamedTuple):
+    """What :meth:`DiceMeter.compute` returns: per-class Dice ``(C,)`` and their mean."""
+
+    per_class: torch.Tensor
+    vdice: torch.Tensor
+
+
+class DiceMeter:
+    """Streaming per-class Dice and vDice over a dataset, batch by batch.
+
+    Parameters
+    ----------
+    num_classes : int
+    mode : {"global", "per_image"}
+        ``"global"`` accumulates pixel counts over every image (micro over pixels) and
+        equals ``dice_per_class(..., reduction="global")`` on the whole dataset;
+        ``"per_image"`` accumulates each image's Dice and equals
+        ``reduction="per_image"``.
+    ignore_index, absent, pred_format, threshold
+        As in :func:`dice_per_class`.
+
+    Notes
+    -----
+    State lives on the device of the first batch; only integer counts (``"global"``)
+    or a float64 sum and an image count per class (``"per_image"``) are kept, so the
+    result does not depend on how the dataset is cut into batches.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        mode: str = "global",
+        ignore_index: Optional[int] = None,
+        absent: str = "skip",
+        pred_format: str = "auto",
+        threshold: float = 0.5,
+    ) -> None:
+        if mode not in ("global", "per_image"):
+            raise ValueError(f"mode must be 'global' or 'per_image', got {mode!r}")
+        self.num_classes = _check_options(num_classes, ignore_index, absent, pred_format, threshold)
+        self.mode = mode
+        self.ignore_index = ignore_index
+        self.absent = absent
+        self.pred_format = pred_format
+        self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch seen so far."""
+        self._a: Optional[torch.Tensor] = None  # global: tp; per_image: sum of Dice
+        self._b: Optional[torch.Tensor] = None  # global: pred_sum; per_image: images counted
+        self._c: Optional[torch.Tensor] = None  # global: target_sum
+        self.n_images = 0
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch (same layouts as :func:`dice_per_class`)."""
+        tp, ps, ts = dice_counts(
+            pred,
+            target,
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            pred_format=self.pred_format,
+            threshold=self.threshold,
+        )
+        if self._a is not None and self._a.device != tp.device:
+            raise ValueError(f"batch is on {tp.device} but the meter accumulates on {self._a.device}")
+        if self.mode == "global":
+            sums = (tp.sum(0), ps.sum(0), ts.sum(0))
+            if self._a is None:
+                self._a, self._b, self._c = sums
+            else:
+                self._a, self._b, self._c = self._a + sums[0], self._b + sums[1], self._c + sums[2]
+        else:
+            dice = _dice(tp, ps, ts, self.absent)
+            defined = ~torch.isnan(dice)
+            add = torch.where(defined, dice, torch.zeros_like(dice)).sum(0)
+            count = defined.sum(0)
+            if self._a is None:
+                self._a, self._b = add, count
+            else:
+                self._a, self._b = self._a + add, self._b + count
+        self.n_images += int(tp.shape[0])
+
+    def compute(self) -> DiceResult:
+        """Per-class Dice and vDice of everything seen since the last reset.
+
+        Raises
+        ------
+        ValueError
+            When no batch was added.
+        """
+        if self._a is None:
+            raise ValueError("DiceMeter.compute() called before any update()")
+        if self.mode == "global":
+            per_class = _dice(self._a, self._b, self._c, self.absent)
+        else:
+            total = self._b.to(self._a.dtype)
+            per_class = torch.where(self._b > 0, self._a / total.clamp_min(1), torch.full_like(self._a, float("nan")))
+        return DiceResult(per_class=per_class, vdice=torch.nanmean(per_class))

@@ -1,0 +1,210 @@
+"""Target class-presence fractions: resolving the user's target, checking it can be met."""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral, Real
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["FeasibilityWarning", "resolve_target", "check_feasibility",
+           "RARE_THRESHOLD", "RARE_VALUE"]
+
+#: A class is *rare* for ``target="rare_boost"`` when it is present in fewer than this
+#: fraction of the samples (the method's paper calls its two classes below 20 % rare).
+RARE_THRESHOLD = 0.2
+#: The target of a rare class under ``"rare_boost"``: "near 1", as the paper advises
+#: when a regularizer keeps the counts close to the data.
+RARE_VALUE = 0.9
+
+
+class FeasibilityWarning(UserWarning):
+    """The target asks for fractions that no resampling of the patterns can reach."""
+
+
+def resolve_target(target, table, *, rare_threshold: float = RARE_THRESHOLD,
+                   rare_value: float = RARE_VALUE, class_names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Turn a target specification into per-class fractions.
+
+    Parameters
+    ----------
+    target : array-like, dict, "uniform" or "rare_boost"
+        - array-like of length C: the fractions themselves, each in [0, 1];
+        - dict ``{class name or index: fraction}``: the listed classes get the given
+          fraction, every other class keeps its current share (its presence in
+          ``table``);
+        - ``"uniform"``: every class at 1 (present in every sample: the paper's first
+          suggestion; with a regularizer it means "as much of every class as the
+          regularizer allows");
+        - ``"rare_boost"``: the paper's recommendation. A class is rare when it is
+          present, but in fewer than ``rare_threshold`` of the samples
+          (``0 < presence < rare_threshold``); rare classes get ``rare_value``, all
+          other classes (including absent ones) keep their current share.
+    table : PatternTable
+        Gives the current shares and the class names.
+    rare_threshold : float in (0, 1]
+        Default :data:`RARE_THRESHOLD` = 0.2.
+    rare_value : float in [0, 1]
+        Default :data:`RARE_VALUE` = 0.9.
+    class_names : sequence of str, optional
+        Names for dict keys; default ``table.class_names``.
+
+    Returns
+    -------
+    ndarray of float64, shape (C,)
+
+    Raises
+    ------
+    ValueError
+        Unknown string, wrong length, NaN, a value outside [0, 1], an unknown class
+        name or index, or a bad ``rare_threshold`` / ``rare_value``.
+    """
+    n_classes = table.n_classes
+    presence = np.asarray(table.class_presence(), dtype=np.float64)
+    names = list(class_names) if class_names is not None else list(getattr(table, "class_names", []))
+    if isinstance(target, str):
+        if target == "uniform":
+            return np.ones(n_classes)
+        if target == "rare_boost":
+            _check_fraction(rare_value, "rare_value")
+            if not isinstance(rare_threshold, Real) or not 0 < rare_threshold <= 1:
+                raise ValueError(f"rare_threshold must be in (0, 1], got {rare_threshold!r}")
+            rare = (presence > 0) & (presence < rare_threshold)
+            return np.where(rare, float(rare_value), presence)
+        raise ValueError(f"target must be an array, a dict, 'uniform' or 'rare_boost', got {target!r}")
+    if isinstance(target, Mapping):
+        out = presence.copy()
+        for key, value in target.items():
+            out[_class_position(key, names, n_classes)] = _check_fraction(value, f"target[{key!r}]")
+        return out
+    arr = np.asarray(target)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"target must hold numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.ndim != 1 or arr.shape[0] != n_classes:
+        raise ValueError(f"target must have length n_classes = {n_classes}, got shape {arr.shape}")
+    if np.isnan(arr).any():
+        raise ValueError(f"target must not contain NaN, got NaN for class {int(np.flatnonzero(np.isnan(arr))[0])}")
+    bad = (arr < 0) | (arr > 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"target values must be in [0, 1], got {arr[i]!r} for class {i}")
+    return arr
+
+
+def _check_fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return value
+
+
+def _class_position(key, names: Sequence[str], n_classes: int) -> int:
+    if isinstance(key, str):
+        if key in names:
+            return names.index(key)
+        raise ValueError(f"target names an unknown class {key!r}; classes are {list(names)}")
+    if isinstance(key, Integral) and not isinstance(key, bool):
+        if 0 <= key < n_classes:
+            return int(key)
+        raise ValueError(f"target names class index {key!r}, expected 0 <= index < {n_classes}")
+    raise ValueError(f"target keys must be class names or indices, got {key!r}")
+
+
+def _identical_columns(indptr: np.ndarray, indices: np.ndarray, n_classes: int):
+    """Groups (lists of >= 2 classes) whose columns over the patterns are identical.
+
+    Works on the CSR patterns: every class's sorted list of pattern ids is hashed with
+    random weights, candidates with equal (length, hash) are then compared exactly.
+    Cost O(nnz log nnz), no dense K x C matrix.
+    """
+    rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
+    length = np.bincount(indices, minlength=n_classes)
+    rng = np.random.default_rng(0x5EED)
+    row_weight = rng.random(indptr.size - 1) if indptr.size > 1 else np.zeros(0)
+    row_weight2 = rng.random(indptr.size - 1) if indptr.size > 1 else np.zeros(0)
+    h1 = np.bincount(indices, weights=row_weight[rows], minlength=n_classes)
+    h2 = np.bincount(indices, weights=row_weight2[rows], minlength=n_classes)
+    # nnz sorted by class, then by pattern: each class's pattern list is one segment
+    col_rows = rows[np.lexsort((rows, indices))]
+    col_start = np.r_[0, np.cumsum(length)]
+    keys = np.stack([length.astype(np.float64), np.round(h1, 9), np.round(h2, 9)], axis=1)
+    _, group_id = np.unique(keys, axis=0, return_inverse=True)
+    group_id = group_id.ravel()
+    n_patterns = indptr.size - 1
+    # constant columns (never or always present) are reported on their own
+    varying = (length > 0) & (length < n_patterns)
+    groups = []
+    for g in np.flatnonzero(np.bincount(group_id[varying]) > 1):  # one step per candidate group
+        remaining = [int(c) for c in np.flatnonzero((group_id == g) & varying)]
+        # split exactly by the actual pattern lists (hash collisions fall apart here)
+        while remaining:
+            ref = col_rows[col_start[remaining[0]]:col_start[remaining[0] + 1]]
+            same = {c for c in remaining if np.array_equal(col_rows[col_start[c]:col_start[c + 1]], ref)}
+            if len(same) > 1:
+                groups.append(sorted(same))
+            remaining = [c for c in remaining if c not in same]
+    return groups, length
+
+
+def check_feasibility(target, table, *, class_weights=None, tol: float = 1e-12) -> list:
+    """Warn about parts of a target that no resampling of the patterns can reach.
+
+    Three cases are detected, each giving one :class:`FeasibilityWarning` that names
+    the classes and the nearest achievable fractions:
+
+    - a class never present in any sample but with a target above 0 (its fraction is
+      always 0);
+    - a class present in every sample but with a target below 1 (always 1);
+    - classes that always occur together (identical columns over the patterns, so
+      equal fractions under any resampling) but have different targets; the nearest
+      achievable common fraction is their ``class_weights``-weighted mean target.
+
+    Parameters
+    ----------
+    target : ndarray of float, shape (C,)
+        Resolved target (see :func:`resolve_target`).
+    table : PatternTable
+    class_weights : array-like, shape (C,), optional
+
+    Returns
+    -------
+    list of str
+        The warning messages (empty when the target is feasible in these respects).
+    """
+    target = np.asarray(target, dtype=np.float64)
+    n_classes = table.n_classes
+    names = list(getattr(table, "class_names", [str(i) for i in range(n_classes)]))
+    w = np.ones(n_classes) if class_weights is None else np.asarray(class_weights, dtype=np.float64)
+    indptr, indices = table.sparse_patterns()
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    groups, length = _identical_columns(indptr, indices, n_classes)
+    n_patterns = indptr.size - 1
+    messages = []
+
+    absent = np.flatnonzero((length == 0) & (target > tol))
+    if absent.size:
+        listed = ", ".join(f"{names[i]!r} (target {target[i]:.4g})" for i in absent)
+        messages.append(f"classes never present in any sample cannot reach a positive fraction: {listed}; "
+                        f"nearest achievable fraction 0")
+    always = np.flatnonzero((length == n_patterns) & (n_patterns > 0) & (target < 1 - tol))
+    if always.size:
+        listed = ", ".join(f"{names[i]!r} (target {target[i]:.4g})" for i in always)
+        messages.append(f"classes present in every sample always have fraction 1: {listed}; "
+                        f"nearest achievable fraction 1")
+    for group in groups:
+        g = np.asarray(group)
+        if np.ptp(target[g]) <= tol:
+            continue
+        weights = w[g]
+        nearest = float(np.dot(weights, target[g]) / weights.sum()) if weights.sum() > 0 else float(target[g].mean())
+        listed = ", ".join(f"{names[i]!r} (target {target[i]:.4g})" for i in g)
+        messages.append(f"classes that always occur together get equal fractions but different targets: "
+                        f"{listed}; nearest achievable common fraction {nearest:.4g}")
+    for m in messages:
+        warnings.warn(m, FeasibilityWarning, stacklevel=3)
+    return messages
