@@ -1,6 +1,7 @@
 #include "cobalance/pattern_table.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -536,7 +537,17 @@ struct PatternTableBuilder::State {
     index_t done = 0;  // rows of the prefix counted in `index`
     try {
       insert_rows(0, prefix, pack, inv, done);
-      if (prefix < n_rows) add_blocks(prefix, n_rows, parts, pack, inv);
+      if (prefix < n_rows) {
+        // Blocks pay off when their local tables stay small. When the prefix shows
+        // many new patterns (as with many classes), merging the blocks' tables
+        // would cost about as much as building them, so one thread builds the
+        // table while the others pack rows and hash them ahead of it.
+        const index_t new_in_prefix = index.size() - k0;
+        if (!index.direct() && new_in_prefix * 32 > prefix)
+          insert_rows_pipelined(prefix, n_rows, parts, pack, inv, done);
+        else
+          add_blocks(prefix, n_rows, parts, pack, inv);
+      }
     } catch (...) {
       undo_prefix(k0, done, pack);
       inverse.resize(old_size);
@@ -611,6 +622,78 @@ struct PatternTableBuilder::State {
       done = next;
       if (next >= end) break;
     }
+  }
+
+  // Rows [begin, end) straight into the global index, like insert_rows, with
+  // parts - 1 threads packing and hashing chunks of rows ahead of the thread that
+  // probes the index. Chunk c is packed by thread 1 + c % (parts - 1) into ring slot
+  // c % ring; rows are inserted strictly in order, so ids are those of one pass.
+  template <class Pack>
+  void insert_rows_pipelined(index_t begin, index_t end, int parts, const Pack& pack, index_t* inv,
+                             index_t& done) {
+    const index_t nw = index.n_words();
+    constexpr index_t kChunk = 2048;
+    constexpr index_t kAhead = 16;  // prefetch distance, in rows
+    const int producers = parts - 1;
+    const index_t n_chunks = (end - begin + kChunk - 1) / kChunk;
+    const index_t ring = 4 * static_cast<index_t>(producers);
+    struct RingSlot {
+      std::vector<std::uint64_t> keys, hash;
+      std::atomic<index_t> ready{-1};  // the chunk whose keys the slot holds
+      std::exception_ptr error;        // the chunk's first bad row, if any
+    };
+    std::vector<RingSlot> slots(static_cast<std::size_t>(ring));
+    for (RingSlot& sl : slots) {
+      sl.keys.resize(static_cast<std::size_t>(kChunk * nw));
+      sl.hash.resize(static_cast<std::size_t>(kChunk));
+    }
+    std::atomic<index_t> consumed{0};  // chunks fully inserted
+    std::atomic<bool> stop{false};     // the consumer is done or failed
+    run_parts(parts, [&](int t) {
+      if (t > 0) {
+        for (index_t c = t - 1; c < n_chunks; c += producers) {
+          while (consumed.load(std::memory_order_acquire) <= c - ring) {
+            if (stop.load(std::memory_order_relaxed)) return;
+            std::this_thread::yield();
+          }
+          RingSlot& sl = slots[static_cast<std::size_t>(c % ring)];
+          const index_t r0 = begin + c * kChunk, r1 = std::min(end, r0 + kChunk);
+          try {
+            for (index_t r = r0; r < r1; r += kBatch) {
+              const int n = static_cast<int>(std::min<index_t>(kBatch, r1 - r));
+              std::uint64_t* keys = sl.keys.data() + (r - r0) * nw;
+              pack(r, n, keys);
+              for (int i = 0; i < n; ++i) sl.hash[static_cast<std::size_t>(r - r0 + i)] = index.hash(keys + i * nw);
+            }
+          } catch (...) {
+            sl.error = std::current_exception();
+            sl.ready.store(c, std::memory_order_release);
+            return;
+          }
+          sl.ready.store(c, std::memory_order_release);
+        }
+        return;
+      }
+      struct StopOnExit {
+        std::atomic<bool>& stop;
+        ~StopOnExit() { stop.store(true, std::memory_order_relaxed); }
+      } stop_on_exit{stop};
+      for (index_t c = 0; c < n_chunks; ++c) {
+        RingSlot& sl = slots[static_cast<std::size_t>(c % ring)];
+        while (sl.ready.load(std::memory_order_acquire) != c) std::this_thread::yield();
+        if (sl.error) std::rethrow_exception(sl.error);
+        const index_t r0 = begin + c * kChunk, n = std::min(end, r0 + kChunk) - r0;
+        const std::uint64_t* hash = sl.hash.data();
+        for (index_t i = 0; i < std::min(n, kAhead); ++i) index.prefetch(hash[i]);
+        for (index_t i = 0; i < n; ++i) {
+          if (i + kAhead < n) index.prefetch(hash[i + kAhead]);
+          const index_t id = index.add(sl.keys.data() + i * nw, hash[i], 1);
+          if (inv) inv[r0 + i] = id;
+        }
+        done = r0 + n;
+        consumed.store(c + 1, std::memory_order_release);
+      }
+    });
   }
 
   // Undoes the counts and patterns of the first `done` rows (their keys are valid,

@@ -200,7 +200,7 @@ def test_thread_count_does_not_change_small_tables(y, n_threads):
 
 @pytest.mark.parametrize("c", [1, 7, 16, 17, 63, 64, 65, 300])
 def test_parallel_paths_equal_reference(c):
-    n = PARALLEL_ROWS * 2 + 17
+    n = PARALLEL_ROWS * 2 + 17 if c <= 65 else PARALLEL_ROWS + 17  # wide rows: two blocks suffice
     y = long_tailed(n, c, seed=c)
     # Rare patterns that first occur late, in the second thread's block, and a
     # pattern that occurs only in the last row.
@@ -223,6 +223,34 @@ def test_parallel_paths_equal_reference(c):
     counts_only = PatternTable.from_labels(y, keep_inverse=False, n_threads=2)
     np.testing.assert_array_equal(counts_only.counts, single.counts)
     np.testing.assert_array_equal(counts_only.packed, single.packed)
+
+
+@pytest.mark.parametrize("c", [40, 300])
+def test_few_patterns_of_many_classes_in_parallel(c):
+    # Few distinct patterns over many classes: the blocks of rows are grouped in
+    # parallel against a hashed index. The opening rows use one set of patterns and
+    # the rest another (most rows of every block are new to the index), with a few
+    # one-off rows late in the batch.
+    rng = np.random.default_rng(c)
+    n = PARALLEL_ROWS * 3
+    first_set = rng.random((20, c)) < 0.3
+    second_set = rng.random((30, c)) < 0.3
+    y = second_set[rng.integers(0, 30, n)]
+    y[: n // 4] = first_set[rng.integers(0, 20, n // 4)]
+    for r in rng.integers(n // 2, n, 25):
+        y[r] = rng.random(c) < 0.5
+    y = y.view(np.uint8)
+    reference = fast_reference_table(y)
+    for n_threads in (1, 2, 3, 4):
+        for keep_inverse in (True, False):
+            t = PatternTable.from_labels(y, n_threads=n_threads, keep_inverse=keep_inverse)
+            if keep_inverse:
+                assert_matches(t, y, reference=lambda _: reference)
+            else:
+                np.testing.assert_array_equal(t.counts, reference[1])
+                np.testing.assert_array_equal(t.patterns, reference[0])
+    chunks = [y[:n // 3], y[n // 3:]]
+    assert_same_table(PatternTable.from_labels(y), PatternTable.from_chunks(chunks, n_threads=2))
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
@@ -421,8 +449,14 @@ def test_bad_dense_labels(labels, match):
         PatternTable.from_labels(labels)
 
 
-def test_bad_dense_value_is_reported_at_its_row_whatever_the_threads():
-    y = long_tailed(PARALLEL_ROWS * 3, 9, seed=7)
+@pytest.mark.parametrize("c, kind", [(9, "long_tailed"), (64, "long_tailed"), (64, "uniform")])
+def test_bad_dense_value_is_reported_at_its_row_whatever_the_threads(c, kind):
+    # Few patterns (parallel blocks) and many patterns (one thread inserting while
+    # the others pack ahead) report the same first bad value.
+    if kind == "uniform":
+        y = (np.random.default_rng(7).random((PARALLEL_ROWS * 3, c)) < 0.5).view(np.uint8)
+    else:
+        y = long_tailed(PARALLEL_ROWS * 3, c, seed=7)
     y[PARALLEL_ROWS * 2 + 11, 4] = 3
     y[PARALLEL_ROWS * 2 + 50, 1] = 7
     for n_threads in (1, 2, 3):
@@ -433,14 +467,18 @@ def test_bad_dense_value_is_reported_at_its_row_whatever_the_threads():
         PatternTable.from_chunks([y[:1000], y[1000:]], n_threads=2)
 
 
-def test_failed_batch_leaves_the_builder_unchanged():
+@pytest.mark.parametrize("c, kind", [(9, "long_tailed"), (64, "uniform")])
+def test_failed_batch_leaves_the_builder_unchanged(c, kind):
     from cobalance import _core
 
-    y = long_tailed(PARALLEL_ROWS * 3, 9, seed=8)
+    if kind == "uniform":
+        y = (np.random.default_rng(8).random((PARALLEL_ROWS * 3, c)) < 0.5).view(np.uint8)
+    else:
+        y = long_tailed(PARALLEL_ROWS * 3, c, seed=8)
     bad = y.copy()
     bad[-1, 0] = 2
-    for n_threads in (1, 2):
-        b = _core.PatternTableBuilder(9, True, n_threads)
+    for n_threads in (1, 2, 3):
+        b = _core.PatternTableBuilder(c, True, n_threads)
         b.add_dense(y[:5000])
         with pytest.raises(ValueError, match="labels must be 0 or 1"):
             b.add_dense(bad)
