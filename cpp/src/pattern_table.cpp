@@ -12,6 +12,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -331,7 +334,11 @@ class PatternIndex {
 
   bool matches(const Slot& s, const std::uint64_t* key, std::uint64_t h) const noexcept {
     if (n_words_ == 1) return s.tag == key[0];
-    return s.tag == h && std::equal(key, key + n_words_, keys_.data() + (static_cast<index_t>(s.id1) - 1) * n_words_);
+    if (s.tag != h) return false;
+    const std::uint64_t* other = keys_.data() + (static_cast<index_t>(s.id1) - 1) * n_words_;
+    for (index_t w = 0; w < n_words_; ++w)
+      if (key[w] != other[w]) return false;
+    return true;
   }
 
   // Puts an id known to be absent into a free slot.
@@ -963,6 +970,38 @@ inline unsigned pack_row_wide(const std::uint8_t* row, index_t n_chunks, const u
 }
 #endif
 
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define COBALANCE_PACK_AVX512 1
+// Packs n rows of c 0/1 bytes, one 64-byte (masked) load per 64 classes; masked-off
+// bytes are not read, so nothing past the last row is touched. Returns nonzero when
+// a byte is neither 0 nor 1. Called only where the CPU has AVX-512BW.
+__attribute__((target("avx512f,avx512bw"))) std::uint64_t pack_rows_avx512(const std::uint8_t* rows, index_t c,
+                                                                              index_t nw, int n,
+                                                                              std::uint64_t* keys) {
+  const __m512i one = _mm512_set1_epi8(1), high = _mm512_set1_epi8(static_cast<char>(0xfe));
+  const __mmask64 tail = c % 64 == 0 ? ~__mmask64{0} : (__mmask64{1} << (c % 64)) - 1;
+  __mmask64 bad = 0;
+  for (int i = 0; i < n; ++i) {
+    const std::uint8_t* row = rows + i * c;
+    std::uint64_t* key = keys + i * nw;
+    for (index_t w = 0; w + 1 < nw; ++w) {
+      const __m512i v = _mm512_loadu_si512(row + 64 * w);
+      key[w] = _mm512_test_epi8_mask(v, one);
+      bad |= _mm512_test_epi8_mask(v, high);
+    }
+    const __m512i v = _mm512_maskz_loadu_epi8(tail, row + 64 * (nw - 1));
+    key[nw - 1] = _mm512_test_epi8_mask(v, one);
+    bad |= _mm512_test_epi8_mask(v, high);
+  }
+  return bad;
+}
+
+bool cpu_has_avx512bw() noexcept {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return yes;
+}
+#endif
+
 }  // namespace
 
 void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
@@ -1006,6 +1045,14 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
         }
       }
       if (bad | bad_exact) report(r, n);
+    });
+    return;
+  }
+#endif
+#if defined(COBALANCE_PACK_AVX512)
+  if (cpu_has_avx512bw()) {
+    s.add_rows(n_rows, [&](index_t r, int n, std::uint64_t* keys) {
+      if (pack_rows_avx512(data + r * c, c, nw, n, keys)) report(r, n);
     });
     return;
   }
