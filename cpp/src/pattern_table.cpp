@@ -33,6 +33,7 @@ namespace {
 constexpr index_t kDirectMaxClasses = 16;  // 2^16 int32 slots (256 KiB): a direct table fits in L2
 constexpr index_t kRowsPerPart = 1 << 15;  // below this, threads cost more than they save
 constexpr int kBatch = 16;                 // rows per pipeline stage: the distance of a prefetch
+constexpr int kDirectBatch = 256;          // rows packed per call where nothing is prefetched
 constexpr index_t kEmpty = -1;
 
 inline std::uint64_t mix64(std::uint64_t x) noexcept {  // splitmix64 finaliser
@@ -189,6 +190,21 @@ class PatternIndex {
   }
   void prefetch(std::uint64_t h) const noexcept {
     if (!direct_) prefetch_slot(slots_.data() + (h & mask_));
+  }
+
+  // The direct layout's find and add(key, 1), small enough to inline in row loops.
+  index_t find_direct(std::uint64_t key) const noexcept {
+    return static_cast<index_t>(direct_slots_[static_cast<std::size_t>(key)]) - 1;
+  }
+  index_t add_direct(std::uint64_t key) {
+    std::int32_t& slot = direct_slots_[static_cast<std::size_t>(key)];
+    if (slot == 0) {
+      keys_.push_back(key);
+      direct_counts_.push_back(0);
+      slot = static_cast<std::int32_t>(++size_);
+    }
+    ++direct_counts_[static_cast<std::size_t>(slot - 1)];
+    return slot - 1;
   }
 
   // The id of `key` (with hash `h`), or kEmpty when absent.
@@ -518,17 +534,20 @@ struct PatternTableBuilder::State {
   std::vector<index_t> inverse;
 
   // Groups rows [0, n_rows) of one batch. pack(r, n, keys) writes the packed keys of
-  // rows [r, r + n) (n <= kBatch) into keys (n x n_words words) and throws
+  // rows [r, r + n) (n <= kDirectBatch) into keys (n x n_words words) and throws
   // std::invalid_argument naming the first bad row among them.
   //
   // Determinism: a prefix of the batch is resolved on one thread straight into the
-  // global index, so its ids are final. The rest is split into contiguous blocks,
-  // one per thread; a block looks each row up in the global index (read-only
-  // there) and gives the rows it does not find a block-local id. The block-local
-  // patterns are then folded into the global index block by block, each block's in
-  // its own first-occurrence order, which numbers new patterns exactly in order of
-  // first occurrence over the whole batch. Only rows that got a block-local id are
-  // rewritten afterwards. Nothing depends on timing or on the number of threads.
+  // global index, so its ids are final; with one thread the prefix is the whole
+  // batch. The rest goes one of two ways, both giving the ids of one sequential pass:
+  //  - few new patterns (the prefix found few): contiguous blocks, one per thread,
+  //    look rows up in the global index (read-only there) and give the rows it
+  //    lacks block-local ids; the block-local patterns are then numbered block by
+  //    block in local first-occurrence order (add_blocks), which is the order of
+  //    first occurrence over the batch, and only those rows are rewritten;
+  //  - many new patterns: one thread inserts every row in order while the others
+  //    pack and hash rows ahead of it (insert_rows_pipelined).
+  // Nothing depends on timing or on the number of threads.
   template <class Pack>
   void add_rows(index_t n_rows, const Pack& pack) {
     if (n_rows < 0) throw std::invalid_argument("n_rows must be >= 0, got " + std::to_string(n_rows));
@@ -548,10 +567,13 @@ struct PatternTableBuilder::State {
       if (prefix < n_rows) {
         // Blocks pay off when their local tables stay small. When the prefix shows
         // many new patterns (as with many classes), merging the blocks' tables
-        // would cost about as much as building them, so one thread builds the
-        // table while the others pack rows and hash them ahead of it.
+        // would cost about as much as building them, and when the index already
+        // holds many more patterns than a block has rows (a late chunk of a long
+        // stream), the blocks' per-pattern counters would outweigh their rows; then
+        // one thread builds the table while the others pack and hash rows ahead of it.
         const index_t new_in_prefix = index.size() - k0;
-        if (!index.direct() && new_in_prefix * 32 > prefix)
+        const index_t block_rows = (n_rows - prefix) / parts;
+        if (!index.direct() && (new_in_prefix * 32 > prefix || index.size() > block_rows / 4))
           insert_rows_pipelined(prefix, n_rows, parts, pack, inv, done);
         else
           add_blocks(prefix, n_rows, parts, pack, inv);
@@ -595,13 +617,14 @@ struct PatternTableBuilder::State {
     const index_t nw = index.n_words();
     if (index.direct()) {
       // A direct table has no misses worth prefetching: pack a batch, resolve it.
-      Stage st(nw);
-      for (index_t row = begin; row < end; row += kBatch) {
-        const int n = static_cast<int>(std::min<index_t>(kBatch, end - row));
-        pack(row, n, st.keys.data());
-        for (int i = 0; i < n; ++i) {
-          const index_t id = index.add(st.keys.data() + i, 0, 1);
-          if (inv) inv[row + i] = id;
+      std::vector<std::uint64_t> keys(kDirectBatch);
+      for (index_t row = begin; row < end; row += kDirectBatch) {
+        const int n = static_cast<int>(std::min<index_t>(kDirectBatch, end - row));
+        pack(row, n, keys.data());
+        if (inv) {
+          for (int i = 0; i < n; ++i) inv[row + i] = index.add_direct(keys[static_cast<std::size_t>(i)]);
+        } else {
+          for (int i = 0; i < n; ++i) index.add_direct(keys[static_cast<std::size_t>(i)]);
         }
         done = row + n;
       }
@@ -742,7 +765,7 @@ struct PatternTableBuilder::State {
     std::vector<index_t> known_counts;  // samples per global pattern known before the block
     std::vector<index_t> unresolved;    // rows holding a local id (while few)
     bool rescan = false;                // too many to list: scan the block's inverse instead
-    std::vector<index_t> to_global;     // local id -> global id, set by the fold
+    std::vector<index_t> to_global;     // local id -> global id, set after the blocks ran
   };
 
   template <class Pack>
@@ -771,19 +794,20 @@ struct PatternTableBuilder::State {
             std::vector<index_t>().swap(blk.unresolved);
           }
         }
-        return -1 - l;  // negative: a local id, rewritten after the fold
+        return -1 - l;  // negative: a local id, rewritten once the blocks are numbered
       };
       if (index.direct()) {
-        Stage st(nw);
-        for (index_t row = b0; row < b1; row += kBatch) {
-          const int n = static_cast<int>(std::min<index_t>(kBatch, b1 - row));
-          pack(row, n, st.keys.data());
+        std::vector<std::uint64_t> keys(kDirectBatch);
+        index_t* known_counts = blk.known_counts.data();
+        for (index_t row = b0; row < b1; row += kDirectBatch) {
+          const int n = static_cast<int>(std::min<index_t>(kDirectBatch, b1 - row));
+          pack(row, n, keys.data());
           for (int i = 0; i < n; ++i) {
-            index_t id = index.find(st.keys.data() + i, 0);
+            index_t id = index.find_direct(keys[static_cast<std::size_t>(i)]);
             if (id != kEmpty)
-              ++blk.known_counts[static_cast<std::size_t>(id)];
+              ++known_counts[id];
             else
-              id = resolve_local(st.keys.data() + i, 0, row + i);
+              id = resolve_local(keys.data() + i, 0, row + i);
             if (inv) inv[row + i] = id;
           }
         }
@@ -1045,7 +1069,8 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
     const __m128i high = _mm_set1_epi8(static_cast<char>(0xfe));
     const __m128i zero = _mm_setzero_si128();
     const unsigned mask = valid[0];
-    s.add_rows(n_rows, [&, high, zero, mask](index_t r, int n, std::uint64_t* keys) {
+    // Captured by value: stores through `keys` (uint64) could otherwise alias them.
+    s.add_rows(n_rows, [&report, data, c, wide_rows, high, zero, mask](index_t r, int n, std::uint64_t* keys) {
       unsigned bad = 0;
       std::uint64_t bad_exact = 0;
       for (int i = 0; i < n; ++i) {
@@ -1067,7 +1092,7 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
 #endif
 #if defined(COBALANCE_PACK_AVX512)
   if (cpu_has_avx512bw()) {
-    s.add_rows(n_rows, [&](index_t r, int n, std::uint64_t* keys) {
+    s.add_rows(n_rows, [&report, data, c, nw](index_t r, int n, std::uint64_t* keys) {
       if (pack_rows_avx512(data + r * c, c, nw, n, keys)) report(r, n);
     });
     return;
@@ -1148,7 +1173,7 @@ void PatternTableBuilder::add_table(const PatternTable& table) {
   const index_t nw = table.n_words(), k = table.n_patterns();
   s.index.sync();
   std::vector<index_t> map(static_cast<std::size_t>(k));
-  // Allocate first so that the fold below cannot fail half-way.
+  // Allocate first so that the loop below cannot fail half-way.
   s.index.reserve(s.index.size() + k);
   const std::size_t old_size = s.inverse.size();
   const index_t n = table.n_samples();
