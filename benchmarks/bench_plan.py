@@ -19,15 +19,23 @@ from cobalance.plan import round_counts
 N = int(os.environ.get("COBALANCE_BENCH_PLAN_N", 1_000_000))
 
 
-@pytest.fixture(scope="module")
-def problem():
+SHAPES = {
+    # 14 classes with long-tailed presence: ~1e3 distinct patterns
+    "few_patterns": np.geomspace(0.5, 0.002, 14),
+    # 40 classes at 5-25 %: ~7.5e5 distinct patterns at N = 1e6 (most of them rare)
+    "many_patterns": np.linspace(0.05, 0.25, 40),
+}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def problem(request):
     rng = np.random.default_rng(0)
-    # 14 classes with long-tailed presence: ~2-3k distinct patterns
-    presence = np.geomspace(0.5, 0.002, 14)
-    y = (rng.random((N, 14)) < presence).astype(np.uint8)
+    presence = SHAPES[request.param]
+    y = (rng.random((N, presence.size)) < presence).astype(np.uint8)
     table = PatternTable.from_labels(y)
     alpha = table.counts * rng.uniform(0.3, 4.0, table.n_patterns)
     counts = round_counts(alpha, 0, 50 * table.counts)
+    print(f"{request.param}: N={N}, K={table.n_patterns}, N'={counts.sum()}")
     return table, counts
 
 

@@ -20,13 +20,12 @@ from typing import Optional
 
 import numpy as np
 
-from ._atomic import atomic_path, atomic_savez, atomic_write_text
+from ._atomic import atomic_savez, atomic_write_text
 
 __all__ = ["Plan", "round_counts", "scale_to_total"]
 
 _FORMAT = "cobalance.Plan"
 _FORMAT_VERSION = 1
-_INT64_MAX = np.iinfo(np.int64).max
 
 
 # -- rounding ------------------------------------------------------------------------
@@ -188,7 +187,20 @@ def round_counts(alpha, lower=None, upper=None, total: Optional[int] = None) -> 
 # -- plan ----------------------------------------------------------------------------
 
 
-def _seed_sequence(random_state):
+def sum_by_group(groups: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
+    """Exact int64 sums of non-negative integer ``values`` per group id.
+
+    ``np.bincount`` (fast, float64 weights) when the grand total stays below 2**53,
+    where float64 sums of integers are exact; ``np.add.at`` in int64 otherwise.
+    """
+    if values.size == 0 or int(values.sum()) < 2 ** 53:
+        return np.rint(np.bincount(groups, weights=values, minlength=n_groups)).astype(np.int64)
+    out = np.zeros(n_groups, dtype=np.int64)
+    np.add.at(out, groups, values)
+    return out
+
+
+def _generator(random_state):
     if isinstance(random_state, np.random.Generator):
         return random_state
     if random_state is None or isinstance(random_state, (int, np.integer)):
@@ -256,6 +268,9 @@ class Plan:
     def __init__(self, copies, pattern_counts=None):
         self.copies = _check_copies(copies)
         self.pattern_counts = None if pattern_counts is None else np.ascontiguousarray(pattern_counts, dtype=np.int64)
+        if self.pattern_counts is not None and int(self.pattern_counts.sum()) != int(self.copies.sum()):
+            raise ValueError(f"pattern_counts sum to {int(self.pattern_counts.sum())} but copies to "
+                             f"{int(self.copies.sum())}")
         self._copy_index = None
 
     # -- construction -------------------------------------------------------------
@@ -297,7 +312,7 @@ class Plan:
         if (counts < 0).any():
             j = int(np.flatnonzero(counts < 0)[0])
             raise ValueError(f"pattern_counts must be non-negative, got {counts[j]} for pattern {j}")
-        rng = _seed_sequence(random_state)
+        rng = _generator(random_state)
         copies = _copies_from_pattern_counts(np.asarray(table.inverse), np.asarray(table.counts, dtype=np.int64),
                                              counts, rng)
         return cls(copies, counts)
@@ -320,12 +335,7 @@ class Plan:
                 raise ValueError("table must keep its sample -> pattern index (built with keep_inverse=True)")
             if table.n_samples != copies.size:
                 raise ValueError(f"copies has {copies.size} entries but the table has {table.n_samples} samples")
-            pattern_counts = np.bincount(np.asarray(table.inverse), weights=copies,
-                                         minlength=table.n_patterns).astype(np.int64)
-            if copies.size and copies.max() > 2 ** 52 // max(1, copies.size):
-                # float64 bincount weights would lose integer precision: sum exactly
-                pattern_counts = np.zeros(table.n_patterns, dtype=np.int64)
-                np.add.at(pattern_counts, np.asarray(table.inverse), copies)
+            pattern_counts = sum_by_group(np.asarray(table.inverse), copies, table.n_patterns)
         return cls(copies, pattern_counts)
 
     @classmethod

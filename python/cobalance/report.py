@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ._atomic import atomic_path
+from .plan import sum_by_group
 
 __all__ = ["Report"]
 
@@ -93,17 +94,13 @@ class Report:
         inverse = np.asarray(table.inverse)
         k = table.n_patterns
         # per-pattern sums of c and c^2, exact in int64, then per class via the sparse patterns
-        sum_c = np.zeros(k, dtype=np.int64)
-        np.add.at(sum_c, inverse, copies)
-        sum_c2 = np.zeros(k, dtype=np.int64)
-        np.add.at(sum_c2, inverse, copies * copies)
+        sum_c = sum_by_group(inverse, copies, k)
+        sum_c2 = sum_by_group(inverse, copies * copies, k)
         indptr, indices = table.sparse_patterns()
         rows = np.repeat(np.arange(k, dtype=np.int64), np.diff(np.asarray(indptr)))
         indices = np.asarray(indices, dtype=np.int64)
-        per_class = np.zeros(table.n_classes, dtype=np.int64)
-        np.add.at(per_class, indices, sum_c[rows])
-        per_class_sq = np.zeros(table.n_classes, dtype=np.int64)
-        np.add.at(per_class_sq, indices, sum_c2[rows])
+        per_class = sum_by_group(indices, sum_c[rows], table.n_classes)
+        per_class_sq = sum_by_group(indices, sum_c2[rows], table.n_classes)
         n_out = int(copies.sum())
         after = per_class / n_out if n_out else np.zeros(table.n_classes)
         return cls(

@@ -118,33 +118,40 @@ def _identical_columns(indptr: np.ndarray, indices: np.ndarray, n_classes: int):
     """Groups (lists of >= 2 classes) whose columns over the patterns are identical.
 
     Works on the CSR patterns: every class's sorted list of pattern ids is hashed with
-    random weights, candidates with equal (length, hash) are then compared exactly.
-    Cost O(nnz log nnz), no dense K x C matrix.
+    random weights, candidates with equal (length, hashes) are then compared exactly.
+    Cost O(nnz) plus a sort of the candidates' entries; no dense K x C matrix.
     """
-    rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
+    n_patterns = indptr.size - 1
+    rows = np.repeat(np.arange(n_patterns, dtype=np.int64), np.diff(indptr))
     length = np.bincount(indices, minlength=n_classes)
     rng = np.random.default_rng(0x5EED)
-    row_weight = rng.random(indptr.size - 1) if indptr.size > 1 else np.zeros(0)
-    row_weight2 = rng.random(indptr.size - 1) if indptr.size > 1 else np.zeros(0)
-    h1 = np.bincount(indices, weights=row_weight[rows], minlength=n_classes)
-    h2 = np.bincount(indices, weights=row_weight2[rows], minlength=n_classes)
-    # nnz sorted by class, then by pattern: each class's pattern list is one segment
-    col_rows = rows[np.lexsort((rows, indices))]
-    col_start = np.r_[0, np.cumsum(length)]
-    keys = np.stack([length.astype(np.float64), np.round(h1, 9), np.round(h2, 9)], axis=1)
+    h1 = np.bincount(indices, weights=rng.random(n_patterns)[rows], minlength=n_classes)
+    h2 = np.bincount(indices, weights=rng.random(n_patterns)[rows], minlength=n_classes)
+    # equal columns have equal (length, h1, h2): the sums run over the same patterns
+    # in the same (CSR) order, so they are bitwise equal
+    keys = np.stack([length.astype(np.float64), h1, h2], axis=1)
     _, group_id = np.unique(keys, axis=0, return_inverse=True)
     group_id = group_id.ravel()
+    # constant columns (never or always present) are reported on their own
+    varying = (length > 0) & (length < n_patterns)
+    candidate = varying & (np.bincount(group_id[varying], minlength=group_id.max() + 1)[group_id] > 1)
     groups = []
-    for g in np.flatnonzero(np.bincount(group_id) > 1):  # one Python step per candidate group
-        members = np.flatnonzero(group_id == g)
-        # split exactly by the actual row lists (hash collisions are split apart)
-        remaining = list(members)
+    if not candidate.any():
+        return groups, length
+    # the pattern lists of the candidate classes: CSR rows ascend, so a stable sort by
+    # class leaves each class's patterns in order, one segment per class
+    keep = candidate[indices]
+    sub_rows, sub_classes = rows[keep], indices[keep]
+    col_rows = sub_rows[np.argsort(sub_classes, kind="stable")]
+    col_start = np.r_[0, np.cumsum(np.where(candidate, length, 0))]
+    for g in np.unique(group_id[candidate]):  # one step per candidate group
+        remaining = [int(c) for c in np.flatnonzero((group_id == g) & candidate)]
+        # split exactly by the actual pattern lists (hash collisions fall apart here)
         while remaining:
-            first = remaining[0]
-            ref = col_rows[col_start[first]:col_start[first + 1]]
-            same = [c for c in remaining if np.array_equal(col_rows[col_start[c]:col_start[c + 1]], ref)]
+            ref = col_rows[col_start[remaining[0]]:col_start[remaining[0] + 1]]
+            same = {c for c in remaining if np.array_equal(col_rows[col_start[c]:col_start[c + 1]], ref)}
             if len(same) > 1:
-                groups.append(same)
+                groups.append(sorted(same))
             remaining = [c for c in remaining if c not in same]
     return groups, length
 
@@ -197,8 +204,6 @@ def check_feasibility(target, table, *, class_weights=None, tol: float = 1e-12) 
                         f"nearest achievable fraction 1")
     for group in groups:
         g = np.asarray(group)
-        if length[g[0]] in (0, n_patterns):
-            continue  # reported above
         if np.ptp(target[g]) <= tol:
             continue
         weights = w[g]

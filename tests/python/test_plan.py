@@ -78,6 +78,24 @@ def test_scale_to_total_keeps_ratios_and_bounds():
         scale_to_total(a, 0, 1, 5.0)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_scale_to_total_property(data):
+    k = data.draw(st.integers(1, 6))
+    alpha = np.array(data.draw(st.lists(st.floats(0.01, 50), min_size=k, max_size=k)))
+    lower = np.array(data.draw(st.lists(st.floats(0, 5), min_size=k, max_size=k)))
+    upper = lower + np.array(data.draw(st.lists(st.floats(0, 40), min_size=k, max_size=k)))
+    total = data.draw(st.floats(lower.sum(), upper.sum()))
+    out = scale_to_total(alpha, lower, upper, total)
+    assert out.sum() == pytest.approx(total, rel=1e-9, abs=1e-9)
+    assert np.all(out >= lower - 1e-9) and np.all(out <= upper + 1e-9)
+    # the entries strictly inside their bounds share one factor
+    inside = (out > lower + 1e-7) & (out < upper - 1e-7)
+    if inside.sum() >= 2:
+        ratios = out[inside] / alpha[inside]
+        np.testing.assert_allclose(ratios, ratios[0], rtol=1e-7)
+
+
 # -- plans ------------------------------------------------------------------------------
 
 
@@ -205,3 +223,24 @@ def test_plan_handles_a_large_table_vectorised():
     plan = Plan.from_pattern_counts(table, counts, random_state=0)
     assert plan.n_samples_out == counts.sum()
     np.testing.assert_array_equal(np.bincount(table.inverse, weights=plan.copies).astype(np.int64), counts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 4), st.integers(0, 2 ** 31), st.integers(0, 5))
+def test_plan_invariants_property(n, c, seed, scale):
+    rng = np.random.default_rng(seed)
+    table = PatternTable.from_labels((rng.random((n, c)) < 0.5).astype(np.uint8))
+    counts = rng.integers(0, scale * table.counts + 2)
+    plan = Plan.from_pattern_counts(table, counts, random_state=seed)
+    np.testing.assert_array_equal(np.bincount(plan.indices(), minlength=n), plan.copies)
+    for j in range(table.n_patterns):
+        members = plan.copies[table.inverse == j]
+        assert members.sum() == counts[j] and members.max() - members.min() <= 1
+
+
+def test_plan_constructor_checks_consistency():
+    with pytest.raises(ValueError, match="pattern_counts sum to 3 but copies to 2"):
+        Plan([1, 1], pattern_counts=[3])
+    table = PatternTable.from_labels(np.eye(3, dtype=np.uint8), keep_inverse=False)
+    with pytest.raises(ValueError, match="keep_inverse"):
+        Plan.from_pattern_counts(table, [1, 1, 1])
