@@ -415,7 +415,9 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
 bool newton_applies(const ConvexQP& qp, double mu) {
   const BalanceProblem& pr = qp.problem();
   if (!(mu > 0.0) || qp.regularizer_kind() == Regularizer::none) return false;
-  if (pr.n_classes() > 512) return false;
+  // The C x C Cholesky solve (C^3 / 3 per step) must stay cheap next to a pass over the data,
+  // and the dual smaller than the primal.
+  if (pr.n_classes() > 512 || 4 * pr.n_classes() > pr.n_patterns()) return false;
   for (double w : pr.class_weights())
     if (!(w > 0.0)) return false;
   for (double h : qp.hessian_diagonal())

@@ -7,7 +7,7 @@
 // alpha = total * p). F and every R are convex quadratics, so this is a convex QP.
 //
 // Method, where gamma R is strictly convex (gamma > 0, any regularizer but `none`),
-// every class weight is > 0, C <= 512 and sum_j |u_j|^2 <= 64 (nnz + K): semismooth
+// every class weight is > 0, C <= min(512, K / 4) and sum_j |u_j|^2 <= 64 (nnz + K): semismooth
 // Newton on the C-dimensional dual (variable y = 2 w (U^T p - d); for a given y the
 // primal minimiser is one projection), damped by a backtracking line search on the
 // dual, each step a C x C Cholesky solve. The F part has rank <= C, which makes the
