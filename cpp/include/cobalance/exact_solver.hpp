@@ -32,6 +32,13 @@
 // mu found as the root of mu - 2 gamma sqrt(F(p(mu))) (fixed-point steps, then a
 // safeguarded secant) to a relative 1e-12; the residual reported is that of F + mu R
 // for the last mu solved, i.e. about 2 sqrt(F) times the original gradient where F > 0.
+// Where the target can be met exactly the root is mu -> 0 (the optimum sits on the
+// kink F = 0); the search stops once 2 gamma sqrt(F) < 1e-8 * 2 gamma sqrt(sum w), and
+// the last QP's solution (sqrt(F) below 1e-8 sqrt(sum w)) is returned. Its KKT test
+// (tol) bounds the gradient of F + mu R, so with mu that small the regularizer is
+// minimised over the exact fits only to about tol / mu.
+// When the dual Newton path stalls, FISTA goes on from the better (in F + mu R) of its
+// start and Newton's last point.
 // The `geo` objective is not convex in p and is refused.
 #pragma once
 
