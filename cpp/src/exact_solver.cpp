@@ -415,7 +415,9 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
 bool newton_applies(const ConvexQP& qp, double mu) {
   const BalanceProblem& pr = qp.problem();
   if (!(mu > 0.0) || qp.regularizer_kind() == Regularizer::none) return false;
-  if (pr.n_classes() > 512) return false;
+  // The C x C Cholesky solve (C^3 / 3 per step) must stay cheap next to a pass over the data,
+  // and the dual smaller than the primal.
+  if (pr.n_classes() > 512 || 4 * pr.n_classes() > pr.n_patterns()) return false;
   for (double w : pr.class_weights())
     if (!(w > 0.0)) return false;
   for (double h : qp.hessian_diagonal())
@@ -453,6 +455,12 @@ bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t 
   qp.marginals(x.data(), f.data());
   for (index_t i = 0; i < c; ++i) y[i] = 2.0 * w[i] * (f[i] - d[i]);
   double tau = 0.0, tau_residual = 0.0;
+  // On failure FISTA goes on from the better (in F + mu R) of the start and p(y).
+  const double start_value = qp.objective(f.data()) + mu * qp.regularizer(x.data());
+  auto give_up = [&](const std::vector<double>& pv, const std::vector<double>& fv) {
+    if (qp.objective(fv.data()) + mu * qp.regularizer(pv.data()) < start_value) x = pv;
+    return false;
+  };
 
   // p(y), f = U^T p(y), the dual value and its gradient.
   std::vector<double> dual_grad(static_cast<std::size_t>(c));
@@ -507,10 +515,7 @@ bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t 
         double sum = m[r * c + q];
         for (index_t t = 0; t < q; ++t) sum -= m[r * c + t] * m[q * c + t];
         if (q == r) {
-          if (!(sum > 0.0)) {
-            x = p;
-            return false;
-          }
+          if (!(sum > 0.0)) return give_up(p, f);
           m[r * c + r] = std::sqrt(sum);
         } else {
           m[r * c + q] = sum / m[q * c + q];
@@ -532,10 +537,16 @@ bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t 
     if (!(slope > 0.0)) break;
     double t = 1.0, value_try = value;
     bool accepted = false;
-    for (int ls = 0; ls < 40; ++ls, t *= 0.5) {
+    double grad_norm = 0.0;
+    for (double g : dual_grad) grad_norm += g * g;
+    for (int ls = 0; ls < 30; ++ls, t *= 0.5) {
       for (index_t i = 0; i < c; ++i) y_try[i] = y[i] + t * step[i];
       value_try = evaluate(y_try, p_try, f_try, g_try);
-      if (value_try >= value + 1e-4 * t * slope) {
+      // Armijo on the dual value; near the optimum its change drowns in rounding, so a
+      // halved gradient norm also counts as progress.
+      double try_norm = 0.0;
+      for (double g : g_try) try_norm += g * g;
+      if (value_try >= value + 1e-4 * t * slope || try_norm <= 0.25 * grad_norm) {
         accepted = true;
         break;
       }
@@ -547,8 +558,7 @@ bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t 
     dual_grad.swap(g_try);
     value = value_try;
   }
-  x = p;
-  return false;
+  return give_up(p, f);
 }
 
 // The QP for one mu: Newton on the dual where it applies, then (if still needed) FISTA.
@@ -624,6 +634,9 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
       qp.marginals(x.data(), f.data());
       return 2.0 * gamma * std::sqrt(qp.objective(f.data()));
     };
+    double weight_sum = 0.0;
+    for (double w : problem.class_weights()) weight_sum += w;
+    const double exact_fit_floor = 1e-8 * 2.0 * gamma * std::sqrt(weight_sum);  // F <= sum w
     mu = fixed_point();
     double mu_solved = mu;
     double mu_below = 0.0, h_below = 0.0, mu_above = kInf, h_above = 0.0, mu_previous = 0.0, h_previous = 0.0;
@@ -636,8 +649,10 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
       mu_solved = mu;
       const double image = fixed_point();
       const double h = mu - image;
-      // Relative to mu, with an absolute floor for an exact fit (F = 0, mu -> 0).
-      if (std::abs(h) <= 1e-12 * std::max(mu, image) + 1e-15 * gamma) {
+      // An exact fit (F = 0 reachable: the root is mu -> 0, where the QP grows
+      // ill-conditioned): stop once sqrt(F) is below 1e-8 of its largest value.
+      // Otherwise relative to mu.
+      if (image <= exact_fit_floor || std::abs(h) <= 1e-12 * std::max(mu, image)) {
         outer_converged = inner.converged;
         break;
       }

@@ -200,12 +200,13 @@ def test_adam_approaches_the_exact_optimum():
     assert gaps[1] < 1e-6 * exact["loss"] and gaps[1] < gaps[0]
 
 
-def test_exact_solver_is_thread_count_invariant():
+@pytest.mark.parametrize("regularizer,gamma", [("proportions", 1e-3), ("none", 0.0)])  # dual Newton, FISTA
+def test_exact_solver_is_thread_count_invariant(regularizer, gamma):
     rng = np.random.default_rng(22)
     prob = random_problem(rng, 150_000, 5)  # several threads take part
     problem = make(prob)
     n = prob["counts"]
-    runs = [_core.solve_exact(problem, "fraction", "proportions", 1e-3, n.sum(), 0 * n, 20 * n, max_iter=100,
+    runs = [_core.solve_exact(problem, "fraction", regularizer, gamma, n.sum(), 0 * n, 20 * n, max_iter=3,
                               n_threads=t) for t in (1, 2, 5)]
     for r in runs[1:]:
         np.testing.assert_array_equal(r["p"], runs[0]["p"])
@@ -252,3 +253,31 @@ def test_property_exact_solver_meets_kkt(seed, k, c, case, size, unbounded):
     assert out["converged"], out
     check_kkt(prob, objective, regularizer, gamma, total, lower, upper, out["p"], 1e-7)
     assert np.all(out["alpha"] >= lower * (1 - 1e-12)) and np.all(out["alpha"] <= upper * (1 + 1e-12))
+
+
+def test_exact_solver_fraction_l2_at_an_exact_fit_matches_slsqp():
+    # One class: any target between the patterns' fractions is met exactly, so the
+    # optimum of sqrt(F) + gamma R sits on the kink F = 0.
+    optimize = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(0)
+    k = 8
+    prob = random_problem(rng, k, 1, weights=True)
+    problem = make(prob)
+    n = prob["counts"]
+    total = 3.0 * n.sum()
+    lower, upper = rng.random(k) * n, np.full(k, np.inf)
+    out = _core.solve_exact(problem, "fraction_l2", "ratio", 0.01, total, lower, upper)
+    assert out["converged"]
+    fun = problem_in_p(prob, "fraction_l2", "ratio", 0.01, total)
+    lo = lower / total
+    best = np.inf
+    for _ in range(4):
+        start = np.clip(rng.random(k), lo, 1)
+        res = optimize.minimize(lambda q: fun(q)[0], start / start.sum(), method="SLSQP",
+                                bounds=[(a, 1.0) for a in lo],
+                                constraints=[{"type": "eq", "fun": lambda q: q.sum() - 1}],
+                                options=dict(ftol=1e-14, maxiter=2000))
+        if abs(res.x.sum() - 1) < 1e-9:
+            best = min(best, fun(np.clip(res.x, lo, None))[0])
+    assert fun(out["p"])[0] == pytest.approx(best, rel=1e-6)
+    assert out["max_abs_error"] < 1e-7

@@ -7,7 +7,7 @@
 // alpha = total * p). F and every R are convex quadratics, so this is a convex QP.
 //
 // Method, where gamma R is strictly convex (gamma > 0, any regularizer but `none`),
-// every class weight is > 0, C <= 512 and sum_j |u_j|^2 <= 64 (nnz + K): semismooth
+// every class weight is > 0, C <= min(512, K / 4) and sum_j |u_j|^2 <= 64 (nnz + K): semismooth
 // Newton on the C-dimensional dual (variable y = 2 w (U^T p - d); for a given y the
 // primal minimiser is one projection), damped by a backtracking line search on the
 // dual, each step a C x C Cholesky solve. The F part has rank <= C, which makes the
@@ -32,6 +32,13 @@
 // mu found as the root of mu - 2 gamma sqrt(F(p(mu))) (fixed-point steps, then a
 // safeguarded secant) to a relative 1e-12; the residual reported is that of F + mu R
 // for the last mu solved, i.e. about 2 sqrt(F) times the original gradient where F > 0.
+// Where the target can be met exactly the root is mu -> 0 (the optimum sits on the
+// kink F = 0); the search stops once 2 gamma sqrt(F) < 1e-8 * 2 gamma sqrt(sum w), and
+// the last QP's solution (sqrt(F) below 1e-8 sqrt(sum w)) is returned. Its KKT test
+// (tol) bounds the gradient of F + mu R, so with mu that small the regularizer is
+// minimised over the exact fits only to about tol / mu.
+// When the dual Newton path stalls, FISTA goes on from the better (in F + mu R) of its
+// start and Newton's last point.
 // The `geo` objective is not convex in p and is refused.
 #pragma once
 
