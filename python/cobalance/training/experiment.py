@@ -420,7 +420,7 @@ class _TorchTiles:
 
 def _balancer_plan(arm: str, presence: np.ndarray, config: ExperimentConfig, fold: int, class_names):
     import cobalance
-    from cobalance.balancer import Balancer
+    from cobalance import Balancer
 
     table = cobalance.PatternTable.from_labels(presence, class_names=list(class_names))
     kwargs = dict(target=config.target, allow_undersampling=config.undersample,
