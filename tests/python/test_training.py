@@ -251,3 +251,40 @@ def test_downscale_max_pools_masks_and_averages_images(tmp_path):
     np.testing.assert_array_equal(pooled > 0, expected)
     block_mean = image.reshape(3, 3, 4, 3, 3).astype(np.float64).mean(axis=(1, 3))
     assert np.abs(small.astype(np.float64) - block_mean).max() <= 1.0
+
+
+def _label_map_folder(root, n_images=6, size=64, seed=0):
+    """Label maps: 0 background, 1 a large disc, 2 a small disc in a third of the images."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir(parents=True)
+    (root / "classes.txt").write_text("background\ndisc\nspot\n")
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n_images):
+        image = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+        labels = np.zeros((size, size), dtype=np.uint8)
+        cy, cx = rng.integers(20, 44, size=2)
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 15 ** 2] = 1
+        if i % 3 == 0:
+            sy, sx = rng.integers(4, 60, size=2)
+            labels[(yy - sy) ** 2 + (xx - sx) ** 2 <= 16] = 2
+        labels[:2, :] = 255  # a border that belongs to no class
+        image[labels == 1, 0] = 200
+        image[labels == 2, 1] = 200
+        PIL.fromarray(image).save(root / "images" / f"img{i:02d}.png")
+        PIL.fromarray(labels).save(root / "masks" / f"img{i:02d}.png")
+    return root
+
+
+def test_label_map_folder_trains_with_softmax_focal_loss(tmp_path):
+    data = _label_map_folder(tmp_path / "labels")
+    out = tmp_path / "out"
+    result = run_experiment(_config(data, out, arms=["unbalanced", "balanced_reg"], ignore_index=255))
+    assert result["classes"] == ["background", "disc", "spot"]
+    _assert_results_folder(out, ["unbalanced", "balanced_reg"], result["classes"], n_folds=2, n_epochs=1)
+    with pytest.raises(ValueError, match="applies to per-class binary mask folders only"):
+        run_experiment(_config(data, tmp_path / "o2", downscale=2))
+    with pytest.raises(ValueError, match="does not apply to label maps"):
+        run_experiment(_config(data, tmp_path / "o3", focal_alpha=0.5, ignore_index=255))
+    with pytest.raises(ValueError, match=r"img00\.png: mask value 255 .* is not a class id"):
+        run_experiment(_config(data, tmp_path / "o4"))  # 255 is not a class without ignore_index

@@ -96,11 +96,14 @@ class ExperimentConfig:
     ----------
     data : str
         Dataset folder: ``images/`` and ``masks/<class>/`` (one binary PNG per image
-        holding the class; a missing file means the class is absent), as IDRiD ships.
+        holding the class; a missing file means the class is absent), as IDRiD ships;
+        or ``images/`` and ``masks/<id>.png`` label maps of class ids (names from
+        ``classes`` or ``classes.txt``), trained with the softmax focal loss.
     out : str
         Results folder.
     classes : list of str, optional
         Class folders to use, in this order; default the sorted folders of ``masks/``.
+        For label maps: the name of each class id.
     tile, stride : int
         Tile size and stride in pixels of the (downscaled) images; stride defaults to tile.
     downscale : int
@@ -111,6 +114,9 @@ class ExperimentConfig:
         Folder for the downscaled copy; default ``<out>/data-<factor>x``.
     min_pixels : int
         A class is present in a tile when it covers at least this many pixels.
+    ignore_index : int, optional
+        Label maps only: the id of pixels that belong to no class (left out of the
+        loss, the metrics and the presence).
     folds, epochs, batch_size, lr
         Cross-validation folds, epochs, batch size and Adam learning rate (the
         method's defaults: 3, 10, 8, 8e-3).
@@ -135,7 +141,8 @@ class ExperimentConfig:
         arm's own plan size, or a fixed number. Drawn from the arm's plan in shuffled
         passes.
     focal_gamma, focal_alpha
-        Focal loss parameters.
+        Focal loss parameters (``focal_alpha``, the weight of sigmoid positives, for
+        multi-label masks only).
     augment : bool
         Augment duplicates (elastic transform and flips).
     max_tiles, max_images : int, optional
@@ -162,6 +169,7 @@ class ExperimentConfig:
     downscale: int = 1
     data_cache: Optional[str] = None
     min_pixels: int = 1
+    ignore_index: Optional[int] = None
     folds: int = 3
     epochs: int = 10
     batch_size: int = 8
@@ -227,8 +235,12 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of the fields that decide what an (arm, fold) result holds."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
+        """Hash of the fields that decide what an (arm, fold) result holds.
+
+        Fields left at None are not hashed, so that an option added later (default
+        None) does not invalidate finished results.
+        """
+        d = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS and v is not None}
         d["data"] = os.path.abspath(d["data"])
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -259,10 +271,15 @@ def _check_data_folder(data: Path) -> Tuple[Path, Path]:
     images, masks = data / "images", data / "masks"
     if not images.is_dir() or not any(p.suffix.lower() in _IMAGE_SUFFIXES for p in images.iterdir()):
         raise ValueError(f"data folder {str(data)!r} has no images: expected image files under {str(images)!r}")
-    if not masks.is_dir() or not any(p.is_dir() for p in masks.iterdir()):
-        raise ValueError(f"data folder {str(data)!r} has no masks: expected one folder per class under "
-                         f"{str(masks)!r}")
+    if not masks.is_dir() or not any(p.is_dir() or p.suffix.lower() in _IMAGE_SUFFIXES for p in masks.iterdir()):
+        raise ValueError(f"data folder {str(data)!r} has no masks: expected one folder per class, or one "
+                         f"label-map file per image, under {str(masks)!r}")
     return images, masks
+
+
+def _is_label_map_folder(masks: Path) -> bool:
+    """Label-map layout: mask files directly under ``masks/`` (and no class folders)."""
+    return not any(p.is_dir() and not p.name.startswith(".") for p in masks.iterdir())
 
 
 def _class_names(masks: Path, classes: Optional[Sequence[str]]) -> List[str]:
@@ -351,8 +368,9 @@ def downscale_folder(src, dst, factor: int, class_names: Sequence[str], *, progr
 class TileSet:
     """The tiles of a dataset folder: presence per tile, their image, and tile loading.
 
-    A thin layer over :class:`cobalance.folders.MaskFolder` in the per-class folder
-    layout (the IDRiD layout).
+    A thin layer over :class:`cobalance.folders.MaskFolder`, in either of its layouts:
+    per-class binary mask folders (IDRiD's; multi-label masks) or one label map per
+    image (class ids; ``classes.txt`` or ``class_names`` names them).
 
     Attributes
     ----------
@@ -361,15 +379,20 @@ class TileSet:
         Index of each tile's image in ``image_ids``.
     image_ids : list of str
     class_names : list of str
+    label_map : bool
+        True for the label-map layout.
     """
 
-    def __init__(self, root, class_names: Sequence[str], *, tile: int, stride: Optional[int], min_pixels: int):
+    def __init__(self, root, class_names: Optional[Sequence[str]], *, tile: int, stride: Optional[int],
+                 min_pixels: int, ignore_index: Optional[int] = None):
         from cobalance.folders import MaskFolder
 
         self.root = Path(root)
-        self.class_names = list(class_names)
-        self.folder = MaskFolder(self.root, layout="binary_folders", class_names=self.class_names, tile=tile,
-                                 stride=stride or tile, min_pixels=min_pixels)
+        self.folder = MaskFolder(self.root, layout="auto", class_names=class_names, tile=tile,
+                                 stride=stride or tile, min_pixels=min_pixels, ignore_index=ignore_index)
+        self.class_names = list(self.folder.class_names)
+        self.label_map = self.folder.layout == "label_map"
+        self.ignore_index = ignore_index
         scan = self.folder.scan()
         self.presence = np.asarray(scan.presence, dtype=bool)
         self.image_of = np.asarray(scan.origins[:, 0], dtype=np.int64)
@@ -381,7 +404,7 @@ class TileSet:
         return int(self.presence.shape[0])
 
     def load(self, k: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(image H x W x 3 uint8, mask C x H x W uint8 0/1) of tile ``k``.
+        """(image H x W x 3 uint8, mask) of tile ``k``: mask C x H x W of 0/1, or H x W ids.
 
         With ``cache_images`` set, every decoded image and mask is kept in memory (for
         small, downscaled datasets read in random tile order); otherwise only the last
@@ -394,11 +417,14 @@ class TileSet:
             self._cache[i] = (self.folder.load_image(i), self.folder.load_mask(i))
         image, mask = self._cache[i]
         th, tw = self.folder.tile
-        return image[y:y + th, x:x + tw], mask[:, y:y + th, x:x + tw]
+        return image[y:y + th, x:x + tw], mask[..., y:y + th, x:x + tw]
 
 
 class _TorchTiles:
-    """A map-style dataset over chosen tiles: (image float 3xHxW in [0, 1], mask float CxHxW)."""
+    """A map-style dataset over chosen tiles: (image float 3xHxW in [0, 1], mask).
+
+    The mask is float C x H x W of 0/1 (multi-label) or int64 H x W class ids.
+    """
 
     def __init__(self, tiles: TileSet, indices: np.ndarray):
         self.tiles, self.indices = tiles, np.asarray(indices, dtype=np.int64)
@@ -411,8 +437,9 @@ class _TorchTiles:
 
         image, mask = self.tiles.load(self.indices[i])
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
-        m = torch.from_numpy(np.ascontiguousarray(mask > 0)).float()
-        return x, m
+        if self.tiles.label_map:
+            return x, torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+        return x, torch.from_numpy(np.ascontiguousarray(mask > 0)).float()
 
 
 # -- plans --------------------------------------------------------------------------------------
@@ -510,11 +537,13 @@ def _normalize(x):
     return (x - mean) / std
 
 
-def _evaluate(model, loader, n_classes: int, device) -> Tuple[List[float], float]:
+def _evaluate(model, loader, n_classes: int, device, ignore_index: Optional[int] = None) -> Tuple[List[float], float]:
     import torch
     from cobalance.segmentation import DiceMeter
 
-    meter = DiceMeter(n_classes, mode="global", absent="skip", pred_format="logits", threshold=0.5)
+    # Multi-label: sigmoid > 0.5 per class; label maps: argmax over classes.
+    meter = DiceMeter(n_classes, mode="global", absent="skip", pred_format="logits", threshold=0.5,
+                      ignore_index=ignore_index)
     model.eval()
     with torch.no_grad():
         for x, m in loader:
@@ -557,7 +586,10 @@ def _train_arm_fold(arm: str, fold: int, tiles: TileSet, train_idx: np.ndarray, 
     model = create_model(config.model, in_channels=3, classes=n_classes, encoder=config.encoder,
                          encoder_weights_path=config.encoder_weights).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loss_fn = FocalLoss("multilabel", gamma=config.focal_gamma, alpha=config.focal_alpha)
+    if tiles.label_map:
+        loss_fn = FocalLoss("multiclass", gamma=config.focal_gamma, ignore_index=config.ignore_index)
+    else:
+        loss_fn = FocalLoss("multilabel", gamma=config.focal_gamma, alpha=config.focal_alpha)
 
     history: List[dict] = []
     checkpoint = run_dir / f"fold{fold}.ckpt.pt"
@@ -592,7 +624,7 @@ def _train_arm_fold(arm: str, fold: int, tiles: TileSet, train_idx: np.ndarray, 
             optimizer.step()
             total += float(loss.detach()) * x.shape[0]
             count += x.shape[0]
-        dice, vd = _evaluate(model, test_loader, n_classes, device)
+        dice, vd = _evaluate(model, test_loader, n_classes, device, config.ignore_index)
         history.append({"epoch": epoch + 1, "train_loss": total / max(count, 1), "dice": _nan_to_none(dice),
                         "vdice": None if math.isnan(vd) else vd, "seconds": time.perf_counter() - t0})
         with atomic_path(checkpoint, suffix=".pt") as tmp:
@@ -705,7 +737,24 @@ def run_experiment(config: ExperimentConfig) -> dict:
     out = Path(config.out)
     data = Path(config.data)
     _, masks = _check_data_folder(data)
-    class_names = _class_names(masks, config.classes)
+    label_map = _is_label_map_folder(masks)
+    if label_map and config.downscale > 1:
+        raise ValueError(f"downscale={config.downscale} applies to per-class binary mask folders only; "
+                         f"{str(masks)!r} holds label maps (shrink them with nearest-neighbour resampling first)")
+    if config.ignore_index is not None and not label_map:
+        raise ValueError(f"ignore_index={config.ignore_index} applies to label-map masks only; {str(masks)!r} "
+                         "holds per-class folders")
+    # Opening the folder checks every mask against its image before any work is done.
+    if label_map and config.focal_alpha is not None:
+        raise ValueError(f"focal_alpha={config.focal_alpha} weighs sigmoid positives; it does not apply to "
+                         f"label maps (softmax focal loss)")
+    tiles = None
+    if label_map:
+        tiles = TileSet(data, config.classes, tile=config.tile, stride=config.stride,
+                        min_pixels=config.min_pixels, ignore_index=config.ignore_index)
+        class_names = tiles.class_names
+    else:
+        class_names = _class_names(masks, config.classes)
     # Build the model once up front: a wrong name or a missing smp fails before any work.
     create_model(config.model, in_channels=3, classes=len(class_names), encoder=config.encoder,
                  encoder_weights_path=config.encoder_weights)
@@ -718,7 +767,8 @@ def run_experiment(config: ExperimentConfig) -> dict:
         cache = Path(config.data_cache) if config.data_cache else out / f"data-{config.downscale}x"
         root = downscale_folder(data, cache, config.downscale, class_names,
                                 progress=config.progress)
-    tiles = TileSet(root, class_names, tile=config.tile, stride=config.stride, min_pixels=config.min_pixels)
+    if tiles is None:
+        tiles = TileSet(root, class_names, tile=config.tile, stride=config.stride, min_pixels=config.min_pixels)
     tiles.cache_images = config.cache_images
     keep = _select(tiles, config)
     if keep.size < config.folds:
@@ -945,6 +995,7 @@ def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--downscale", type=int, default=1, help="shrink images by this integer factor first")
     p.add_argument("--data-cache", default=None, help="folder for the downscaled copy (default OUT/data-Nx)")
     p.add_argument("--min-pixels", type=int, default=1, help="pixels of a class that make it present in a tile")
+    p.add_argument("--ignore-index", type=int, default=None, help="label maps: id of pixels in no class")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
