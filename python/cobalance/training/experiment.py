@@ -41,11 +41,19 @@ On CPU the same configuration, seed and thread count give identical results:
 are seeded per fold, the sample order per (arm, fold, epoch) and the augmentation per
 (seed, sample, copy index), and a resumed run equals an uninterrupted one. A different
 number of CPU threads may change float reductions in convolutions and hence the last
-digits. On CUDA, results are close but not bit-identical across runs: cuDNN
-convolution backward passes and atomics-based reductions (e.g. in kornia's elastic
-transform and in some smp/timm encoder layers) have no deterministic kernel, so the
-run sets ``warn_only=True`` there, ``cudnn.benchmark = False``, and
-``CUBLAS_WORKSPACE_CONFIG=:4096:8`` when it is not set.
+digits.
+
+On CUDA the run sets ``cudnn.benchmark = False``, ``CUBLAS_WORKSPACE_CONFIG=:4096:8``
+(when unset) and ``torch.use_deterministic_algorithms(True, warn_only=True)``: cuDNN
+then picks deterministic convolution algorithms, but operations that have no
+deterministic CUDA kernel (PyTorch's reproducibility notes list them: among others
+some interpolation and adaptive-pooling backward passes and atomic scatter / index-add
+reductions, which timm / smp encoders and decoders may use) only warn instead of
+failing, so two GPU runs can differ in the last digits (and such differences can grow
+over training). The augmentation's
+parameters are drawn on the CPU and are the same on any device; its interpolation on
+the GPU differs from the CPU's by floating-point rounding. Data order, plans, folds and
+initial weights do not depend on the device.
 """
 
 from __future__ import annotations
