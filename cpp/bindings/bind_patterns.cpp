@@ -116,8 +116,8 @@ void bind_patterns(py::module_& m) {
           [](PatternTableBuilder& b, Words words) {
             require_ndim(words, 2, "words");
             if (words.shape(1) != words_for(b.n_classes()))
-              throw std::invalid_argument("packed rows must have ceil(n_classes / 64) = " +
-                                          std::to_string(words_for(b.n_classes())) + " words, got " +
+              throw std::invalid_argument("words must have ceil(n_classes / 64) = " +
+                                          std::to_string(words_for(b.n_classes())) + " words per row, got " +
                                           std::to_string(words.shape(1)));
             const std::uint64_t* data = words.data();
             const index_t n = words.shape(0);

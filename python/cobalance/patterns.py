@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ def _as_dense_labels(labels, name: str = "labels") -> np.ndarray:
             bad = (arr != 0) & (arr != 1)
             if bad.any():
                 r, c = np.argwhere(bad)[0]
-                raise ValueError(f"{name} must be 0 or 1, got {arr[r, c]!r} at row {r}, column {c}")
+                raise ValueError(f"{name} must be 0 or 1, got {arr[r, c].item()!r} at row {r}, column {c}")
         arr = arr.astype(np.uint8)
     return np.ascontiguousarray(arr)
 
@@ -121,7 +122,15 @@ class PatternTable:
         """Group bit-packed rows (n_samples x ceil(n_classes / 64) uint64 words).
 
         Class ``i`` is bit ``i % 64`` of word ``i // 64``; bits at or beyond
-        ``n_classes`` must be zero. A C-contiguous uint64 array is not copied.
+        ``n_classes`` must be zero. A 1-D array is taken as one word per row when
+        ``n_classes <= 64``. A C-contiguous uint64 or int64 array is viewed, not
+        copied; other layouts are copied.
+
+        Raises
+        ------
+        ValueError
+            Not 64-bit integers (e.g. the bytes of ``numpy.packbits``), the wrong
+            number of words per row, or a bit set at or beyond ``n_classes``.
         """
         n_classes = _check_n_classes(n_classes)
         w = np.asarray(words)
@@ -129,12 +138,14 @@ class PatternTable:
             w = w.reshape(-1, 1)
         if w.ndim != 2:
             raise ValueError(f"words must be 2-D (n_samples, n_words), got ndim={w.ndim}")
-        if w.dtype != np.uint64:
-            if w.dtype.kind not in "iu":
-                raise ValueError(f"words must be unsigned 64-bit integers, got dtype {w.dtype}")
-            w = w.astype(np.uint64)
+        if w.dtype.kind not in "iu" or w.dtype.itemsize != 8:
+            raise ValueError(f"words must be 64-bit integers (uint64 or int64), got dtype {w.dtype}")
+        n_words = (n_classes + 63) // 64
+        if w.shape[1] != n_words:
+            raise ValueError(f"words must have ceil(n_classes / 64) = {n_words} words per row, got {w.shape[1]}")
+        w = np.ascontiguousarray(w).view(np.uint64)
         builder = _core.PatternTableBuilder(n_classes, keep_inverse, _threads(n_threads))
-        builder.add_packed(np.ascontiguousarray(w))
+        builder.add_packed(w)
         return cls(builder.finish(), class_names)
 
     @classmethod
@@ -152,9 +163,17 @@ class PatternTable:
 
     @classmethod
     def from_sparse(cls, matrix, **kwargs) -> "PatternTable":
-        """Group the rows of a scipy.sparse matrix (any nonzero entry means present)."""
+        """Group the rows of a scipy.sparse matrix (any nonzero entry means present).
+
+        The matrix is not modified: when it holds explicit zeros or duplicate
+        entries, a canonical copy is made; otherwise its CSR arrays are used as they are
+        (converted to int64 when narrower, a copy of the index arrays).
+        """
         csr = matrix.tocsr()
-        csr.eliminate_zeros()
+        if not csr.has_canonical_format or (csr.data == 0).any():
+            csr = csr.copy()
+            csr.sum_duplicates()
+            csr.eliminate_zeros()
         return cls.from_lists(csr.indptr, csr.indices, csr.shape[1], **kwargs)
 
     @classmethod
@@ -166,8 +185,10 @@ class PatternTable:
         The result equals :meth:`from_labels` on the concatenation.
         """
         builder = None
-        for chunk in chunks:
-            y = _as_dense_labels(chunk, "chunk")
+        for i, chunk in enumerate(chunks):
+            y = _as_dense_labels(chunk, f"chunk {i}")
+            if builder is not None and y.shape[1] != n_classes:
+                raise ValueError(f"chunk {i} has {y.shape[1]} columns, expected n_classes = {n_classes}")
             if builder is None:
                 n_classes = _check_n_classes(n_classes if n_classes is not None else y.shape[1])
                 builder = _core.PatternTableBuilder(n_classes, keep_inverse, _threads(n_threads))
@@ -295,19 +316,41 @@ class PatternTable:
 
     @classmethod
     def load(cls, path) -> "PatternTable":
-        """Read a table written by :meth:`save`; the content is validated."""
-        with np.load(path, allow_pickle=False) as z:
-            if "format" not in z or str(z["format"]) != "cobalance.PatternTable":
-                raise ValueError(f"{os.fspath(path)!r} is not a cobalance pattern-table file")
-            version = int(z["version"])
-            if version > _FORMAT_VERSION:
-                raise ValueError(f"{os.fspath(path)!r} has format version {version}; this cobalance reads "
-                                 f"up to {_FORMAT_VERSION}")
-            n_classes = int(z["n_classes"])
-            packed = np.ascontiguousarray(z["packed"], dtype=np.uint64).reshape(-1, max(1, (n_classes + 63) // 64))
-            counts = np.ascontiguousarray(z["counts"], dtype=np.int64)
-            inverse = np.ascontiguousarray(z["inverse"], dtype=np.int64) if "inverse" in z else None
-            names = [str(s) for s in z["class_names"]]
+        """Read a table written by :meth:`save`; the content is validated.
+
+        Raises
+        ------
+        ValueError
+            The file is not a pattern-table ``.npz`` (not a zip archive, truncated,
+            arrays missing), has a newer format version, or its arrays contradict
+            each other (duplicate patterns, counts that do not match the inverse).
+        FileNotFoundError
+            No file at ``path``.
+        """
+        where = repr(os.fspath(path))
+        try:
+            z = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"{where} is not a cobalance pattern-table file ({e})") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(f"{where} is not a cobalance pattern-table file (a single array, not an .npz)")
+        with z:
+            try:
+                if "format" not in z or str(z["format"]) != "cobalance.PatternTable":
+                    raise ValueError(f"{where} is not a cobalance pattern-table file")
+                version = int(z["version"])
+                if version > _FORMAT_VERSION:
+                    raise ValueError(f"{where} has format version {version}; this cobalance reads "
+                                     f"up to {_FORMAT_VERSION}")
+                n_classes = _check_n_classes(int(z["n_classes"]))
+                packed = np.ascontiguousarray(z["packed"], dtype=np.uint64).reshape(-1, (n_classes + 63) // 64)
+                counts = np.ascontiguousarray(z["counts"], dtype=np.int64)
+                inverse = np.ascontiguousarray(z["inverse"], dtype=np.int64) if "inverse" in z else None
+                names = [str(s) for s in z["class_names"]]
+            except (KeyError, OSError, zipfile.BadZipFile, EOFError, TypeError) as e:
+                raise ValueError(f"{where} is not a cobalance pattern-table file ({e})") from None
         native = _core.PatternTable.from_parts(n_classes, packed, counts, inverse)
         return cls(native, names)
 

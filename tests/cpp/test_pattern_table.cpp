@@ -112,6 +112,39 @@ int main() {
   CHECK_INVALID(PatternTable::from_parts(3, {1, 1}, {1, 1}, {}, false), "duplicate");
   CHECK_INVALID(PatternTable::from_parts(3, {1, 2}, {1, 0}, {}, false), "counts[1]");
   CHECK_INVALID(PatternTable::from_parts(3, {1, 2}, {1, 1}, {0, 2}, true), "inverse[1] = 2");
+  // Counts beyond 2^31 for one pattern (merged tables without inverse), in the
+  // hashed layout (70 classes: two words per pattern) and the direct one.
+  {
+    const index_t big = index_t{3} << 30;
+    PatternTable wide = PatternTable::from_parts(70, {1, 0, 2, 1}, {big, 5}, {}, false);
+    PatternTable m = cobalance::merge_tables({&wide, &wide, &wide});
+    CHECK(m.counts() == (std::vector<index_t>{3 * big, 15}));
+    PatternTable narrow = PatternTable::from_parts(5, {1, 2}, {big, 5}, {}, false);
+    PatternTable mn = cobalance::merge_tables({&narrow, &narrow});
+    CHECK(mn.counts() == (std::vector<index_t>{2 * big, 10}));
+    PatternTable one = PatternTable::from_parts(64, {7}, {big}, {}, false);
+    PatternTable m1 = cobalance::merge_tables({&one, &one, &one, &one});
+    CHECK(m1.counts() == (std::vector<index_t>{4 * big}));
+  }
+  // Many distinct patterns with a bad row late: every thread count reports it and
+  // leaves the builder as it was.
+  {
+    const index_t n = 200000, c = 64;
+    std::mt19937_64 rng(9);
+    std::vector<std::uint8_t> y(static_cast<std::size_t>(n * c));
+    for (auto& v : y) v = rng() & 1;
+    y[static_cast<std::size_t>((n - 77) * c + 5)] = 9;
+    for (int threads : {1, 2, 3}) {
+      PatternTableBuilder b(c, true, threads);
+      b.add_dense(y.data(), 1000);
+      CHECK_INVALID(b.add_dense(y.data() + 1000 * c, n - 1000), "got 9 at row " + std::to_string(n - 77) + ", column 5");
+      CHECK(b.n_samples() == 1000);
+      CHECK(b.n_patterns() == 1000);
+      PatternTable t = b.finish();
+      CHECK(t.inverse().size() == 1000);
+      CHECK(t.counts() == std::vector<index_t>(1000, 1));
+    }
+  }
   // Empty input.
   PatternTableBuilder empty(5);
   empty.add_dense(nullptr, 0);

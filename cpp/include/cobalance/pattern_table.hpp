@@ -75,7 +75,9 @@ class PatternTable {
 
 // Builds a PatternTable from one or more batches of samples, added in order. The
 // result equals that of one pass over the concatenated batches, whatever the batch
-// boundaries and thread counts.
+// boundaries and thread counts. A batch that throws leaves the builder as it was.
+// A table holds at most 2^32 - 2 distinct patterns (std::length_error beyond);
+// counts and sample indices are 64-bit.
 class PatternTableBuilder {
  public:
   // keep_inverse=false skips the sample -> pattern index (counts only, O(K) memory).
