@@ -686,18 +686,19 @@ struct PatternTableBuilder::State {
   void insert_rows_pipelined(index_t begin, index_t end, int parts, const Pack& pack, index_t* inv,
                              index_t& done) {
     const index_t nw = index.n_words();
-    constexpr index_t kChunk = 2048;
+    // Rows per chunk: 2048, fewer for very wide rows so that a buffer stays ~0.5 MiB.
+    const index_t kChunk = std::max<index_t>(kBatch, std::min<index_t>(2048, 65536 / nw));
     constexpr index_t kAhead = 16;  // prefetch distance, in rows
     const int producers = parts - 1;
     const index_t n_chunks = (end - begin + kChunk - 1) / kChunk;
     const index_t ring = 4 * static_cast<index_t>(producers);
     struct Buffer {
-      explicit Buffer(index_t nw) : keys(static_cast<std::size_t>(kChunk * nw)), hash(static_cast<std::size_t>(kChunk)) {}
+      Buffer(index_t rows, index_t nw) : keys(static_cast<std::size_t>(rows * nw)), hash(static_cast<std::size_t>(rows)) {}
       std::vector<std::uint64_t> keys, hash;
       std::exception_ptr error;  // the chunk's first bad row, if any
     };
     enum : unsigned char { kFreeChunk = 0, kClaimed = 1, kPacked = 2 };
-    std::vector<Buffer> slots(static_cast<std::size_t>(ring), Buffer(nw));
+    std::vector<Buffer> slots(static_cast<std::size_t>(ring), Buffer(kChunk, nw));
     std::unique_ptr<std::atomic<unsigned char>[]> state(new std::atomic<unsigned char>[static_cast<std::size_t>(n_chunks)]);
     for (index_t c = 0; c < n_chunks; ++c) state[static_cast<std::size_t>(c)].store(kFreeChunk, std::memory_order_relaxed);
     std::atomic<index_t> consumed{0};  // chunks fully inserted
@@ -738,7 +739,7 @@ struct PatternTableBuilder::State {
         ~StopOnExit() { stop.store(true, std::memory_order_relaxed); }
       } stop_on_exit{stop};
       const StreamFenceOnExit fence;
-      Buffer own(nw);
+      Buffer own(kChunk, nw);
       for (index_t c = 0; c < n_chunks; ++c) {
         Buffer* buf = &slots[static_cast<std::size_t>(c % ring)];
         unsigned char expected = kFreeChunk;
