@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <sstream>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 
 #include "cobalance/parallel.hpp"
@@ -15,6 +17,7 @@ namespace {
 constexpr index_t kMinBlock = 2048;         // patterns per block at least
 constexpr index_t kWorkPerPart = 1 << 16;   // below this much work (nnz + K), a thread costs more than it saves
 constexpr double kHundredSquared = 1.0e4;   // the `proportions` regularizer's (100 (p - p0))^2
+constexpr index_t kChunk = 4096;            // entries per chunk of a class's gather
 
 std::string show(double v) {
   std::ostringstream s;
@@ -32,20 +35,62 @@ void over_blocks(index_t n_blocks, int parts, Fn&& fn) {
   run_parts(parts, [&](int t) { fn(bounds[static_cast<std::size_t>(t)], bounds[static_cast<std::size_t>(t) + 1]); });
 }
 
-// Sums per-block partial results in block order: out[i] = sum_b partial[b * width + i].
-// Each entry's order of addition is fixed, so splitting i over threads cannot change it.
-void combine_partials(const std::vector<double>& partial, index_t n_blocks, index_t width, double* out,
-                      int n_threads) {
-  const int parts = parts_for(n_blocks * width, n_threads, kWorkPerPart);
-  const auto bounds = split_range(width, parts);
-  run_parts(parts, [&](int t) {
-    for (index_t i = bounds[static_cast<std::size_t>(t)]; i < bounds[static_cast<std::size_t>(t) + 1]; ++i) {
-      double s = 0.0;
-      for (index_t b = 0; b < n_blocks; ++b) s += partial[static_cast<std::size_t>(b * width + i)];
-      out[i] = s;
-    }
-  });
-}
+// Per-pattern terms of each regularizer: value() adds R_j to v and q_j p_j to q;
+// gradient() is d R / d alpha_j given sum_k q_k p_k.
+template <Regularizer R>
+struct RegTerms {
+  const double* inv_n;
+  const double* p0;
+  const double* inv_p0;
+  double inv_total;
+  void value(double, index_t, double&, double&) const {}
+  double gradient(double, index_t, double) const { return 0.0; }
+};
+
+template <>
+struct RegTerms<Regularizer::counts> {
+  const double* inv_n;
+  const double* p0;
+  const double* inv_p0;
+  double inv_total;
+  void value(double a, index_t j, double& v, double&) const {
+    const double t = a * inv_n[j] - 1.0;
+    v += t * t;
+  }
+  double gradient(double a, index_t j, double) const { return 2.0 * (a * inv_n[j] - 1.0) * inv_n[j]; }
+};
+
+template <>
+struct RegTerms<Regularizer::proportions> {
+  const double* inv_n;
+  const double* p0;
+  const double* inv_p0;
+  double inv_total;
+  void value(double a, index_t j, double& v, double& q) const {
+    const double p = a * inv_total, t = p - p0[j];
+    v += kHundredSquared * t * t;
+    q += 2.0 * kHundredSquared * t * p;
+  }
+  double gradient(double a, index_t j, double qp) const {
+    return (2.0 * kHundredSquared * (a * inv_total - p0[j]) - qp) * inv_total;
+  }
+};
+
+template <>
+struct RegTerms<Regularizer::ratio> {
+  const double* inv_n;
+  const double* p0;
+  const double* inv_p0;
+  double inv_total;
+  void value(double a, index_t j, double& v, double& q) const {
+    const double p = a * inv_total, t = p * inv_p0[j] - 1.0;
+    v += t * t;
+    q += 2.0 * t * inv_p0[j] * p;
+  }
+  double gradient(double a, index_t j, double qp) const {
+    return (2.0 * (a * inv_total * inv_p0[j] - 1.0) * inv_p0[j] - qp) * inv_total;
+  }
+};
 
 double sum_in_order(const std::vector<double>& v) {
   double s = 0.0;
@@ -100,6 +145,8 @@ BalanceProblem::BalanceProblem(std::vector<index_t> indptr, std::vector<index_t>
   if (n_classes_ < 1) bad("n_classes must be positive, got " + std::to_string(n_classes_));
   const index_t k = static_cast<index_t>(counts_.size());
   if (k < 1) bad("counts must hold at least one pattern, got 0");
+  if (k > static_cast<index_t>(UINT32_MAX))
+    bad("counts must hold fewer than 2^32 patterns, got " + std::to_string(k));
   if (static_cast<index_t>(indptr_.size()) != k + 1)
     bad("indptr must have len(counts) + 1 = " + std::to_string(k + 1) + " entries, got " +
         std::to_string(indptr_.size()));
@@ -116,6 +163,18 @@ BalanceProblem::BalanceProblem(std::vector<index_t> indptr, std::vector<index_t>
     if (indices_[e] < 0 || indices_[e] >= n_classes_)
       bad("indices must lie in [0, n_classes = " + std::to_string(n_classes_) + "), got indices[" +
           std::to_string(e) + "] = " + std::to_string(indices_[e]));
+  {
+    // A class listed twice in one pattern would be counted twice (fractions above 1).
+    std::vector<index_t> seen_in(static_cast<std::size_t>(n_classes_), -1);
+    for (index_t j = 0; j < k; ++j)
+      for (index_t e = indptr_[static_cast<std::size_t>(j)]; e < indptr_[static_cast<std::size_t>(j + 1)]; ++e) {
+        index_t& mark = seen_in[static_cast<std::size_t>(indices_[static_cast<std::size_t>(e)])];
+        if (mark == j)
+          bad("indices must not repeat a class within a pattern, got class " +
+              std::to_string(indices_[static_cast<std::size_t>(e)]) + " twice in pattern " + std::to_string(j));
+        mark = j;
+      }
+  }
   for (std::size_t j = 0; j < counts_.size(); ++j)
     if (!std::isfinite(counts_[j]) || !(counts_[j] > 0.0))
       bad("counts must be finite and > 0, got counts[" + std::to_string(j) + "] = " + show(counts_[j]));
@@ -142,14 +201,45 @@ BalanceProblem::BalanceProblem(std::vector<index_t> indptr, std::vector<index_t>
   block_size_ = (k + n_blocks_ - 1) / n_blocks_;
   n_blocks_ = (k + block_size_ - 1) / block_size_;
 
+  // Transpose by counting sort; scanning patterns in order keeps each class's list sorted.
+  class_ptr_.assign(static_cast<std::size_t>(n_classes_) + 1, 0);
+  for (index_t e : indices_) ++class_ptr_[static_cast<std::size_t>(e) + 1];
+  for (index_t i = 0; i < n_classes_; ++i) class_ptr_[i + 1] += class_ptr_[i];
+  class_patterns_.resize(indices_.size());
+  {
+    std::vector<index_t> next(class_ptr_.begin(), class_ptr_.end() - 1);
+    for (index_t j = 0; j < k; ++j)
+      for (index_t e = indptr_[j]; e < indptr_[j + 1]; ++e)
+        class_patterns_[static_cast<std::size_t>(next[indices_[e]]++)] = static_cast<std::uint32_t>(j);
+  }
+  chunk_ptr_.assign(static_cast<std::size_t>(n_classes_) + 1, 0);
+  for (index_t i = 0; i < n_classes_; ++i)
+    chunk_ptr_[i + 1] = chunk_ptr_[i] + std::max<index_t>(1, (class_ptr_[i + 1] - class_ptr_[i] + kChunk - 1) / kChunk);
+  for (index_t i = 0; i < n_classes_; ++i)
+    for (index_t q = chunk_ptr_[i]; q < chunk_ptr_[i + 1]; ++q) {
+      const index_t begin = class_ptr_[i] + (q - chunk_ptr_[i]) * kChunk;
+      chunk_class_.push_back(i);
+      chunk_begin_.push_back(begin);
+      chunk_end_.push_back(std::min(class_ptr_[i + 1], begin + kChunk));
+    }
+
   n_total_ = pattern_total(counts_.data(), 1);
   p0_.resize(counts_.size());
   for (std::size_t j = 0; j < counts_.size(); ++j) p0_[j] = counts_[j] / n_total_;
+  inv_n_.resize(counts_.size());
+  inv_p0_.resize(counts_.size());
+  for (std::size_t j = 0; j < counts_.size(); ++j) {
+    inv_n_[j] = 1.0 / counts_[j];
+    inv_p0_[j] = n_total_ / counts_[j];
+  }
 }
 
 int BalanceProblem::parts(int n_threads) const noexcept {
-  const int by_work = parts_for(nnz() + n_patterns(), n_threads, kWorkPerPart);
-  return static_cast<int>(std::min<index_t>(by_work, n_blocks_));
+  // Asked once: the query is a system call, too slow for every pass of a solver loop.
+  static const int hardware = resolve_threads(0);
+  const index_t threads = n_threads > 0 ? n_threads : hardware;
+  const index_t by_work = std::max<index_t>(1, (nnz() + n_patterns()) / kWorkPerPart);
+  return static_cast<int>(std::min({threads, by_work, n_blocks_}));
 }
 
 void BalanceProblem::check_alpha(const double* alpha, index_t size, const char* name) const {
@@ -168,48 +258,89 @@ double BalanceProblem::pattern_total(const double* x, int n_threads) const {
   const index_t k = n_patterns();
   over_blocks(n_blocks_, parts(n_threads), [&](index_t b0, index_t b1) {
     for (index_t b = b0; b < b1; ++b) {
-      double s = 0.0;
+      // Four interleaved accumulators in a fixed order: the adds need not wait on each other.
+      double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
       const index_t end = std::min(k, (b + 1) * block_size_);
-      for (index_t j = b * block_size_; j < end; ++j) s += x[j];
-      partial[static_cast<std::size_t>(b)] = s;
+      index_t j = b * block_size_;
+      for (; j + 4 <= end; j += 4) {
+        a0 += x[j];
+        a1 += x[j + 1];
+        a2 += x[j + 2];
+        a3 += x[j + 3];
+      }
+      for (; j < end; ++j) a0 += x[j];
+      partial[static_cast<std::size_t>(b)] = (a0 + a1) + (a2 + a3);
     }
   });
   return sum_in_order(partial);
 }
 
 void BalanceProblem::class_sums(const double* x, double* out, int n_threads) const {
-  const index_t c = n_classes_, k = n_patterns();
-  const index_t* ptr = indptr_.data();
-  const index_t* idx = indices_.data();
-  if (n_blocks_ == 1) {
-    std::fill(out, out + c, 0.0);
-    for (index_t j = 0; j < k; ++j)
-      for (index_t e = ptr[j]; e < ptr[j + 1]; ++e) out[idx[e]] += x[j];
-    return;
-  }
-  std::vector<double> partial(static_cast<std::size_t>(n_blocks_ * c), 0.0);
-  over_blocks(n_blocks_, parts(n_threads), [&](index_t b0, index_t b1) {
-    for (index_t b = b0; b < b1; ++b) {
-      double* acc = partial.data() + b * c;
-      const index_t end = std::min(k, (b + 1) * block_size_);
-      for (index_t j = b * block_size_; j < end; ++j)
-        for (index_t e = ptr[j]; e < ptr[j + 1]; ++e) acc[idx[e]] += x[j];
+  const index_t c = n_classes_;
+  const index_t n_chunks = chunk_ptr_.back();
+  const std::uint32_t* rows = class_patterns_.data();
+  // Gather per chunk of a class's pattern list. A chunk's sum uses four interleaved
+  // accumulators (a fixed order) so that the adds do not wait on each other; the chunks
+  // of a class are then added in order, so the result is independent of the threads.
+  std::vector<double> partial(static_cast<std::size_t>(n_chunks));
+  auto sum_chunk = [&](index_t q) {
+    const index_t begin = chunk_begin_[q], end = chunk_end_[q];
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+    index_t e = begin;
+    for (; e + 4 <= end; e += 4) {
+      a0 += x[rows[e]];
+      a1 += x[rows[e + 1]];
+      a2 += x[rows[e + 2]];
+      a3 += x[rows[e + 3]];
     }
+    for (; e < end; ++e) a0 += x[rows[e]];
+    return (a0 + a1) + (a2 + a3);
+  };
+  const int parts_used = std::min<int>(parts(n_threads), static_cast<int>(std::min<index_t>(n_chunks, 1 << 20)));
+  // Split the chunks into contiguous ranges of about equal entry counts.
+  std::vector<index_t> bounds(static_cast<std::size_t>(parts_used) + 1, n_chunks);
+  bounds[0] = 0;
+  if (parts_used > 1) {
+    const index_t per_part = (nnz() + parts_used - 1) / parts_used;
+    index_t seen = 0;
+    int part = 1;
+    for (index_t q = 0; q < n_chunks && part < parts_used; ++q) {
+      seen += chunk_end_[q] - chunk_begin_[q];
+      if (seen >= per_part * part) bounds[static_cast<std::size_t>(part++)] = q + 1;
+    }
+    for (; part < parts_used; ++part) bounds[static_cast<std::size_t>(part)] = n_chunks;
+  }
+  run_parts(parts_used, [&](int t) {
+    for (index_t q = bounds[static_cast<std::size_t>(t)]; q < bounds[static_cast<std::size_t>(t) + 1]; ++q)
+      partial[static_cast<std::size_t>(q)] = sum_chunk(q);
   });
-  combine_partials(partial, n_blocks_, c, out, n_threads);
+  for (index_t i = 0; i < c; ++i) {
+    double s = 0.0;
+    for (index_t q = chunk_ptr_[i]; q < chunk_ptr_[i + 1]; ++q) s += partial[static_cast<std::size_t>(q)];
+    out[i] = s;
+  }
 }
 
 void BalanceProblem::pattern_sums(const double* y, double* out, int n_threads) const {
-  const index_t k = n_patterns();
-  const index_t* ptr = indptr_.data();
-  const index_t* idx = indices_.data();
-  // No reduction across patterns: every out_j is computed alone, in a fixed order.
-  over_blocks(n_blocks_, parts(n_threads), [&](index_t b0, index_t b1) {
-    const index_t end = std::min(k, b1 * block_size_);
-    for (index_t j = b0 * block_size_; j < end; ++j) {
-      double s = 0.0;
-      for (index_t e = ptr[j]; e < ptr[j + 1]; ++e) s += y[idx[e]];
-      out[j] = s;
+  const index_t c = n_classes_, k = n_patterns();
+  const std::uint32_t* rows = class_patterns_.data();
+  // A scatter over the by-class lists: out_j receives the y_i of its classes in
+  // increasing class order, whichever thread owns pattern j, so the result does not
+  // depend on the split. (A gather over the rows stalls on their varying lengths.)
+  const int parts_used = parts(n_threads);
+  const auto bounds = split_range(k, parts_used);
+  run_parts(parts_used, [&](int t) {
+    const index_t j0 = bounds[static_cast<std::size_t>(t)], j1 = bounds[static_cast<std::size_t>(t) + 1];
+    std::fill(out + j0, out + j1, 0.0);
+    for (index_t i = 0; i < c; ++i) {
+      const std::uint32_t* first = rows + class_ptr_[i];
+      const std::uint32_t* last = rows + class_ptr_[i + 1];
+      if (parts_used > 1) {
+        first = std::lower_bound(first, last, static_cast<std::uint32_t>(j0));
+        last = std::lower_bound(first, last, static_cast<std::uint32_t>(j1));
+      }
+      const double yi = y[i];
+      for (const std::uint32_t* e = first; e < last; ++e) out[*e] += yi;
     }
   });
 }
@@ -290,66 +421,48 @@ double BalanceProblem::evaluate(const double* alpha, Objective objective, Regula
   // Regularizer: its value and, for proportions / ratio, sum_k q_k p_k where
   // q = d R / d p, since d R / d alpha_j = (q_j - sum_k q_k p_k) / S.
   const bool regularized = regularizer != Regularizer::none && gamma != 0.0;
-  double reg_value = 0.0, qp = 0.0;
-  const double* n = counts_.data();
-  const double* p0 = p0_.data();
   const int parts_used = parts(n_threads);
-  if (regularized) {
-    std::vector<double> value_part(static_cast<std::size_t>(n_blocks_), 0.0);
-    std::vector<double> qp_part(static_cast<std::size_t>(n_blocks_), 0.0);
-    over_blocks(n_blocks_, parts_used, [&](index_t b0, index_t b1) {
-      for (index_t b = b0; b < b1; ++b) {
-        double v = 0.0, s = 0.0;
-        const index_t end = std::min(k, (b + 1) * block_size_);
-        for (index_t j = b * block_size_; j < end; ++j) {
-          if (regularizer == Regularizer::counts) {
-            const double t = alpha[j] / n[j] - 1.0;
-            v += t * t;
-          } else if (regularizer == Regularizer::proportions) {
-            const double p = alpha[j] / total, t = p - p0[j];
-            v += kHundredSquared * t * t;
-            s += 2.0 * kHundredSquared * t * p;
-          } else {
-            const double p = alpha[j] / total, t = p / p0[j] - 1.0;
-            v += t * t;
-            s += 2.0 * t / p0[j] * p;
-          }
+  const double inv_total = 1.0 / total;
+  double reg_value = 0.0;
+  auto run = [&](auto kind) {
+    constexpr Regularizer R = decltype(kind)::value;
+    const RegTerms<R> terms{inv_n_.data(), p0_.data(), inv_p0_.data(), inv_total};
+    double qp = 0.0;
+    if (R != Regularizer::none) {
+      std::vector<double> value_part(static_cast<std::size_t>(n_blocks_), 0.0);
+      std::vector<double> qp_part(static_cast<std::size_t>(n_blocks_), 0.0);
+      over_blocks(n_blocks_, parts_used, [&](index_t b0, index_t b1) {
+        for (index_t b = b0; b < b1; ++b) {
+          double v = 0.0, q = 0.0;
+          const index_t end = std::min(k, (b + 1) * block_size_);
+          for (index_t j = b * block_size_; j < end; ++j) terms.value(alpha[j], j, v, q);
+          value_part[static_cast<std::size_t>(b)] = v;
+          qp_part[static_cast<std::size_t>(b)] = q;
         }
-        value_part[static_cast<std::size_t>(b)] = v;
-        qp_part[static_cast<std::size_t>(b)] = s;
-      }
-    });
-    reg_value = sum_in_order(value_part);
-    qp = sum_in_order(qp_part);
-  }
-
-  if (grad != nullptr) {
-    const index_t* ptr = indptr_.data();
-    const index_t* idx = indices_.data();
-    const double* zc = z.data();
-    // Every gradient entry is computed alone: no cross-thread reduction.
+      });
+      reg_value = sum_in_order(value_part);
+      qp = sum_in_order(qp_part);
+    }
+    if (grad == nullptr) return;
+    pattern_sums(z.data(), grad, n_threads);
+    // Every gradient entry is completed alone: no cross-thread reduction.
     over_blocks(n_blocks_, parts_used, [&](index_t b0, index_t b1) {
       const index_t end = std::min(k, b1 * block_size_);
       for (index_t j = b0 * block_size_; j < end; ++j) {
-        double s = 0.0;
-        for (index_t e = ptr[j]; e < ptr[j + 1]; ++e) s += zc[idx[e]];
-        double gj = s + z0;
-        if (regularized) {
-          double r;
-          if (regularizer == Regularizer::counts) {
-            r = 2.0 * (alpha[j] / n[j] - 1.0) / n[j];
-          } else if (regularizer == Regularizer::proportions) {
-            const double p = alpha[j] / total;
-            r = (2.0 * kHundredSquared * (p - p0[j]) - qp) / total;
-          } else {
-            const double p = alpha[j] / total;
-            r = (2.0 * (p / p0[j] - 1.0) / p0[j] - qp) / total;
-          }
-          gj += gamma * r;
-        }
+        double gj = grad[j] + z0;
+        if (R != Regularizer::none) gj += gamma * terms.gradient(alpha[j], j, qp);
         grad[j] = gj;
       }
     });
+  };
+  if (!regularized) {
+    run(std::integral_constant<Regularizer, Regularizer::none>{});
+  } else if (regularizer == Regularizer::counts) {
+    run(std::integral_constant<Regularizer, Regularizer::counts>{});
+  } else if (regularizer == Regularizer::proportions) {
+    run(std::integral_constant<Regularizer, Regularizer::proportions>{});
+  } else {
+    run(std::integral_constant<Regularizer, Regularizer::ratio>{});
   }
   return objective_value + (regularized ? gamma * reg_value : 0.0);
 }

@@ -46,15 +46,21 @@ class ConvexQP {
         c_(problem.n_classes()),
         parts_(problem.parts(n_threads)) {
     // Diagonal of R's Hessian in p (every regularizer is a separable quadratic).
+    ones_.assign(static_cast<std::size_t>(k_), 1.0);
     hess_.assign(static_cast<std::size_t>(k_), 0.0);
+    lin_.assign(static_cast<std::size_t>(k_), 0.0);
     const auto& n = pr_.counts();
     const auto& p0 = pr_.base_proportions();
     for (index_t j = 0; j < k_; ++j) {
       switch (reg_) {
-        case Regularizer::none: hess_[j] = 0.0; break;
-        case Regularizer::counts: hess_[j] = 2.0 * total_ * total_ / (n[j] * n[j]); break;
-        case Regularizer::proportions: hess_[j] = 2.0 * kHundredSquared; break;
-        case Regularizer::ratio: hess_[j] = 2.0 / (p0[j] * p0[j]); break;
+        case Regularizer::none: hess_[j] = 0.0, lin_[j] = 0.0; break;
+        case Regularizer::counts:
+          hess_[j] = 2.0 * total_ * total_ / (n[j] * n[j]), lin_[j] = -2.0 * total_ / n[j];
+          break;
+        case Regularizer::proportions:
+          hess_[j] = 2.0 * kHundredSquared, lin_[j] = -2.0 * kHundredSquared * p0[j];
+          break;
+        case Regularizer::ratio: hess_[j] = 2.0 / (p0[j] * p0[j]), lin_[j] = -2.0 / p0[j]; break;
       }
     }
   }
@@ -132,36 +138,27 @@ class ConvexQP {
     for (index_t i = 0; i < c_; ++i) work[i] = s_f * 2.0 * w[i] * (f[i] - d[i]);
     pr_.pattern_sums(work.data(), grad, n_threads_);
     if (reg_ == Regularizer::none || s_r == 0.0) return;
-    const auto& n = pr_.counts();
-    const auto& p0 = pr_.base_proportions();
+    // Every regularizer's gradient is affine in p: hess_j p_j + lin_j.
+    const double* h = hess_.data();
+    const double* b = lin_.data();
     for_patterns([&](index_t j0, index_t j1) {
-      for (index_t j = j0; j < j1; ++j) {
-        double r;
-        if (reg_ == Regularizer::counts) {
-          r = 2.0 * (total_ * p[j] / n[j] - 1.0) * total_ / n[j];
-        } else if (reg_ == Regularizer::proportions) {
-          r = 2.0 * kHundredSquared * (p[j] - p0[j]);
-        } else {
-          r = 2.0 * (p[j] / p0[j] - 1.0) / p0[j];
-        }
-        grad[j] += s_r * r;
-      }
+      for (index_t j = j0; j < j1; ++j) grad[j] += s_r * (h[j] * p[j] + b[j]);
     });
   }
 
   // out = argmin sum_j metric_j (q_j - y_j)^2  s.t. sum q = 1, lo <= q <= hi, i.e.
-  // out_j = clamp(y_j - tau / metric_j, lo_j, hi_j) with sum out = 1. The sum is a
-  // non-increasing piecewise-linear function of tau; safeguarded Newton steps on it
+  // out_j = clamp(y_j - tau / metric_j, lo_j, hi_j) with sum out = 1 (inv_metric =
+  // 1 / metric). The sum is a non-increasing piecewise-linear function of tau; safeguarded Newton steps on it
   // are exact linear solves on the current piece, so the loop ends on the piece that
   // holds the root. `tau` is a warm start in, the multiplier out.
-  void project(const double* y, const double* metric, double* out, double& tau) const {
+  void project(const double* y, const double* inv_metric, double* out, double& tau) const {
     const double* lo = lo_.data();
     const double* hi = hi_.data();
     auto measure = [&](double t) {
       // [0] sum of clamped values, [1] sum of free y_j, [2] sum of free 1/metric_j,
       // [3] sum of bounds of clamped entries.
       return sum_patterns<4>([&](index_t j, std::array<double, 4>& acc) {
-        const double inv = 1.0 / metric[j];
+        const double inv = inv_metric[j];
         const double v = y[j] - t * inv;
         if (v <= lo[j]) {
           acc[0] += lo[j];
@@ -191,7 +188,7 @@ class ConvexQP {
         if (!bracketed) {
           // Where every entry sits at its upper bound (or at >= 1 when unbounded) the
           // sum is >= 1; where every entry sits at its lower bound it is <= 1.
-          const auto range = bracket(y, metric);
+          const auto range = bracket(y, inv_metric);
           below = std::max(below, range.first);
           above = std::min(above, range.second);
           bracketed = true;
@@ -203,8 +200,25 @@ class ConvexQP {
     }
     tau = t;
     for_patterns([&](index_t j0, index_t j1) {
-      for (index_t j = j0; j < j1; ++j) out[j] = std::clamp(y[j] - t / metric[j], lo[j], hi[j]);
+      for (index_t j = j0; j < j1; ++j) out[j] = std::clamp(y[j] - t * inv_metric[j], lo[j], hi[j]);
     });
+    // Where 1 / metric is large, one ulp of tau moves the sum by more than rounding;
+    // spread what is left over the free entries in proportion to 1 / metric (the same
+    // direction as a change of tau), so that sum out = 1 to rounding.
+    for (int fix = 0; fix < 4; ++fix) {
+      const auto m = sum_patterns<2>([&](index_t j, std::array<double, 2>& acc) {
+        acc[0] += out[j];
+        if (out[j] > lo[j] && out[j] < hi[j]) acc[1] += inv_metric[j];
+      });
+      const double excess = m[0] - 1.0;
+      if (std::abs(excess) <= 1e-14 || !(m[1] > 0.0)) break;
+      const double shift = excess / m[1];
+      for_patterns([&](index_t j0, index_t j1) {
+        for (index_t j = j0; j < j1; ++j)
+          if (out[j] > lo[j] && out[j] < hi[j]) out[j] = std::clamp(out[j] - shift * inv_metric[j], lo[j], hi[j]);
+      });
+      tau += shift;
+    }
   }
 
   // max_j |p_j - P(p - grad)_j| with P the Euclidean projection.
@@ -215,7 +229,6 @@ class ConvexQP {
     for_patterns([&](index_t j0, index_t j1) {
       for (index_t j = j0; j < j1; ++j) y[j] = p[j] - grad[j];
     });
-    if (ones_.empty()) ones_.assign(static_cast<std::size_t>(k_), 1.0);
     project(y, ones_.data(), q, tau);
     const index_t bs = pr_.block_size(), nb = pr_.n_blocks();
     std::vector<double> partial(static_cast<std::size_t>(nb), 0.0);
@@ -229,8 +242,21 @@ class ConvexQP {
   }
 
   const std::vector<double>& hessian_diagonal() const { return hess_; }
-  const std::vector<double>& weights() const { return pr_.class_weights(); }
+  const std::vector<double>& linear_term() const { return lin_; }
+  const std::vector<double>& lower() const { return lo_; }
+  const std::vector<double>& upper() const { return hi_; }
+  const BalanceProblem& problem() const { return pr_; }
   Regularizer regularizer_kind() const { return reg_; }
+  int n_threads() const { return n_threads_; }
+  // mu R(p) + <y_patterns, p>: the dual's pattern part (y_patterns = U y).
+  double dual_pattern_part(const double* p, const double* uy, double mu) const {
+    const double* h = hess_.data();
+    const double* b = lin_.data();
+    return sum_patterns<1>([&](index_t j, std::array<double, 1>& acc) {
+      acc[0] += mu * (0.5 * h[j] * p[j] * p[j] + b[j] * p[j]) + uy[j] * p[j];
+    })[0];
+  }
+  const std::vector<double>& weights() const { return pr_.class_weights(); }
 
   // Largest eigenvalue of F's Hessian 2 U W U^T, by power iteration on the C x C
   // matrix W^1/2 U^T U W^1/2 from a fixed start (deterministic).
@@ -261,14 +287,14 @@ class ConvexQP {
   }
 
  private:
-  std::pair<double, double> bracket(const double* y, const double* metric) const {
+  std::pair<double, double> bracket(const double* y, const double* inv_metric) const {
     const double* lo = lo_.data();
     const double* hi = hi_.data();
     double first = kInf, last = -kInf;
     for (index_t j = 0; j < k_; ++j) {
       const double top = std::isfinite(hi[j]) ? hi[j] : lo[j] + 1.0;
-      first = std::min(first, metric[j] * (y[j] - top));
-      last = std::max(last, metric[j] * (y[j] - lo[j]));
+      first = std::min(first, (y[j] - top) / inv_metric[j]);
+      last = std::max(last, (y[j] - lo[j]) / inv_metric[j]);
     }
     return {first, last};
   }
@@ -276,8 +302,8 @@ class ConvexQP {
   const BalanceProblem& pr_;
   Regularizer reg_;
   double total_;
-  std::vector<double> lo_, hi_, hess_;
-  mutable std::vector<double> ones_;
+  std::vector<double> lo_, hi_, hess_, lin_;  // R's gradient is hess_ * p + lin_
+  std::vector<double> ones_;  // the Euclidean metric
   int n_threads_;
   index_t k_, c_;
   int parts_;
@@ -290,16 +316,14 @@ struct InnerResult {
 };
 
 // FISTA with gradient restart for F + mu R from x (feasible; updated in place). The
-// stopping test is on the natural residual of grad_scale(x) * (dF + mu dR), which is
-// the reported problem's gradient (see solve_exact).
-template <class Scale>
+// stopping test is on the natural residual of dF + mu dR.
 InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double& lipschitz, index_t max_iter,
-                  double tol, Scale&& grad_scale) {
+                  double tol) {
   const index_t k = qp.k(), c = qp.c();
   const auto& hess = qp.hessian_diagonal();
-  std::vector<double> metric(static_cast<std::size_t>(k));
+  std::vector<double> inv_metric(static_cast<std::size_t>(k));
   auto set_metric = [&] {
-    for (index_t j = 0; j < k; ++j) metric[j] = lipschitz + mu * hess[j];
+    for (index_t j = 0; j < k; ++j) inv_metric[j] = 1.0 / (lipschitz + mu * hess[j]);
   };
   set_metric();
   std::vector<double> y = x, x_new(static_cast<std::size_t>(k)), grad(static_cast<std::size_t>(k)),
@@ -311,8 +335,7 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
   InnerResult result;
 
   auto residual_at_x = [&]() {
-    const double s = grad_scale(fx);
-    qp.gradient(x.data(), fx.data(), s, s * mu, grad.data(), work);
+    qp.gradient(x.data(), fx.data(), 1.0, mu, grad.data(), work);
     return qp.natural_residual(x.data(), grad.data(), work2, tau_residual);
   };
 
@@ -325,9 +348,9 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
     result.n_iter = it;
     qp.gradient(y.data(), fy.data(), 1.0, mu, grad.data(), work);
     qp.for_patterns([&](index_t j0, index_t j1) {
-      for (index_t j = j0; j < j1; ++j) z[j] = y[j] - grad[j] / metric[j];
+      for (index_t j = j0; j < j1; ++j) z[j] = y[j] - grad[j] * inv_metric[j];
     });
-    qp.project(z.data(), metric.data(), x_new.data(), tau);
+    qp.project(z.data(), inv_metric.data(), x_new.data(), tau);
     qp.marginals(x_new.data(), f_new.data());
 
     // F is quadratic: F(y + d) - F(y) - <dF(y), d> = sum_i w_i (U^T d)_i^2 exactly, so the
@@ -380,6 +403,173 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
   return result;
 }
 
+// Semismooth Newton on the dual of F + mu R (mu > 0, every w_i > 0), whose variable is
+// y = 2 w (U^T p - d), one per class. For a given y the primal minimiser is the
+// projection p(y) = P_D(c - (U y) / (mu h)) (c the regularizer's centre, D = mu h),
+// so the dual is smooth and concave with gradient U^T p(y) - d - y / (2 w), and its
+// generalised Hessian is -(U^T (V - v v^T / sum v) U + diag(1 / (2 w))) with v = 1 / (mu h)
+// on the patterns strictly inside their bounds. Steps are damped by a backtracking
+// (Armijo) line search on the dual. Returns true when the primal KKT residual at p(y)
+// is <= tol, with x = p(y); otherwise x is the last p(y) (feasible) for FISTA to go on.
+// Only used where the C x C system is cheap (see newton_applies).
+bool newton_applies(const ConvexQP& qp, double mu) {
+  const BalanceProblem& pr = qp.problem();
+  if (!(mu > 0.0) || qp.regularizer_kind() == Regularizer::none) return false;
+  if (pr.n_classes() > 512) return false;
+  for (double w : pr.class_weights())
+    if (!(w > 0.0)) return false;
+  for (double h : qp.hessian_diagonal())
+    if (!(h > 0.0) || !std::isfinite(h)) return false;
+  // Forming U^T V U costs sum_j |u_j|^2.
+  double pairs = 0.0;
+  const auto& ptr = pr.indptr();
+  for (index_t j = 0; j < pr.n_patterns(); ++j) {
+    const double len = static_cast<double>(ptr[j + 1] - ptr[j]);
+    pairs += len * len;
+  }
+  return pairs <= 64.0 * static_cast<double>(pr.nnz() + pr.n_patterns());
+}
+
+bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t max_iter, double tol,
+                 index_t& n_iter) {
+  const BalanceProblem& pr = qp.problem();
+  const index_t k = qp.k(), c = qp.c();
+  const auto& w = pr.class_weights();
+  const auto& d = pr.target();
+  const auto& h = qp.hessian_diagonal();
+  const auto& b = qp.linear_term();
+  const auto& lo = qp.lower();
+  const auto& hi = qp.upper();
+  const auto& ptr = pr.indptr();
+  const auto& idx = pr.indices();
+  std::vector<double> inv(static_cast<std::size_t>(k)), centre(static_cast<std::size_t>(k));
+  for (index_t j = 0; j < k; ++j) {
+    inv[j] = 1.0 / (mu * h[j]);
+    centre[j] = -b[j] / h[j];
+  }
+  std::vector<double> f(static_cast<std::size_t>(c)), y(static_cast<std::size_t>(c)), uy(static_cast<std::size_t>(k)),
+      z(static_cast<std::size_t>(k)), p(static_cast<std::size_t>(k)), grad_p(static_cast<std::size_t>(k)),
+      work, work2;
+  qp.marginals(x.data(), f.data());
+  for (index_t i = 0; i < c; ++i) y[i] = 2.0 * w[i] * (f[i] - d[i]);
+  double tau = 0.0, tau_residual = 0.0;
+
+  // p(y), f = U^T p(y), the dual value and its gradient.
+  std::vector<double> dual_grad(static_cast<std::size_t>(c));
+  auto evaluate = [&](const std::vector<double>& yv, std::vector<double>& pv, std::vector<double>& fv,
+                      std::vector<double>& gv) {
+    pr.pattern_sums(yv.data(), uy.data(), qp.n_threads());
+    for (index_t j = 0; j < k; ++j) z[j] = centre[j] - uy[j] * inv[j];
+    qp.project(z.data(), inv.data(), pv.data(), tau);
+    qp.marginals(pv.data(), fv.data());
+    double value = qp.dual_pattern_part(pv.data(), uy.data(), mu);
+    for (index_t i = 0; i < c; ++i) {
+      value += -yv[i] * d[i] - yv[i] * yv[i] / (4.0 * w[i]);
+      gv[i] = fv[i] - d[i] - yv[i] / (2.0 * w[i]);
+    }
+    return value;
+  };
+  double value = evaluate(y, p, f, dual_grad);
+  std::vector<double> m(static_cast<std::size_t>(c * c)), a(static_cast<std::size_t>(c)), step(static_cast<std::size_t>(c)),
+      y_try(static_cast<std::size_t>(c)), p_try(static_cast<std::size_t>(k)), f_try(static_cast<std::size_t>(c)),
+      g_try(static_cast<std::size_t>(c));
+  for (index_t it = 0; it < max_iter; ++it) {
+    qp.gradient(p.data(), f.data(), 1.0, mu, grad_p.data(), work);
+    if (qp.natural_residual(p.data(), grad_p.data(), work2, tau_residual) <= tol) {
+      x = p;
+      return true;
+    }
+    ++n_iter;
+    // M = U^T V U - a a^T / s + diag(1 / (2 w)), a = U^T v, s = sum v (lower triangle).
+    std::fill(m.begin(), m.end(), 0.0);
+    std::fill(a.begin(), a.end(), 0.0);
+    double s = 0.0;
+    for (index_t j = 0; j < k; ++j) {
+      if (!(p[j] > lo[j] && p[j] < hi[j])) continue;
+      const double v = inv[j];
+      s += v;
+      for (index_t e = ptr[j]; e < ptr[j + 1]; ++e) {
+        const index_t r = idx[e];
+        a[r] += v;
+        for (index_t e2 = ptr[j]; e2 < ptr[j + 1]; ++e2) {
+          const index_t q = idx[e2];
+          if (q <= r) m[r * c + q] += v;
+        }
+      }
+    }
+    for (index_t r = 0; r < c; ++r) {
+      for (index_t q = 0; q <= r; ++q) m[r * c + q] -= s > 0.0 ? a[r] * a[q] / s : 0.0;
+      m[r * c + r] += 1.0 / (2.0 * w[r]);
+    }
+    // Cholesky (in place, lower triangle); M is positive definite by construction.
+    for (index_t r = 0; r < c; ++r) {
+      for (index_t q = 0; q <= r; ++q) {
+        double sum = m[r * c + q];
+        for (index_t t = 0; t < q; ++t) sum -= m[r * c + t] * m[q * c + t];
+        if (q == r) {
+          if (!(sum > 0.0)) {
+            x = p;
+            return false;
+          }
+          m[r * c + r] = std::sqrt(sum);
+        } else {
+          m[r * c + q] = sum / m[q * c + q];
+        }
+      }
+    }
+    for (index_t r = 0; r < c; ++r) {
+      double sum = dual_grad[r];
+      for (index_t t = 0; t < r; ++t) sum -= m[r * c + t] * step[t];
+      step[r] = sum / m[r * c + r];
+    }
+    for (index_t r = c; r-- > 0;) {
+      double sum = step[r];
+      for (index_t t = r + 1; t < c; ++t) sum -= m[t * c + r] * step[t];
+      step[r] = sum / m[r * c + r];
+    }
+    double slope = 0.0;
+    for (index_t i = 0; i < c; ++i) slope += dual_grad[i] * step[i];
+    if (!(slope > 0.0)) break;
+    double t = 1.0, value_try = value;
+    bool accepted = false;
+    for (int ls = 0; ls < 40; ++ls, t *= 0.5) {
+      for (index_t i = 0; i < c; ++i) y_try[i] = y[i] + t * step[i];
+      value_try = evaluate(y_try, p_try, f_try, g_try);
+      if (value_try >= value + 1e-4 * t * slope) {
+        accepted = true;
+        break;
+      }
+    }
+    if (!accepted) break;
+    y.swap(y_try);
+    p.swap(p_try);
+    f.swap(f_try);
+    dual_grad.swap(g_try);
+    value = value_try;
+  }
+  x = p;
+  return false;
+}
+
+// The QP for one mu: Newton on the dual where it applies, then (if still needed) FISTA.
+InnerResult solve_qp(const ConvexQP& qp, double mu, std::vector<double>& x, double& lipschitz, index_t max_iter,
+                     double tol) {
+  InnerResult result;
+  if (newton_applies(qp, mu)) {
+    index_t newton_iter = 0;
+    const bool done = dual_newton(qp, mu, x, std::min<index_t>(max_iter, 60), tol, newton_iter);
+    if (done) {
+      result.n_iter = newton_iter;
+      result.converged = true;
+      return result;
+    }
+    result = fista(qp, mu, x, lipschitz, max_iter - newton_iter, tol);
+    result.n_iter += newton_iter;
+    return result;
+  }
+  return fista(qp, mu, x, lipschitz, max_iter, tol);
+}
+
 }  // namespace
 
 ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regularizer regularizer, double gamma,
@@ -418,21 +608,15 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
   qp.project(problem.base_proportions().data(), ones.data(), x.data(), tau);
   double lipschitz = std::max(1.02 * qp.curvature_estimate(), 1e-12);
 
-  auto root_scale = [&](const std::vector<double>& fx) {
-    const double value = qp.objective(fx.data());
-    return value > 0.0 ? 0.5 / std::sqrt(value) : 0.0;
-  };
   ExactResult result;
   bool outer_converged = true;
+  double mu = gamma;  // the regularizer's weight in the QP that is solved
   if (objective == Objective::fraction) {
-    const auto inner = fista(qp, gamma, x, lipschitz, options.max_iter, options.tol, [](const std::vector<double>&) {
-      return 1.0;
-    });
-    result.n_iter = inner.n_iter;
+    result.n_iter = solve_qp(qp, gamma, x, lipschitz, options.max_iter, options.tol).n_iter;
   } else if (gamma == 0.0 || regularizer == Regularizer::none) {
     // sqrt is increasing: the minimiser of sqrt(F) is that of F.
-    const auto inner = fista(qp, 0.0, x, lipschitz, options.max_iter, options.tol, root_scale);
-    result.n_iter = inner.n_iter;
+    mu = 0.0;
+    result.n_iter = fista(qp, 0.0, x, lipschitz, options.max_iter, options.tol).n_iter;
   } else {
     // KKT of sqrt(F) + gamma R == KKT of F + mu R with mu = 2 gamma sqrt(F): find the
     // root of h(mu) = mu - 2 gamma sqrt(F(p(mu))), unique because the optimum is.
@@ -440,19 +624,21 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
       qp.marginals(x.data(), f.data());
       return 2.0 * gamma * std::sqrt(qp.objective(f.data()));
     };
-    double mu = fixed_point();
-    double mu_below = 0.0, h_below = -kInf, mu_above = kInf, h_above = kInf;
+    mu = fixed_point();
+    double mu_solved = mu;
+    double mu_below = 0.0, h_below = 0.0, mu_above = kInf, h_above = 0.0, mu_previous = 0.0, h_previous = 0.0;
     bool has_below = false, has_above = false;
     int side = 0;  // Illinois: the side kept twice in a row
     outer_converged = false;
     for (int outer = 0; outer < 200 && result.n_iter < options.max_iter; ++outer) {
-      const double inner_tol = options.tol;
-      const auto inner = fista(qp, mu, x, lipschitz, options.max_iter - result.n_iter, inner_tol, root_scale);
+      const auto inner = solve_qp(qp, mu, x, lipschitz, options.max_iter - result.n_iter, options.tol);
       result.n_iter += inner.n_iter;
+      mu_solved = mu;
       const double image = fixed_point();
       const double h = mu - image;
-      if (std::abs(h) <= 1e-12 * std::max(mu, 1e-300) && inner.converged) {
-        outer_converged = true;
+      // Relative to mu, with an absolute floor for an exact fit (F = 0, mu -> 0).
+      if (std::abs(h) <= 1e-12 * std::max(mu, image) + 1e-15 * gamma) {
+        outer_converged = inner.converged;
         break;
       }
       if (h < 0.0) {
@@ -462,24 +648,31 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
         if (has_above && side == 1) h_below *= 0.5;
         mu_above = mu, h_above = h, has_above = true, side = 1;
       }
-      double next = image;  // the fixed-point step until the root is bracketed
+      // Secant steps through the last two points until the root is bracketed (the
+      // fixed-point map can contract slowly), falling back on the fixed-point step.
+      double next = image;
+      if (outer > 0 && h != h_previous) {
+        const double secant = mu - h * (mu - mu_previous) / (h - h_previous);
+        if (std::isfinite(secant) && secant >= 0.0) next = secant;
+      }
+      mu_previous = mu, h_previous = h;
       if (has_below && has_above) {
-        next = mu_below - h_below * (mu_above - mu_below) / (h_above - h_below);
-        if (!(next > mu_below && next < mu_above)) next = 0.5 * (mu_below + mu_above);
         if (mu_above - mu_below <= 1e-15 * mu_above) {
           outer_converged = inner.converged;
           break;
         }
+        next = mu_below - h_below * (mu_above - mu_below) / (h_above - h_below);
+        if (!(next > mu_below && next < mu_above)) next = 0.5 * (mu_below + mu_above);
       }
       mu = next;
     }
+    mu = mu_solved;
   }
 
-  // Report the KKT residual of the problem as posed (objective + gamma R).
+  // The KKT residual of the QP that was solved last (see the header for fraction_l2).
   qp.marginals(x.data(), f.data());
-  const double scale = objective == Objective::fraction ? 1.0 : root_scale(f);
   std::vector<double> grad(static_cast<std::size_t>(k)), work, work2;
-  qp.gradient(x.data(), f.data(), scale, gamma, grad.data(), work);
+  qp.gradient(x.data(), f.data(), 1.0, mu, grad.data(), work);
   double tau_residual = 0.0;
   result.kkt_residual = qp.natural_residual(x.data(), grad.data(), work2, tau_residual);
   result.converged = outer_converged && result.kkt_residual <= options.tol;

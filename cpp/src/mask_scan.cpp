@@ -142,13 +142,22 @@ MaskScanResult run_scan(const Grid& g, index_t n_classes, index_t planes, const 
   return r;
 }
 
-// Label-map histogram of one tile band. For uint8 maps every byte value has its own
-// bin (256 bins, no clamping at all); for wider types a value outside [0, n_classes)
-// goes to the overflow bin n_classes and ignore_index to bin n_classes + 1, chosen
-// with conditional moves rather than branches.
+// Label-map histogram of one tile band.
+//
+// uint8 maps: every byte value has its own bin (256 bins, no per-pixel test at all).
+// Wider types: a window of values [lo, lo + width) has its own bins, chosen to hold
+// the class ids and, when it is close to them, ignore_index (e.g. 255 or -100); every
+// other value goes to the overflow bin `width` through one unsigned compare and a
+// conditional move. Only when ignore_index is far from the class ids does each pixel
+// get a second compare, sending it to its own bin `width + 1`.
+//
+// Values that are neither class ids nor ignore_index land in bins that are never
+// folded; the shortfall in the folded total reveals them (see operator()).
 template <class T>
 class LabelHistogram {
   static constexpr bool kDirect = std::is_same_v<T, std::uint8_t>;
+  // Widest window worth a direct bin for ignore_index (a uint16 map with 65535).
+  static constexpr index_t kMaxWindow = (index_t{1} << 16) + 1;
 
  public:
   LabelHistogram(const T* masks, const Grid& g, index_t n_classes, const MaskScanOptions& o)
@@ -159,17 +168,33 @@ class LabelHistogram {
         ignore_(o.ignore_index),
         first_image_(o.first_image) {
     const auto max_id = static_cast<index_t>(std::numeric_limits<T>::max());
-    binned_classes_ = std::min(n_classes, max_id + 1);
-    bins_ = kDirect ? 256 : binned_classes_ + 2;
-    // An ignore value the dtype cannot hold never matches; dropping it here keeps the
-    // per-pixel compare within T.
-    const index_t min_id = static_cast<index_t>(std::numeric_limits<T>::min());
-    ignore_representable_ = has_ignore_ && ignore_ >= min_id && ignore_ <= max_id;
+    const auto min_id = static_cast<index_t>(std::numeric_limits<T>::min());
+    const index_t binned_classes = std::min(n_classes, max_id + 1);  // ids T can hold
+    // An ignore value the dtype cannot hold never matches and needs no bin.
+    const bool ignore_representable = has_ignore_ && ignore_ >= min_id && ignore_ <= max_id;
+    if (kDirect) {
+      lo_ = 0;
+      width_ = 256;
+      bins_ = 256;
+    } else {
+      lo_ = 0;
+      width_ = binned_classes;
+      if (ignore_representable && (ignore_ < 0 || ignore_ >= binned_classes)) {
+        const index_t lo = std::min<index_t>(0, ignore_), hi = std::max<index_t>(binned_classes, ignore_ + 1);
+        if (hi - lo <= std::max(kMaxWindow, binned_classes)) {
+          lo_ = lo;
+          width_ = hi - lo;
+        } else {
+          compare_ignore_ = true;
+        }
+      }
+      bins_ = width_ + (compare_ignore_ ? 2 : 1);
+    }
     hist_.assign(static_cast<std::size_t>(kLanes * bins_), 0);
     totals_.assign(static_cast<std::size_t>(bins_), 0);
-    for (index_t v = 0; v < binned_classes_; ++v)
-      if (!(kDirect && ignore_representable_ && v == ignore_)) class_bins_.push_back(v);
-    if (ignore_representable_) ignore_bin_ = kDirect ? ignore_ : binned_classes_ + 1;
+    for (index_t v = 0; v < binned_classes; ++v)
+      if (!(ignore_representable && v == ignore_)) class_ids_.push_back(v);
+    if (ignore_representable) ignore_bin_ = compare_ignore_ ? width_ + 1 : ignore_ - lo_;
   }
 
   void operator()(index_t image, index_t y0, index_t x0, index_t row_begin, index_t row_end, index_t* counts,
@@ -193,9 +218,9 @@ class LabelHistogram {
     // the last are never folded, so a shortfall in the folded sum reveals them.
     const index_t pixels = (row_end - row_begin) * g_.tile_w;
     index_t accounted = 0;
-    for (const index_t b : class_bins_) {
-      auto& total = totals_[static_cast<std::size_t>(b)];
-      counts[b] += total;
+    for (const index_t c : class_ids_) {
+      auto& total = totals_[static_cast<std::size_t>(c - lo_)];
+      counts[c] += total;
       accounted += total;
       total = 0;
     }
@@ -209,28 +234,44 @@ class LabelHistogram {
   }
 
  private:
+  // Lane l of bin b. uint8: one 256-bin block per lane, so the lane is a constant
+  // displacement; wider types: lanes interleaved per bin, for the same reason with a
+  // run-time bin count.
+  std::size_t slot(index_t lane, index_t bin) const {
+    return static_cast<std::size_t>(kDirect ? lane * 256 + bin : bin * kLanes + lane);
+  }
+
   void accumulate(const T* p, index_t n) {
     std::uint32_t* h = hist_.data();
-    const index_t stride = bins_;
     index_t i = 0;
     if constexpr (kDirect) {
       for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) ++h[l * stride + p[i + l]];
+        for (int l = 0; l < kLanes; ++l) ++h[l * 256 + p[i + l]];
       for (; i < n; ++i) ++h[p[i]];
     } else {
-      const auto limit = static_cast<std::uint64_t>(binned_classes_);
-      const auto ignore_bin = static_cast<std::uint64_t>(binned_classes_ + 1);
-      const bool use_ignore = ignore_representable_;
-      const T ignore = use_ignore ? static_cast<T>(ignore_) : T{0};
-      auto bin = [&](T v) -> std::uint64_t {
-        // Negative int32 ids wrap to huge unsigned values and land in the overflow bin.
-        const std::uint64_t u = static_cast<std::make_unsigned_t<T>>(v);
-        const std::uint64_t b = u < limit ? u : limit;
-        return (use_ignore && v == ignore) ? ignore_bin : b;
-      };
-      for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) ++h[static_cast<std::uint64_t>(l * stride) + bin(p[i + l])];
-      for (; i < n; ++i) ++h[bin(p[i])];
+      const auto width = static_cast<std::uint64_t>(width_);
+      const auto lo = static_cast<std::int64_t>(lo_);
+      if (compare_ignore_) {
+        const auto ignore = static_cast<T>(ignore_);
+        const auto ignore_bin = width + 1;
+        auto bin = [=](T v) -> std::uint64_t {
+          const auto u = static_cast<std::uint64_t>(static_cast<std::int64_t>(v) - lo);
+          const std::uint64_t b = u < width ? u : width;
+          return v == ignore ? ignore_bin : b;
+        };
+        for (; i + kLanes <= n; i += kLanes)
+          for (int l = 0; l < kLanes; ++l) ++h[bin(p[i + l]) * kLanes + l];
+        for (; i < n; ++i) ++h[bin(p[i]) * kLanes];
+      } else {
+        // Values below lo wrap to huge unsigned numbers and land in the overflow bin.
+        auto bin = [=](T v) -> std::uint64_t {
+          const auto u = static_cast<std::uint64_t>(static_cast<std::int64_t>(v) - lo);
+          return u < width ? u : width;
+        };
+        for (; i + kLanes <= n; i += kLanes)
+          for (int l = 0; l < kLanes; ++l) ++h[bin(p[i + l]) * kLanes + l];
+        for (; i < n; ++i) ++h[bin(p[i]) * kLanes];
+      }
     }
   }
 
@@ -240,13 +281,13 @@ class LabelHistogram {
     auto fold = [&](index_t b) {
       index_t sum = 0;
       for (index_t l = 0; l < kLanes; ++l) {
-        auto& h = hist_[static_cast<std::size_t>(l * bins_ + b)];
+        auto& h = hist_[slot(l, b)];
         sum += h;
         h = 0;
       }
       totals_[static_cast<std::size_t>(b)] += sum;
     };
-    for (const index_t b : class_bins_) fold(b);
+    for (const index_t c : class_ids_) fold(c - lo_);
     if (ignore_bin_ >= 0) fold(ignore_bin_);
   }
 
@@ -273,11 +314,12 @@ class LabelHistogram {
   bool has_ignore_;
   index_t ignore_;
   index_t first_image_;
-  bool ignore_representable_ = false;
-  index_t binned_classes_ = 0;
+  index_t lo_ = 0;                  // value of bin 0
+  index_t width_ = 0;               // values with a bin of their own: [lo_, lo_ + width_)
+  bool compare_ignore_ = false;     // ignore_index far outside the window: own compare
   index_t bins_ = 0;
-  std::vector<index_t> class_bins_;  // bins holding class counts (ids, minus a class-valued ignore_index)
-  index_t ignore_bin_ = -1;          // -1: no ignore_index the dtype can hold
+  std::vector<index_t> class_ids_;  // ids counted (those T can hold, minus a class-valued ignore_index)
+  index_t ignore_bin_ = -1;         // -1: no ignore_index the dtype can hold
   std::vector<std::uint32_t> hist_;
   std::vector<index_t> totals_;
 };

@@ -9,8 +9,10 @@ from .balancer import Balancer
 from .patterns import PatternTable
 from .masks import MaskScan, scan_masks, scan_masks_iter
 from .plan import Plan
+from .metrics import DiceMeter, dice_per_class, vdice
 from .report import Report
 from .targets import FeasibilityWarning, resolve_target
 
 __all__ = ["PatternTable", "__version__"]
 __all__ += ["Balancer", "Plan", "Report", "FeasibilityWarning", "resolve_target"]
+__all__ += ["DiceMeter", "dice_per_class", "vdice"]

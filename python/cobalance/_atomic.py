@@ -9,6 +9,14 @@ import tempfile
 import numpy as np
 
 
+def _default_file_mode() -> int:
+    # mkstemp creates files as 0600; a finished output gets the mode a plain open()
+    # would give it (0666 less the umask), so others can read what the user shares.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = ""):
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
@@ -23,6 +31,8 @@ def atomic_path(path, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
+        if os.path.exists(tmp):
+            os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -48,3 +48,84 @@ class PatternTableBuilder:
     def finish(self) -> PatternTable: ...
 
 def merge_tables(tables: Sequence[PatternTable], n_threads: int = 0) -> PatternTable: ...
+
+# --- mask scanning ----------------------------------------------------------------
+
+# Both return (presence uint8 (n, C), pixel_counts int64 (n, C), valid_pixels int64 (n,),
+# origins int64 (n, 3)); masks must be C-contiguous (read in place, GIL released).
+def scan_label_maps(
+    masks: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.int32],
+    n_classes: int,
+    ignore_index: Optional[int],
+    min_pixels: npt.NDArray[np.int64],
+    tile: Tuple[int, int],
+    stride: Tuple[int, int],
+    n_threads: int = 0,
+    first_image: int = 0,
+) -> Tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def scan_binary_masks(
+    masks: npt.NDArray[np.uint8],
+    min_pixels: npt.NDArray[np.int64],
+    tile: Tuple[int, int],
+    stride: Tuple[int, int],
+    n_threads: int = 0,
+    first_image: int = 0,
+) -> Tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def tile_starts(size: int, tile: int, stride: int, axis: str = "height") -> list[int]: ...
+
+# --- balancing problem and solvers ------------------------------------------------
+
+class BalanceProblem:
+    def __init__(
+        self,
+        indptr: npt.ArrayLike,
+        indices: npt.ArrayLike,
+        counts: npt.ArrayLike,
+        n_classes: int,
+        target: npt.ArrayLike,
+        class_weights: Optional[npt.ArrayLike] = None,
+    ) -> None: ...
+    @property
+    def n_patterns(self) -> int: ...
+    @property
+    def n_classes(self) -> int: ...
+    @property
+    def nnz(self) -> int: ...
+    @property
+    def n_samples(self) -> float: ...
+    @property
+    def n_blocks(self) -> int: ...
+    def marginals(self, alpha: npt.ArrayLike, n_threads: int = 0) -> npt.NDArray[np.float64]: ...
+    def loss(self, alpha: npt.ArrayLike, objective: str, regularizer: str, gamma: float, n_threads: int = 0) -> float: ...
+    def loss_and_gradient(
+        self, alpha: npt.ArrayLike, objective: str, regularizer: str, gamma: float, n_threads: int = 0
+    ) -> Tuple[float, npt.NDArray[np.float64]]: ...
+
+def adam(
+    problem: BalanceProblem,
+    alpha0: npt.ArrayLike,
+    lower: npt.ArrayLike,
+    upper: npt.ArrayLike,
+    objective: str,
+    regularizer: str,
+    gamma: float,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    max_iter: int = 1000,
+    tol: float = 0.0,
+    n_threads: int = 0,
+) -> dict: ...
+def solve_exact(
+    problem: BalanceProblem,
+    objective: str,
+    regularizer: str,
+    gamma: float,
+    total: float,
+    lower: npt.ArrayLike,
+    upper: npt.ArrayLike,
+    max_iter: int = 100000,
+    tol: float = 1e-10,
+    n_threads: int = 0,
+) -> dict: ...

@@ -86,7 +86,8 @@ class Balancer:
     init : {"counts", "constant", "class_weighted"}
         Adam's start: ``counts`` alpha_j = n_j; ``constant`` alpha_j = N / K;
         ``class_weighted`` alpha_j proportional to ``1 / presence`` of the rarest
-        class in pattern j (1 for the empty pattern), scaled to sum N. The start is
+        class in pattern j (1 for the empty pattern), scaled to sum N. With
+        ``n_samples_out`` the start is scaled by ``n_samples_out / N``; it is then
         clipped into the bounds.
     min_count, max_count : scalar or array-like of shape (K,), optional
         Bounds on each pattern's total count.
@@ -100,6 +101,13 @@ class Balancer:
         Size of the balanced set. See *Size of the balanced set* below.
     class_weights : array-like of shape (C,), optional
         Weights ``w_i`` of the classes in the objective (default 1).
+    compute_optimality_gap : bool
+        For ``solver="adam"``, also solve the exact problem at the same size and bounds
+        to report ``optimality_gap_`` (default True). The exact solve can take far
+        longer than Adam on very large problems (it runs to a KKT tolerance of 1e-10);
+        turn it off there.
+    exact_max_iter : int > 0
+        Iteration cap of the exact solver (default 100000).
     n_threads : int, optional
         Threads of the native optimiser; default all cores. Results do not depend on it.
     random_state : int, numpy Generator or None
@@ -123,9 +131,13 @@ class Balancer:
     loss_ : float
         Loss at ``alpha_``.
     exact_ : dict or None
-        The exact solver's result at the plan's size (None for ``geo``).
+        The exact solver's result (alpha in copies, p, loss, kkt_residual, n_iter,
+        converged, marginals, max_abs_error) at the plan's size; None for ``geo`` or
+        when the gap is not computed.
     optimality_gap_ : float or None
-        ``loss_ - exact_["loss"]`` for ``solver="adam"`` (None for "exact" or ``geo``).
+        ``loss_ - exact_["loss"]`` for ``solver="adam"``: how far Adam ended above
+        the optimum at the same size and bounds (None for "exact", for ``geo`` and
+        with ``compute_optimality_gap=False``).
     plan_ : Plan
     report_ : Report
 
@@ -136,8 +148,8 @@ class Balancer:
 
     - ``n_samples_out`` given: the size is ``n_samples_out``. Adam's ``alpha`` is
       rescaled to that total (one factor for all patterns, entries clipped to their
-      bounds); the exact solver is solved at that total.
-      Adam itself does not hold the sum fixed, so where the rescaling hits a bound
+      bounds); the exact solver is solved at that total. Adam itself does not hold
+      the sum fixed, so where the rescaling hits a bound
       (e.g. ``n_samples_out`` close to ``max_copies * N``) its result can be
       noticeably worse than the exact optimum at that size; ``optimality_gap_``
       shows by how much, and ``solver="exact"`` avoids it.
@@ -166,7 +178,8 @@ class Balancer:
                  max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, init: str = "counts",
                  min_count=None, max_count=None, max_copies: Optional[float] = 50,
                  allow_undersampling: bool = True, n_samples_out: Optional[int] = None,
-                 class_weights=None, n_threads: Optional[int] = None, random_state=None):
+                 class_weights=None, compute_optimality_gap: bool = True, exact_max_iter: int = 100_000,
+                 n_threads: Optional[int] = None, random_state=None):
         self.target = target
         self.objective = objective
         self.regularizer = regularizer
@@ -182,6 +195,8 @@ class Balancer:
         self.allow_undersampling = allow_undersampling
         self.n_samples_out = n_samples_out
         self.class_weights = class_weights
+        self.compute_optimality_gap = compute_optimality_gap
+        self.exact_max_iter = exact_max_iter
         self.n_threads = n_threads
         self.random_state = random_state
 
@@ -280,10 +295,10 @@ class Balancer:
             adam_alpha = scale_to_total(adam_alpha, lower, upper, float(total))
 
         exact = None
-        if objective != "geo":
+        if objective != "geo" and (self.solver == "exact" or self.compute_optimality_gap):
             exact_total = float(total) if (self.solver == "exact" or sized) else float(adam_alpha.sum())
             exact = _core.solve_exact(problem, objective, regularizer, gamma, exact_total / unit, lower_u,
-                                      upper_u, n_threads=n_threads)
+                                      upper_u, max_iter=int(self.exact_max_iter), n_threads=n_threads)
             exact = dict(exact)
             exact["alpha"] = np.asarray(exact["alpha"], dtype=np.float64) * unit
         if self.solver == "exact":
@@ -332,8 +347,12 @@ class Balancer:
         _real(self.gamma, "gamma", low=0.0)
         _real(self.lr, "lr", low=0.0, strict=True)
         _real(self.tol, "tol", low=0.0)
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, Integral) or self.max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+        for name in ("max_iter", "exact_max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.compute_optimality_gap, (bool, np.bool_)):
+            raise ValueError(f"compute_optimality_gap must be True or False, got {self.compute_optimality_gap!r}")
         if self.max_copies is not None:
             _real(self.max_copies, "max_copies", low=1.0)
         if self.n_samples_out is not None and (isinstance(self.n_samples_out, bool) or

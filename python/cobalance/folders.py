@@ -151,7 +151,8 @@ class MaskFolder:
     Notes
     -----
     The decoded pixels of the last image read are kept (one image and one mask), so
-    reading the tiles of one image in a row decodes it once.
+    reading the tiles of one image in a row decodes it once; they are not pickled.
+    Every reading method returns new arrays.
     """
 
     def __init__(self, root, *, layout: str = "auto", class_names: Optional[Sequence[str]] = None,
@@ -310,18 +311,22 @@ class MaskFolder:
         return int(i) % self.n_images
 
     def load_image(self, i: int) -> np.ndarray:
-        """Image ``i`` as ``(height, width, 3)`` uint8 RGB."""
-        i = self._image_index(i)
+        """Image ``i`` as a new ``(height, width, 3)`` uint8 RGB array."""
+        return self._decoded_image(self._image_index(i)).copy()
+
+    def _decoded_image(self, i: int) -> np.ndarray:
+        """Image ``i``, read-only, decoded once for consecutive calls."""
         cached = self._cache.get("image")
         if cached is not None and cached[0] == i:
             return cached[1]
         with _pillow().open(self._image_paths[i]) as img:
             arr = np.asarray(img.convert("RGB"))
+        arr.flags.writeable = False
         self._cache["image"] = (i, arr)
         return arr
 
     def load_mask(self, i: int) -> np.ndarray:
-        """Mask of image ``i``.
+        """Mask of image ``i``, as a new array.
 
         Returns
         -------
@@ -330,11 +335,15 @@ class MaskFolder:
             16/32-bit files). ``binary_folders``: ``(n_classes, height, width)`` uint8
             of 0/1, zeros for a class without a file.
         """
-        i = self._image_index(i)
+        return self._decoded_mask(self._image_index(i)).copy()
+
+    def _decoded_mask(self, i: int) -> np.ndarray:
+        """Mask ``i``, read-only, decoded once for consecutive calls."""
         cached = self._cache.get("mask")
         if cached is not None and cached[0] == i:
             return cached[1]
         arr = self._read_mask(i)
+        arr.flags.writeable = False
         self._cache["mask"] = (i, arr)
         return arr
 
@@ -345,16 +354,17 @@ class MaskFolder:
         -------
         image : ndarray of uint8, shape (tile_h, tile_w, 3)
         mask : ndarray, shape (tile_h, tile_w) or (n_classes, tile_h, tile_w)
-            Views into the decoded image and mask (copy them before writing).
+            New C-contiguous arrays (the caller may modify them). Whole images when
+            not tiling.
         """
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not -len(self) <= k < len(self):
             raise IndexError(f"sample index {k!r} out of range for {len(self)} samples")
         i, y, x = (int(v) for v in self.origins[k])
-        image, mask = self.load_image(i), self.load_mask(i)
+        image, mask = self._decoded_image(i), self._decoded_mask(i)
         if self.tile is None:
-            return image, mask
+            return image.copy(), mask.copy()
         th, tw = self.tile
-        return image[y:y + th, x:x + tw], mask[..., y:y + th, x:x + tw]
+        return image[y:y + th, x:x + tw].copy(), mask[..., y:y + th, x:x + tw].copy()
 
     # -- statistics ---------------------------------------------------------------
 
@@ -438,6 +448,12 @@ class MaskFolder:
     def pattern_table(self, n_threads: Optional[int] = None):
         """The samples' class-presence patterns as a :class:`cobalance.PatternTable`."""
         return self.scan(n_threads=n_threads).to_table(self.class_names)
+
+    def __getstate__(self):
+        # Decoded pixels stay behind (e.g. when sent to data-loader worker processes).
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
 
     def __repr__(self) -> str:
         return (f"MaskFolder({os.fspath(self.root)!r}, layout={self.layout!r}, n_images={self.n_images}, "

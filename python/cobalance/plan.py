@@ -20,13 +20,12 @@ from typing import Optional
 
 import numpy as np
 
-from ._atomic import atomic_path, atomic_savez, atomic_write_text
+from ._atomic import atomic_savez, atomic_write_text
 
 __all__ = ["Plan", "round_counts", "scale_to_total"]
 
 _FORMAT = "cobalance.Plan"
 _FORMAT_VERSION = 1
-_INT64_MAX = np.iinfo(np.int64).max
 
 
 # -- rounding ------------------------------------------------------------------------

@@ -118,28 +118,34 @@ def _identical_columns(indptr: np.ndarray, indices: np.ndarray, n_classes: int):
     """Groups (lists of >= 2 classes) whose columns over the patterns are identical.
 
     Works on the CSR patterns: every class's sorted list of pattern ids is hashed with
-    random weights, candidates with equal (length, hash) are then compared exactly.
-    Cost O(nnz log nnz), no dense K x C matrix.
+    random weights, candidates with equal (length, hashes) are then compared exactly.
+    Cost O(nnz) plus a sort of the candidates' entries; no dense K x C matrix.
     """
-    rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
+    n_patterns = indptr.size - 1
+    rows = np.repeat(np.arange(n_patterns, dtype=np.int64), np.diff(indptr))
     length = np.bincount(indices, minlength=n_classes)
     rng = np.random.default_rng(0x5EED)
-    row_weight = rng.random(indptr.size - 1) if indptr.size > 1 else np.zeros(0)
-    row_weight2 = rng.random(indptr.size - 1) if indptr.size > 1 else np.zeros(0)
-    h1 = np.bincount(indices, weights=row_weight[rows], minlength=n_classes)
-    h2 = np.bincount(indices, weights=row_weight2[rows], minlength=n_classes)
-    # nnz sorted by class, then by pattern: each class's pattern list is one segment
-    col_rows = rows[np.lexsort((rows, indices))]
-    col_start = np.r_[0, np.cumsum(length)]
-    keys = np.stack([length.astype(np.float64), np.round(h1, 9), np.round(h2, 9)], axis=1)
+    h1 = np.bincount(indices, weights=rng.random(n_patterns)[rows], minlength=n_classes)
+    h2 = np.bincount(indices, weights=rng.random(n_patterns)[rows], minlength=n_classes)
+    # equal columns have equal (length, h1, h2): the sums run over the same patterns
+    # in the same (CSR) order, so they are bitwise equal
+    keys = np.stack([length.astype(np.float64), h1, h2], axis=1)
     _, group_id = np.unique(keys, axis=0, return_inverse=True)
     group_id = group_id.ravel()
-    n_patterns = indptr.size - 1
     # constant columns (never or always present) are reported on their own
     varying = (length > 0) & (length < n_patterns)
+    candidate = varying & (np.bincount(group_id[varying], minlength=group_id.max() + 1)[group_id] > 1)
     groups = []
-    for g in np.flatnonzero(np.bincount(group_id[varying]) > 1):  # one step per candidate group
-        remaining = [int(c) for c in np.flatnonzero((group_id == g) & varying)]
+    if not candidate.any():
+        return groups, length
+    # the pattern lists of the candidate classes: CSR rows ascend, so a stable sort by
+    # class leaves each class's patterns in order, one segment per class
+    keep = candidate[indices]
+    sub_rows, sub_classes = rows[keep], indices[keep]
+    col_rows = sub_rows[np.argsort(sub_classes, kind="stable")]
+    col_start = np.r_[0, np.cumsum(np.where(candidate, length, 0))]
+    for g in np.unique(group_id[candidate]):  # one step per candidate group
+        remaining = [int(c) for c in np.flatnonzero((group_id == g) & candidate)]
         # split exactly by the actual pattern lists (hash collisions fall apart here)
         while remaining:
             ref = col_rows[col_start[remaining[0]]:col_start[remaining[0] + 1]]

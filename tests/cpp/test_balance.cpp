@@ -104,9 +104,10 @@ void gradients_match_central_differences() {
 }
 
 void results_do_not_depend_on_threads() {
-  const Data d = random_data(25000, 8, 3);
+  const Data d = random_data(150000, 8, 3);
   const auto problem = make(d);
   CHECK(problem.n_blocks() > 4);
+  CHECK(problem.parts(4) == 4);  // the threads really split the work
   std::vector<double> a(d.counts);
   for (index_t j = 0; j < d.k; ++j) a[j] *= 1.0 + 0.01 * static_cast<double>(j % 17);
   std::vector<double> g1(static_cast<std::size_t>(d.k)), g4(g1.size());

@@ -2,6 +2,7 @@
 // per-pixel reference on random masks (tiling, ignore_index, min_pixels, threads).
 #include <cstdint>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "check.hpp"
@@ -113,6 +114,15 @@ void bad_input() {
   CHECK_INVALID(cobalance::scan_label_maps(m.data(), 2, 2, 2, 3, o), "mask value -3 at image 1, pixel (y=1, x=0)");
   o.has_ignore_index = true, o.ignore_index = -3;
   CHECK_INVALID(cobalance::scan_label_maps(m.data(), 2, 2, 2, 3, o), "mask value 9 at image 1, pixel (y=1, x=1)");
+  // ignore_index far from the ids gets its own compare; bad values are still found.
+  const std::vector<std::int32_t> far = {1000000, 2, 1000000, 0};
+  o.ignore_index = 1000000;
+  const auto rf = cobalance::scan_label_maps(far.data(), 1, 2, 2, 3, o);
+  CHECK((rf.pixel_counts == std::vector<index_t>{1, 0, 1}));
+  CHECK((rf.valid_pixels == std::vector<index_t>{2}));
+  const std::vector<std::int32_t> far_bad = {1000000, 2, 999999, 0};
+  CHECK_INVALID(cobalance::scan_label_maps(far_bad.data(), 1, 2, 2, 3, o), "mask value 999999 at image 0, pixel (y=1, x=0)");
+  o.ignore_index = -3;
   o.first_image = 40;  // numbering continued from earlier batches
   CHECK_INVALID(cobalance::scan_label_maps(m.data(), 2, 2, 2, 3, o), "mask value 9 at image 41, pixel (y=1, x=1)");
   const auto ok = cobalance::scan_label_maps(m.data(), 1, 2, 2, 3, o);
@@ -138,7 +148,12 @@ void random_against_reference(std::mt19937_64& rng, int reps) {
   for (int rep = 0; rep < reps; ++rep) {
     const index_t n = rng() % 4, h = 1 + rng() % 13, w = 1 + rng() % 17, c = 1 + rng() % 6;
     const bool has_ignore = rng() % 2;
-    const index_t ignore = (rng() % 2) ? static_cast<index_t>(rng() % c) : c + 3;
+    // A class id, a value just above or below the ids, or one far away (the label
+    // histogram bins each of these differently).
+    std::vector<index_t> ignores = {static_cast<index_t>(rng() % c), c + 3, 255};
+    if (std::is_same_v<T, std::uint16_t>) ignores.push_back(65535);
+    if (std::is_same_v<T, std::int32_t>) ignores.insert(ignores.end(), {-100, -1, index_t{1} << 20, -(index_t{1} << 30)});
+    const index_t ignore = ignores[rng() % ignores.size()];
     std::vector<T> m(static_cast<std::size_t>(n * h * w));
     for (auto& v : m) {
       // Skewed: mostly class 0, like a background.

@@ -1,36 +1,17 @@
-"""Small synthetic mask folders (64 x 64) and a Plan stand-in for the segmentation tests."""
+"""Small synthetic mask folders (64 x 64) and plans from copies for the segmentation tests."""
 
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-try:
-    from cobalance import Plan
-except ImportError:  # the Plan class is not on this branch yet
-    Plan = None
+from cobalance import Plan
 
 SIZE = 64
 
 
-class CopiesPlan:
-    """The attributes of cobalance.Plan that the toolkit reads, built from per-sample copies."""
-
-    def __init__(self, copies):
-        self.copies = np.asarray(copies, dtype=np.int64)
-        self.n_samples = self.copies.size
-        self.n_samples_out = int(self.copies.sum())
-        self._indices = np.repeat(np.arange(self.n_samples, dtype=np.int64), self.copies)
-        starts = np.cumsum(self.copies) - self.copies
-        self.copy_index = np.arange(self.n_samples_out, dtype=np.int64) - np.repeat(starts, self.copies)
-
-    def indices(self):
-        return self._indices
-
-
 def make_plan(copies):
-    copies = np.asarray(copies, dtype=np.int64)
-    return Plan.from_copies(copies) if Plan is not None else CopiesPlan(copies)
+    return Plan.from_copies(np.asarray(copies, dtype=np.int64))
 
 
 def _blobs(rng, n_classes, size=SIZE):
@@ -80,3 +61,14 @@ def read_rgb(path):
 def read_plane(path):
     with Image.open(path) as img:
         return np.asarray(img)
+
+
+def one_torch_thread():
+    """Generator for an autouse fixture: small per-item tensors run faster on one thread
+    (the intra-op pool only adds hand-off cost at 64 x 64), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cobalance
-from cobalance import Balancer, FeasibilityWarning, PatternTable, Plan, Report
+from cobalance import Balancer, FeasibilityWarning, PatternTable, Report
 
 DATA = Path(__file__).parents[2] / ".." / "shared" / "data" / "multilabel"
 DATASETS = ["emotions", "yeast", "scene", "enron", "medical", "genbase"]
@@ -135,6 +135,12 @@ def test_every_objective_and_regularizer_fits(objective, regularizer):
         assert b.optimality_gap_ >= -1e-9
 
 
+def test_optimality_gap_can_be_skipped():
+    b = Balancer(target="rare_boost", compute_optimality_gap=False).fit(paper_labels())
+    assert b.optimality_gap_ is None and b.exact_ is None
+    assert b.report_.extra["exact_loss"] is None
+
+
 def test_fit_resample_and_determinism():
     y = paper_labels()
     idx = Balancer(target="rare_boost", random_state=5).fit_resample(y)
@@ -185,6 +191,8 @@ def test_feasibility_warning_from_fit():
     (dict(lr=0.0), "lr must be"),
     (dict(lr=-0.1), "lr must be"),
     (dict(max_iter=0), "max_iter"),
+    (dict(exact_max_iter=1.5), "exact_max_iter"),
+    (dict(compute_optimality_gap="yes"), "compute_optimality_gap"),
     (dict(tol=-1.0), "tol"),
     (dict(max_copies=0.5), "max_copies"),
     (dict(n_samples_out=0), "n_samples_out"),

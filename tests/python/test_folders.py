@@ -2,6 +2,7 @@
 checked against reading the files with Pillow and counting with numpy."""
 
 import csv
+import pickle
 import importlib.util
 from pathlib import Path
 
@@ -318,3 +319,25 @@ def test_bad_binary_folders(tmp_path):
     (tmp_path / "masks" / "MA" / "z.png").unlink()
     with pytest.raises(ValueError, match=r"mask .*MA.a\.png is 4 x 7"):
         MaskFolder(tmp_path)
+
+
+def test_reading_returns_new_arrays_and_pickles_without_pixels():
+    root = sample_path()
+    folder = MaskFolder(root, class_names=IDRID_CLASSES, tile=128)
+    image, mask = folder.sample(1)
+    i, y, x = folder.origins[1]
+    image[:] = 0
+    mask[:] = 1
+    again_image, again_mask = folder.sample(1)
+    full = np.array(Image.open(root / "images" / f"{folder.image_ids[i]}.jpg"))
+    np.testing.assert_array_equal(again_image, full[y:y + 128, x:x + 128])
+    ref = numpy_binary_mask(root, folder.image_ids[i], IDRID_CLASSES, (356, 536))[:, y:y + 128, x:x + 128]
+    np.testing.assert_array_equal(again_mask, ref)
+    whole = folder.load_mask(int(i))
+    whole[:] = 7
+    np.testing.assert_array_equal(folder.sample(1)[1], ref)
+    blob = pickle.dumps(folder)
+    assert len(blob) < 50_000  # the decoded image and mask are not in it
+    clone = pickle.loads(blob)
+    np.testing.assert_array_equal(clone.sample(1)[1], ref)
+    np.testing.assert_array_equal(clone.origins, folder.origins)

@@ -106,10 +106,11 @@ def test_integer_counts_and_default_weights():
                                                    ("fraction_l2", "ratio")])
 def test_thread_count_does_not_change_a_bit(objective, regularizer):
     rng = np.random.default_rng(5)
-    prob = random_problem(rng, 30000, 6)
+    # Large enough (nnz + K > 4 * 65536) that up to 8 threads really split the work.
+    prob = random_problem(rng, 150_000, 6)
     problem = make(prob)
-    assert problem.n_blocks > 4  # several blocks, so that the threads really split the work
-    alpha = rng.random(30000) * 10
+    assert problem.n_blocks > 8
+    alpha = rng.random(150_000) * 10
     ref_value, ref_grad = problem.loss_and_gradient(alpha, objective, regularizer, 0.1, n_threads=1)
     ref_marg = problem.marginals(alpha, n_threads=1)
     for threads in [2, 3, 8]:
@@ -133,6 +134,7 @@ def base_args():
     (dict(indptr=np.array([0, 1, 4])), "indptr"),
     (dict(indices=np.array([0, 2, 1])), "indices"),
     (dict(indices=np.array([0, -1, 1])), "indices"),
+    (dict(indices=np.array([0, 1, 1])), "repeat"),
     (dict(counts=np.array([0.0, 5.0])), "counts"),
     (dict(counts=np.array([np.nan, 5.0])), "counts"),
     (dict(target=np.array([0.5])), "target"),

@@ -78,6 +78,24 @@ def test_scale_to_total_keeps_ratios_and_bounds():
         scale_to_total(a, 0, 1, 5.0)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_scale_to_total_property(data):
+    k = data.draw(st.integers(1, 6))
+    alpha = np.array(data.draw(st.lists(st.floats(0.01, 50), min_size=k, max_size=k)))
+    lower = np.array(data.draw(st.lists(st.floats(0, 5), min_size=k, max_size=k)))
+    upper = lower + np.array(data.draw(st.lists(st.floats(0, 40), min_size=k, max_size=k)))
+    total = data.draw(st.floats(lower.sum(), upper.sum()))
+    out = scale_to_total(alpha, lower, upper, total)
+    assert out.sum() == pytest.approx(total, rel=1e-9, abs=1e-9)
+    assert np.all(out >= lower - 1e-9) and np.all(out <= upper + 1e-9)
+    # the entries strictly inside their bounds share one factor
+    inside = (out > lower + 1e-7) & (out < upper - 1e-7)
+    if inside.sum() >= 2:
+        ratios = out[inside] / alpha[inside]
+        np.testing.assert_allclose(ratios, ratios[0], rtol=1e-7)
+
+
 # -- plans ------------------------------------------------------------------------------
 
 

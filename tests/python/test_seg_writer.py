@@ -14,10 +14,22 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("kornia")
-from seg_folders import make_binary_folder, make_label_map_folder, make_plan, read_plane, read_rgb  # noqa: E402
+from seg_folders import (  # noqa: E402
+    make_binary_folder,
+    make_label_map_folder,
+    make_plan,
+    one_torch_thread,
+    read_plane,
+    read_rgb,
+)
 
 from cobalance.folders import MaskFolder  # noqa: E402
 from cobalance.segmentation import DuplicateAugmentation, SegmentationFolder, sample_seed, write_balanced  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    yield from one_torch_thread()
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 
@@ -70,7 +82,8 @@ def test_binary_tiles_with_flip_augmentation_keep_presence(tmp_path):
     plan = make_plan(copies)
     # flips only: they keep every pixel, so class presence must match the plan exactly
     flips = DuplicateAugmentation(seed=4, elastic=False)
-    report = write_balanced(src, plan, tmp_path / "out", augment=flips, seed=4, progress=False)
+    # the manifest's seeds are the augmentation's own, not write_balanced's default seed
+    report = write_balanced(src, plan, tmp_path / "out", augment=flips, progress=False)
     out = MaskFolder(tmp_path / "out", class_names=classes)
     assert out.layout == "binary_folders" and len(out) == plan.n_samples_out
     expected = source_presence(src.folder)[plan.indices()].sum(0)
@@ -90,6 +103,10 @@ def test_binary_tiles_with_flip_augmentation_keep_presence(tmp_path):
             # a flip of the source tile (or the tile itself when neither flip fired)
             candidates = [src_mask, src_mask[:, ::-1], src_mask[:, :, ::-1], src_mask[:, ::-1, ::-1]]
             assert any(np.array_equal(got, c) for c in candidates)
+            # and exactly the one this copy's seed gives
+            _, expected_mask = flips(torch.from_numpy(src_image.transpose(2, 0, 1) / 255.0).float()[None],
+                                     torch.from_numpy(src_mask.copy())[None], [sample], [copy])
+            np.testing.assert_array_equal(got, expected_mask[0].numpy())
 
 
 def test_default_augmentation_keeps_masks_binary(tmp_path):
@@ -112,6 +129,8 @@ class SlowFlips(DuplicateAugmentation):
 SCRIPT = textwrap.dedent(
     """
     import sys, time
+    import torch
+    torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[1])
     sys.path.insert(0, sys.argv[2])
     from seg_folders import make_plan
@@ -187,3 +206,21 @@ def test_bad_input(tmp_path):
         write_balanced(src, make_plan([1, 1, 1, 1, 1]), tmp_path / "d", augment="elastic", progress=False)
     with pytest.raises(ValueError, match="dataset_or_folder must be"):
         write_balanced([1, 2], make_plan([1, 1]), tmp_path / "e", progress=False)
+
+
+def test_balanced_idrid_sample_matches_the_balancers_report(tmp_path):
+    """Real fundus tiles: table -> Balancer -> plan -> files; re-read presence equals report_.after."""
+    from cobalance import Balancer
+    from cobalance.folders import sample_path
+
+    if not sample_path().is_dir():
+        pytest.skip(f"the shipped IDRiD sample is missing at {sample_path()}")
+    src = SegmentationFolder(sample_path(), tile=128)
+    balancer = Balancer(target="rare_boost").fit(src.pattern_table())
+    plan = balancer.plan_
+    # flips keep every lesion pixel, so presence after writing is exact
+    write_balanced(src, plan, tmp_path / "out", augment=DuplicateAugmentation(seed=0, elastic=False),
+                   progress=False)
+    out = MaskFolder(tmp_path / "out", class_names=src.class_names)
+    assert len(out) == plan.n_samples_out
+    np.testing.assert_allclose(out.scan().presence.mean(0), balancer.report_.after, rtol=0, atol=1e-12)

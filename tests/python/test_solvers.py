@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cobalance import _core
 
@@ -74,7 +76,7 @@ def test_adam_history_and_tolerance_stop():
 
 def test_adam_is_thread_count_invariant():
     rng = np.random.default_rng(13)
-    prob = random_problem(rng, 20000, 5)
+    prob = random_problem(rng, 150_000, 5)  # nnz + K > 4 * 65536: several threads take part
     problem = make(prob)
     n = prob["counts"]
     runs = [_core.adam(problem, n, 0 * n, 10 * n, "fraction_l2", "ratio", 0.01, 0.1, max_iter=30, n_threads=t)
@@ -116,6 +118,11 @@ def test_adam_bad_arguments():
 def check_kkt(prob, objective, regularizer, gamma, total, lower, upper, p, tol):
     """KKT of min loss(p) on {sum p = 1, lower/total <= p <= upper/total}, checked from scratch."""
     lo, hi = lower / total, upper / total
+    if objective == "fraction_l2":
+        # sqrt(F) + gamma R has the KKT conditions of F + mu R, mu = 2 gamma sqrt(F); this
+        # form stays valid at an exact fit (F = 0), where sqrt is not differentiable.
+        f_value, _ = problem_in_p(prob, "fraction", "none", 0.0, total)(p)
+        objective, gamma = "fraction", 2 * gamma * np.sqrt(f_value)
     _, grad = problem_in_p(prob, objective, regularizer, gamma, total)(p)
     assert abs(p.sum() - 1) < 1e-12
     assert np.all(p >= lo - 1e-15) and np.all(p <= hi + 1e-15)
@@ -195,10 +202,10 @@ def test_adam_approaches_the_exact_optimum():
 
 def test_exact_solver_is_thread_count_invariant():
     rng = np.random.default_rng(22)
-    prob = random_problem(rng, 20000, 5)
+    prob = random_problem(rng, 150_000, 5)  # several threads take part
     problem = make(prob)
     n = prob["counts"]
-    runs = [_core.solve_exact(problem, "fraction", "proportions", 1e-3, n.sum(), 0 * n, 20 * n, max_iter=200,
+    runs = [_core.solve_exact(problem, "fraction", "proportions", 1e-3, n.sum(), 0 * n, 20 * n, max_iter=100,
                               n_threads=t) for t in (1, 2, 5)]
     for r in runs[1:]:
         np.testing.assert_array_equal(r["p"], runs[0]["p"])
@@ -225,3 +232,23 @@ def test_exact_solver_bad_arguments():
     ]:
         with pytest.raises(ValueError, match=needle):
             run(**kw)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 15), st.integers(1, 6),
+       st.sampled_from(CASES), st.floats(0.3, 3.0), st.booleans())
+def test_property_exact_solver_meets_kkt(seed, k, c, case, size, unbounded):
+    objective, regularizer, gamma = case
+    rng = np.random.default_rng(seed)
+    prob = random_problem(rng, k, c, weights=True)
+    problem = make(prob)
+    n = prob["counts"]
+    total = size * n.sum()
+    lower = rng.random(k) * n * min(size, 1.0)
+    upper = np.full(k, np.inf) if unbounded else lower + n * (1 + 5 * rng.random(k))
+    if upper.sum() < total:
+        upper *= total / upper.sum() * 1.01
+    out = _core.solve_exact(problem, objective, regularizer, gamma, total, lower, upper)
+    assert out["converged"], out
+    check_kkt(prob, objective, regularizer, gamma, total, lower, upper, out["p"], 1e-7)
+    assert np.all(out["alpha"] >= lower * (1 - 1e-12)) and np.all(out["alpha"] <= upper * (1 + 1e-12))

@@ -19,9 +19,14 @@
 //   ratio         sum_j (p_j / p0_j - 1)^2
 //   none          0
 //
-// Every evaluation costs O(nnz + K + C). Sums over patterns are taken over fixed
-// blocks of patterns (the block size depends only on the problem's shape), each block
-// summed sequentially and the block results combined in block order, so that values
+// `geo` needs d != 0 and U^T alpha != 0; every loss needs sum alpha > 0.
+//
+// Every evaluation costs O(nnz + K + C). Determinism: sums over patterns are taken
+// over fixed blocks of patterns (the block size depends only on the problem's shape),
+// each block summed sequentially and the block results combined in block order;
+// U^T alpha is a gather over each class's pattern list in fixed chunks whose sums are
+// combined in order; U z (for the gradient) gives every pattern its classes' terms in
+// increasing class order. None of these orders depends on the thread count, so values
 // and gradients are bitwise identical for any number of threads.
 #pragma once
 
@@ -47,9 +52,11 @@ const char* regularizer_name(Regularizer regularizer) noexcept;
 class BalanceProblem {
  public:
   // Copies and validates the problem data: indptr has K + 1 entries, starts at 0 and
-  // is non-decreasing, ends at indices.size(); every index in [0, n_classes); counts
+  // is non-decreasing, ends at indices.size(); every index in [0, n_classes) and no
+  // class twice in one pattern; counts
   // finite and > 0; target finite and in [0, 1]; class_weights (empty means all 1)
-  // finite and >= 0. Throws std::invalid_argument naming the argument and the value.
+  // finite and >= 0; fewer than 2^32 patterns. Throws std::invalid_argument naming the
+  // argument and the value.
   BalanceProblem(std::vector<index_t> indptr, std::vector<index_t> indices, std::vector<double> counts,
                  index_t n_classes, std::vector<double> target, std::vector<double> class_weights = {});
 
@@ -107,9 +114,18 @@ class BalanceProblem {
   std::vector<double> target_;
   std::vector<double> weights_;
   std::vector<double> p0_;
+  std::vector<double> inv_n_, inv_p0_;  // 1 / n and 1 / p0
   double n_total_ = 0.0;
   index_t block_size_ = 1;
   index_t n_blocks_ = 1;
+  // The patterns by class (CSC): the patterns holding class i are
+  // class_patterns_[class_ptr_[i] .. class_ptr_[i+1]), in increasing order. U^T x is
+  // a gather over these, cut into fixed chunks (chunk_ptr_: class i owns chunks
+  // [chunk_ptr_[i], chunk_ptr_[i+1])) whose sums are combined in order.
+  std::vector<index_t> class_ptr_;
+  std::vector<std::uint32_t> class_patterns_;  // 32-bit: half the memory traffic of the hot loops
+  std::vector<index_t> chunk_ptr_;
+  std::vector<index_t> chunk_class_, chunk_begin_, chunk_end_;  // per chunk
 };
 
 }  // namespace cobalance

@@ -6,7 +6,14 @@
 // on the simplex) and R is the regularizer written in p (`counts` through
 // alpha = total * p). F and every R are convex quadratics, so this is a convex QP.
 //
-// Method: FISTA with adaptive (gradient) restart in the diagonal metric
+// Method, where gamma R is strictly convex (gamma > 0, any regularizer but `none`),
+// every class weight is > 0, C <= 512 and sum_j |u_j|^2 <= 64 (nnz + K): semismooth
+// Newton on the C-dimensional dual (variable y = 2 w (U^T p - d); for a given y the
+// primal minimiser is one projection), damped by a backtracking line search on the
+// dual, each step a C x C Cholesky solve. The F part has rank <= C, which makes the
+// problem in p badly conditioned for first-order methods at large K; the dual does
+// not see K. Otherwise (and from Newton's last point when it stalls): FISTA with
+// adaptive (gradient) restart in the diagonal metric
 // D = L_F + gamma diag(H_R) (L_F an upper bound on F's curvature from power iteration,
 // checked and raised along the way), with an exact projection onto the box-constrained
 // simplex in that metric (a piecewise-linear equation in the multiplier, solved by
@@ -17,12 +24,14 @@
 // (for some multiplier t: grad_j = t where p_j is strictly inside its bounds,
 // grad_j >= t at a lower bound, grad_j <= t at an upper bound).
 //
-// `fraction_l2` (sqrt(F) + gamma R): when gamma == 0 the minimiser is that of F, so the
-// squared problem is solved. When gamma > 0, the KKT conditions of sqrt(F) + gamma R are
-// those of F + mu R with mu = 2 gamma sqrt(F(p)), so the QP is solved for a sequence of
-// mu (warm-started), and mu is found as the root of mu - 2 gamma sqrt(F(p(mu))) by a
-// safeguarded secant method; the reported KKT residual is that of F + mu R at the root,
-// which is (2 sqrt F) times the residual of the original problem's gradient.
+// `fraction_l2` (sqrt(F) + gamma R): sqrt is not differentiable where F = 0 (an exact
+// fit), so the smooth QP below is solved instead and its KKT residual reported. When
+// gamma == 0 (or no regularizer) the minimiser is that of F: the QP is F itself. When
+// gamma > 0, the KKT conditions of sqrt(F) + gamma R are those of F + mu R with
+// mu = 2 gamma sqrt(F(p)), so the QP is solved for a sequence of mu (warm-started) and
+// mu found as the root of mu - 2 gamma sqrt(F(p(mu))) (fixed-point steps, then a
+// safeguarded secant) to a relative 1e-12; the residual reported is that of F + mu R
+// for the last mu solved, i.e. about 2 sqrt(F) times the original gradient where F > 0.
 // The `geo` objective is not convex in p and is refused.
 #pragma once
 
@@ -33,7 +42,7 @@
 namespace cobalance {
 
 struct ExactOptions {
-  index_t max_iter = 100000;  // FISTA iterations in all
+  index_t max_iter = 100000;  // Newton plus FISTA iterations in all
   double tol = 1e-10;         // on the KKT residual
   int n_threads = 0;
 };
@@ -43,7 +52,7 @@ struct ExactResult {
   std::vector<double> p;          // the optimal proportions
   double loss = 0.0;              // objective + gamma * regularizer at alpha
   double kkt_residual = 0.0;      // see above
-  index_t n_iter = 0;             // FISTA iterations
+  index_t n_iter = 0;             // Newton plus FISTA iterations
   bool converged = false;         // kkt_residual <= tol
   std::vector<double> marginals;  // f(alpha)
   double max_abs_error = 0.0;     // max_i |f_i - d_i|

@@ -8,7 +8,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,6 +66,8 @@ def _job_description(folder, indices, copies, augment, seed) -> dict:
         kind = "DuplicateAugmentation"
     else:
         kind = getattr(augment, "__qualname__", type(augment).__qualname__)
+        if isinstance(getattr(augment, "seed", None), int):
+            kind += f"(seed={augment.seed})"
     return {
         "source": os.fspath(Path(folder.root).resolve()),
         "layout": folder.layout,
@@ -118,7 +120,8 @@ def _label_map_for_png(mask: np.ndarray, name: str) -> np.ndarray:
     hi = int(mask.max()) if mask.size else 0
     lo = int(mask.min()) if mask.size else 0
     if lo < 0 or hi > 65535:
-        raise ValueError(f"label map of {name} holds value {lo if lo < 0 else hi}, outside what a PNG stores (0..65535)")
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"label map of {name} holds value {bad}, outside what a PNG stores (0..65535)")
     return mask.astype(np.uint8 if hi < 256 else np.uint16)
 
 
@@ -164,8 +167,9 @@ def write_balanced(dataset_or_folder, plan, out_dir, *, augment=None, seed: int 
     ``manifest.csv`` lists every item: ``file`` (image path relative to ``out_dir``),
     ``sample``, ``image_id``, ``y``, ``x`` (tile origin), ``copy_index``,
     ``augmented`` (1 when the item went through ``augment``) and ``seed`` (its
-    per-copy seed :func:`~cobalance.segmentation.augmentation.sample_seed`, empty when
-    not augmented).
+    per-copy seed :func:`~cobalance.segmentation.augmentation.sample_seed` of the
+    augmentation's seed: a ``DuplicateAugmentation``'s own, else the ``seed``
+    argument; empty when not augmented).
 
     Crash safety: every file is written to a temporary name and renamed; an item's
     image is written after its masks, so an item is complete exactly when its image
@@ -225,6 +229,9 @@ def write_balanced(dataset_or_folder, plan, out_dir, *, augment=None, seed: int 
 
     from .augmentation import DuplicateAugmentation, sample_seed
 
+    # The seed each augmented copy's parameters come from: a DuplicateAugmentation's own.
+    base_seed = augmenter.seed if isinstance(augmenter, DuplicateAugmentation) else int(seed)
+
     def goes_through_augment(copy: int) -> bool:
         if augmenter is None:
             return False
@@ -242,7 +249,7 @@ def write_balanced(dataset_or_folder, plan, out_dir, *, augment=None, seed: int 
             i, y, x = (int(v) for v in folder.origins[sample])
             augmented = goes_through_augment(copy)
             rows.append((f"images/{name}.png", sample, folder.image_ids[i], y, x, copy, int(augmented),
-                         sample_seed(seed, sample, copy) if augmented else ""))
+                         sample_seed(base_seed, sample, copy) if augmented else ""))
             image_path = images_dir / f"{name}.png"
             if image_path.is_file():
                 skipped += 1
