@@ -12,6 +12,7 @@ the target, sets the bounds and the start, rounds the result to an integer
 from __future__ import annotations
 
 import inspect
+import warnings
 from numbers import Integral, Real
 from typing import Optional
 
@@ -23,7 +24,12 @@ from .plan import Plan, round_counts, scale_to_total
 from .report import Report
 from .targets import check_feasibility, resolve_target
 
-__all__ = ["Balancer"]
+__all__ = ["Balancer", "SizeWarning"]
+
+
+class SizeWarning(UserWarning):
+    """Adam's solution had to be clipped to the per-pattern bounds at the balanced size."""
+
 
 OBJECTIVES = ("fraction", "fraction_l2", "geo")
 REGULARIZERS = ("counts", "proportions", "ratio", "none")
@@ -281,22 +287,45 @@ class Balancer:
         hi_int = np.floor(upper + 1e-9)
         if sized:
             _check_size(self.n_samples_out, lo_int, hi_int, "n_samples_out = ")
+        # Every loss but the `counts` regularizer depends on alpha only through
+        # alpha / sum(alpha): the optimiser fixes a direction, not a size, and the size
+        # follows from a rule (see the Notes) instead of where Adam's sum drifted to.
+        scale_free = regularizer != "counts"
+        if sized:
+            total = int(self.n_samples_out)
+        elif scale_free and self.allow_undersampling:
+            total = int(np.clip(counts.sum(), lo_int.sum(), hi_int.sum()))
+        else:
+            total = None  # from Adam's solution
         adam = None
-        if self.solver == "adam" or not sized:
+        if self.solver == "adam" or total is None:
             adam = _core.adam(problem, alpha0, lower_u, upper_u, objective, regularizer, gamma, float(self.lr),
                               max_iter=int(self.max_iter), tol=float(self.tol), n_threads=n_threads)
             adam_alpha = np.asarray(adam["alpha"], dtype=np.float64) * unit
-        total = int(self.n_samples_out) if sized else int(np.rint(adam_alpha.sum()))
+        if total is None and not scale_free:
+            total = int(np.rint(adam_alpha.sum()))
+        elif total is None:
+            # undersampling forbidden: the smallest size at which Adam's direction keeps
+            # every pattern at or above its lower bound (its count n_j), rounded up. It is
+            # at most Adam's own sum (alpha_j >= lower_j), where the caps hold, so the caps
+            # never clip; the `min` only absorbs the rounding up.
+            minimal = _size_keeping_lower_bounds(adam_alpha, lower)
+            total = int(min(np.ceil(minimal * (1.0 - 1e-12)), hi_int.sum()))
         if not sized:
             _check_size(total, lo_int, hi_int, "the balanced size ")
-        if sized and adam is not None:
+        if adam is not None and (sized or scale_free):
             # Adam does not fix the sum; one common factor (entries clipped to their
             # bounds) brings it to the size
-            adam_alpha = scale_to_total(adam_alpha, lower, upper, float(total))
+            adam_raw = adam_alpha
+            adam_alpha = scale_to_total(adam_raw, lower, upper, float(total))
+            _warn_if_clipped(adam_raw, adam_alpha, total,
+                             lambda a: float(problem.loss(a / unit, objective, regularizer, gamma, n_threads)))
 
         exact = None
         if objective != "geo" and (self.solver == "exact" or self.compute_optimality_gap):
-            exact_total = float(total) if (self.solver == "exact" or sized) else float(adam_alpha.sum())
+            # the same size as the plan (Adam's real sum for the `counts` regularizer,
+            # whose loss changes with the size; rounding moves it by under one copy)
+            exact_total = float(adam_alpha.sum()) if self.solver == "adam" else float(total)
             exact = _core.solve_exact(problem, objective, regularizer, gamma, exact_total / unit, lower_u,
                                       upper_u, max_iter=int(self.exact_max_iter), n_threads=n_threads)
             exact = dict(exact)
@@ -404,6 +433,39 @@ class Balancer:
             rarest[nonempty] = mins
         weight = 1.0 / rarest
         return weight * (n / weight.sum())
+
+
+def _size_keeping_lower_bounds(alpha, lower):
+    """The smallest total ``S`` with ``S * p_j >= lower_j`` for ``p = alpha / sum(alpha)``.
+
+    That is ``max_j lower_j / p_j`` over the patterns with a positive lower bound: at
+    any smaller size the direction ``p`` would put some pattern below its bound. A
+    pattern with ``p_j = 0`` but ``lower_j > 0`` makes it infinite (the caller clips).
+    """
+    p = alpha / alpha.sum()
+    bounded = lower > 0
+    if not bounded.any():
+        return 0.0
+    with np.errstate(divide="ignore"):
+        return float(np.max(lower[bounded] / p[bounded]))
+
+
+def _warn_if_clipped(alpha, scaled, total, loss):
+    """Warn when rescaling ``alpha`` to ``total`` moved a pattern off its direction by a copy or more.
+
+    Smaller moves (e.g. the minimal size rounded up to an integer) are of the order of
+    the integer rounding that follows and go unreported.
+    """
+    direction = alpha * (total / alpha.sum())
+    moved = np.abs(scaled - direction)
+    if moved.max(initial=0.0) >= 1.0:
+        clipped = int(np.count_nonzero(moved > 1e-9 * max(1.0, float(total))))
+        warnings.warn(
+            f"at the balanced size {total} the per-pattern bounds clip Adam's solution (it sums to "
+            f"{alpha.sum():.6g}; up to {moved.max():.3g} copies move in {clipped} of {alpha.size} patterns), "
+            f"which raises the loss from {loss(alpha):.6g} to {loss(scaled):.6g}; solver='exact' finds the "
+            f"optimum at this size, or n_samples_out / max_copies choose another size or cap",
+            SizeWarning, stacklevel=3)
 
 
 def _check_size(total, lo_int, hi_int, what):
