@@ -161,8 +161,7 @@ def test_adam_iteration(benchmark, k, c, impl):
     iters = iterations_for(k)
     benchmark.group = f"adam x{iters} K={k} C={c}"
     benchmark.extra_info["iterations"] = iters
-    alpha = benchmark.pedantic(ADAM_IMPLS[impl], args=(d, iters), rounds=3 if k < 1_000_000 else 1,
-                               warmup_rounds=1 if k < 1_000_000 else 0)
+    alpha = benchmark.pedantic(ADAM_IMPLS[impl], args=(d, iters), rounds=3, warmup_rounds=1 if k < 1_000_000 else 0)
     # Every implementation follows the same trajectory as the native one.
     reference = run_native(d, iters) if impl != "cobalance" else alpha
     np.testing.assert_allclose(alpha, reference, rtol=1e-6, atol=1e-9 * d["counts"].max())

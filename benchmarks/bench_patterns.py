@@ -240,37 +240,60 @@ def test_polars_group_by_packed(benchmark, shape):
 
 # -- out of core (FULL only) --------------------------------------------------------------
 
-@pytest.mark.skipif(not FULL, reason="set COBALANCE_BENCH_FULL=1 for the N = 1e8 memmap check")
-@pytest.mark.parametrize("c", [9, 64])
-def test_cobalance_from_chunks_memmap_1e8(benchmark, c):
-    """N = 1e8 rows in a numpy.memmap, grouped by chunks of 1e7 (counts only:
-    an 8e8-byte inverse would not change the picture); compare with N = 1e7 per row."""
-    benchmark.group = f"out-of-core C={c}"
-    benchmark.extra_info.update(n=N_OUT_OF_CORE, chunk_rows=CHUNK_ROWS)
+@pytest.fixture(scope="module", params=[9, 64], ids=["C=9", "C=64"])
+def memmap_labels(request):
+    """N = 1e8 long-tailed rows in a numpy.memmap on disk (FULL only)."""
+    if not FULL:
+        pytest.skip("set COBALANCE_BENCH_FULL=1 for the N = 1e8 memmap check")
+    c = request.param
     with tempfile.TemporaryDirectory(dir=os.environ.get("COBALANCE_BENCH_TMP")) as tmp:
         path = os.path.join(tmp, "labels.u8")
         mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(N_OUT_OF_CORE, c))
         for s in range(0, N_OUT_OF_CORE, CHUNK_ROWS):
             long_tailed(CHUNK_ROWS, c, seed=c * 1000 + s // CHUNK_ROWS, out=mm[s:s + CHUNK_ROWS])
         mm.flush()
-        data = np.memmap(path, dtype=np.uint8, mode="r", shape=(N_OUT_OF_CORE, c))
+        del mm
+        yield c, np.memmap(path, dtype=np.uint8, mode="r", shape=(N_OUT_OF_CORE, c))
 
-        def group():
-            chunks = (data[s:s + CHUNK_ROWS] for s in range(0, N_OUT_OF_CORE, CHUNK_ROWS))
-            return PatternTable.from_chunks(chunks, n_classes=c, keep_inverse=False)
 
-        t = run(benchmark, group, rounds=1)
-        assert t.n_samples == N_OUT_OF_CORE
-        # Reference: per-chunk numpy.unique on packed keys, then the union, weighted.
-        keys, weights = [], []
+def test_floor_read_memmap_1e8(benchmark, memmap_labels):
+    """Reading the N = 1e8 memmap once, chunk by chunk: the floor of the next test."""
+    c, data = memmap_labels
+    benchmark.group = f"out-of-core C={c}"
+    benchmark.extra_info.update(n=N_OUT_OF_CORE, chunk_rows=CHUNK_ROWS)
+
+    def read():
+        acc = np.uint64(0)
         for s in range(0, N_OUT_OF_CORE, CHUNK_ROWS):
-            u, cnt = np.unique(pack_rows(np.asarray(data[s:s + CHUNK_ROWS]))[:, 0], return_counts=True)
-            keys.append(u)
-            weights.append(cnt)
-        u, inv = np.unique(np.concatenate(keys), return_inverse=True)
-        counts = np.bincount(inv, weights=np.concatenate(weights)).astype(np.int64)
-        assert t.n_patterns == len(u)
-        order = np.argsort(t.packed[:, 0])
-        np.testing.assert_array_equal(t.packed[order, 0], u)
-        np.testing.assert_array_equal(t.counts[order], counts)
-        del data, mm
+            flat = np.asarray(data[s:s + CHUNK_ROWS]).reshape(-1)
+            acc |= np.bitwise_or.reduce(flat[: len(flat) // 8 * 8].view(np.uint64))
+        return acc
+
+    assert run(benchmark, read, rounds=1) & ~np.uint64(0x0101010101010101) == 0
+
+
+def test_cobalance_from_chunks_memmap_1e8(benchmark, memmap_labels):
+    """N = 1e8 rows from the memmap, grouped by chunks of 1e7 (counts only: an
+    8e8-byte inverse would not change the picture); compare per row with N = 1e7."""
+    c, data = memmap_labels
+    benchmark.group = f"out-of-core C={c}"
+    benchmark.extra_info.update(n=N_OUT_OF_CORE, chunk_rows=CHUNK_ROWS)
+
+    def group():
+        chunks = (data[s:s + CHUNK_ROWS] for s in range(0, N_OUT_OF_CORE, CHUNK_ROWS))
+        return PatternTable.from_chunks(chunks, n_classes=c, keep_inverse=False)
+
+    t = run(benchmark, group, rounds=1)
+    assert t.n_samples == N_OUT_OF_CORE
+    # Reference: per-chunk numpy.unique on packed keys, then the union, weighted.
+    keys, weights = [], []
+    for s in range(0, N_OUT_OF_CORE, CHUNK_ROWS):
+        u, cnt = np.unique(pack_rows(np.asarray(data[s:s + CHUNK_ROWS]))[:, 0], return_counts=True)
+        keys.append(u)
+        weights.append(cnt)
+    u, inv = np.unique(np.concatenate(keys), return_inverse=True)
+    counts = np.bincount(inv, weights=np.concatenate(weights)).astype(np.int64)
+    assert t.n_patterns == len(u)
+    order = np.argsort(t.packed[:, 0])
+    np.testing.assert_array_equal(t.packed[order, 0], u)
+    np.testing.assert_array_equal(t.counts[order], counts)

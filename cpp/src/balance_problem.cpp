@@ -223,6 +223,19 @@ BalanceProblem::BalanceProblem(std::vector<index_t> indptr, std::vector<index_t>
       chunk_end_.push_back(std::min(class_ptr_[i + 1], begin + kChunk));
     }
 
+  if (n_classes_ > static_cast<index_t>(UINT32_MAX))
+    bad("n_classes must be below 2^32, got " + std::to_string(n_classes_));
+  by_rows_ = 4 * n_classes_ * n_blocks_ * 2 <= nnz();
+  if (by_rows_) {
+    entry_row_.resize(indices_.size());
+    entry_slot_.resize(indices_.size());
+    for (index_t j = 0; j < k; ++j)
+      for (index_t e = indptr_[j]; e < indptr_[j + 1]; ++e) {
+        entry_row_[static_cast<std::size_t>(e)] = static_cast<std::uint32_t>(j);
+        entry_slot_[static_cast<std::size_t>(e)] = static_cast<std::uint32_t>((j & 3) * n_classes_ + indices_[e]);
+      }
+  }
+
   n_total_ = pattern_total(counts_.data(), 1);
   p0_.resize(counts_.size());
   for (std::size_t j = 0; j < counts_.size(); ++j) p0_[j] = counts_[j] / n_total_;
@@ -277,6 +290,29 @@ double BalanceProblem::pattern_total(const double* x, int n_threads) const {
 
 void BalanceProblem::class_sums(const double* x, double* out, int n_threads) const {
   const index_t c = n_classes_;
+  if (by_rows_) {
+    const index_t k = n_patterns();
+    const index_t* ptr = indptr_.data();
+    const std::uint32_t* row = entry_row_.data();
+    const std::uint32_t* slot = entry_slot_.data();
+    std::vector<double> partial(static_cast<std::size_t>(n_blocks_ * c));
+    over_blocks(n_blocks_, parts(n_threads), [&](index_t b0, index_t b1) {
+      std::vector<double> acc(static_cast<std::size_t>(4 * c));
+      for (index_t b = b0; b < b1; ++b) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        const index_t e1 = ptr[std::min(k, (b + 1) * block_size_)];
+        for (index_t e = ptr[b * block_size_]; e < e1; ++e) acc[slot[e]] += x[row[e]];
+        double* dst = partial.data() + b * c;
+        for (index_t i = 0; i < c; ++i) dst[i] = (acc[i] + acc[c + i]) + (acc[2 * c + i] + acc[3 * c + i]);
+      }
+    });
+    for (index_t i = 0; i < c; ++i) {
+      double s = 0.0;
+      for (index_t b = 0; b < n_blocks_; ++b) s += partial[static_cast<std::size_t>(b * c + i)];
+      out[i] = s;
+    }
+    return;
+  }
   const index_t n_chunks = chunk_ptr_.back();
   const std::uint32_t* rows = class_patterns_.data();
   // Gather per chunk of a class's pattern list. A chunk's sum uses four interleaved
@@ -323,6 +359,20 @@ void BalanceProblem::class_sums(const double* x, double* out, int n_threads) con
 
 void BalanceProblem::pattern_sums(const double* y, double* out, int n_threads) const {
   const index_t c = n_classes_, k = n_patterns();
+  if (by_rows_) {
+    // out_j gets its entries in stored order, whichever thread owns pattern j.
+    const index_t* ptr = indptr_.data();
+    const std::uint32_t* row = entry_row_.data();
+    const std::uint32_t* slot = entry_slot_.data();
+    std::vector<double> y4(static_cast<std::size_t>(4 * c));  // y in each of the four slots
+    for (index_t q = 0; q < 4; ++q) std::copy(y, y + c, y4.begin() + q * c);
+    over_blocks(n_blocks_, parts(n_threads), [&](index_t b0, index_t b1) {
+      const index_t j0 = b0 * block_size_, j1 = std::min(k, b1 * block_size_);
+      std::fill(out + j0, out + j1, 0.0);
+      for (index_t e = ptr[j0]; e < ptr[j1]; ++e) out[row[e]] += y4[slot[e]];
+    });
+    return;
+  }
   const std::uint32_t* rows = class_patterns_.data();
   // A scatter over the by-class lists: out_j receives the y_i of its classes in
   // increasing class order, whichever thread owns pattern j, so the result does not

@@ -155,6 +155,26 @@ class TableArray {
   std::size_t mapped_ = 0;  // bytes mapped with mmap, 0 when from calloc
 };
 
+// Writes an inverse entry without reading its cache line first: the inverse is
+// written once, in order, and read only after the table is built, so fetching its
+// lines for each store would double the memory traffic. stream_fence() makes the
+// stores visible before another thread reads them.
+inline void stream_store(index_t* p, index_t v) noexcept {
+#if defined(__SSE2__) && defined(__x86_64__)
+  _mm_stream_si64(reinterpret_cast<long long*>(p), static_cast<long long>(v));
+#else
+  *p = v;
+#endif
+}
+inline void stream_fence() noexcept {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+struct StreamFenceOnExit {
+  ~StreamFenceOnExit() { stream_fence(); }
+};
+
 }  // namespace
 
 // Open-addressing index from packed pattern to pattern id (order of insertion)
@@ -614,6 +634,7 @@ struct PatternTableBuilder::State {
   // Packing the next batch while probing this one overlaps their cache misses.
   template <class Pack>
   void insert_rows(index_t begin, index_t end, const Pack& pack, index_t* inv, index_t& done) {
+    const StreamFenceOnExit fence;
     const index_t nw = index.n_words();
     if (index.direct()) {
       // A direct table has no misses worth prefetching: pack a batch, resolve it.
@@ -622,7 +643,7 @@ struct PatternTableBuilder::State {
         const int n = static_cast<int>(std::min<index_t>(kDirectBatch, end - row));
         pack(row, n, keys.data());
         if (inv) {
-          for (int i = 0; i < n; ++i) inv[row + i] = index.add_direct(keys[static_cast<std::size_t>(i)]);
+          for (int i = 0; i < n; ++i) stream_store(inv + row + i, index.add_direct(keys[static_cast<std::size_t>(i)]));
         } else {
           for (int i = 0; i < n; ++i) index.add_direct(keys[static_cast<std::size_t>(i)]);
         }
@@ -648,7 +669,7 @@ struct PatternTableBuilder::State {
       if (next < end) load(stages[cur ^ 1], next);
       for (int i = 0; i < st.n; ++i) {
         const index_t id = index.add(st.keys.data() + i * nw, st.hash[i], 1);
-        if (inv) inv[st.row + i] = id;
+        if (inv) stream_store(inv + st.row + i, id);
       }
       done = next;
       if (next >= end) break;
@@ -665,18 +686,19 @@ struct PatternTableBuilder::State {
   void insert_rows_pipelined(index_t begin, index_t end, int parts, const Pack& pack, index_t* inv,
                              index_t& done) {
     const index_t nw = index.n_words();
-    constexpr index_t kChunk = 2048;
+    // Rows per chunk: 2048, fewer for very wide rows so that a buffer stays ~0.5 MiB.
+    const index_t kChunk = std::max<index_t>(kBatch, std::min<index_t>(2048, 65536 / nw));
     constexpr index_t kAhead = 16;  // prefetch distance, in rows
     const int producers = parts - 1;
     const index_t n_chunks = (end - begin + kChunk - 1) / kChunk;
     const index_t ring = 4 * static_cast<index_t>(producers);
     struct Buffer {
-      explicit Buffer(index_t nw) : keys(static_cast<std::size_t>(kChunk * nw)), hash(static_cast<std::size_t>(kChunk)) {}
+      Buffer(index_t rows, index_t nw) : keys(static_cast<std::size_t>(rows * nw)), hash(static_cast<std::size_t>(rows)) {}
       std::vector<std::uint64_t> keys, hash;
       std::exception_ptr error;  // the chunk's first bad row, if any
     };
     enum : unsigned char { kFreeChunk = 0, kClaimed = 1, kPacked = 2 };
-    std::vector<Buffer> slots(static_cast<std::size_t>(ring), Buffer(nw));
+    std::vector<Buffer> slots(static_cast<std::size_t>(ring), Buffer(kChunk, nw));
     std::unique_ptr<std::atomic<unsigned char>[]> state(new std::atomic<unsigned char>[static_cast<std::size_t>(n_chunks)]);
     for (index_t c = 0; c < n_chunks; ++c) state[static_cast<std::size_t>(c)].store(kFreeChunk, std::memory_order_relaxed);
     std::atomic<index_t> consumed{0};  // chunks fully inserted
@@ -716,7 +738,8 @@ struct PatternTableBuilder::State {
         std::atomic<bool>& stop;
         ~StopOnExit() { stop.store(true, std::memory_order_relaxed); }
       } stop_on_exit{stop};
-      Buffer own(nw);
+      const StreamFenceOnExit fence;
+      Buffer own(kChunk, nw);
       for (index_t c = 0; c < n_chunks; ++c) {
         Buffer* buf = &slots[static_cast<std::size_t>(c % ring)];
         unsigned char expected = kFreeChunk;
@@ -734,7 +757,7 @@ struct PatternTableBuilder::State {
         for (index_t i = 0; i < n; ++i) {
           if (i + kAhead < n) index.prefetch(hash[i + kAhead]);
           const index_t id = index.add(keys + i * nw, hash[i], 1);
-          if (inv) inv[r0 + i] = id;
+          if (inv) stream_store(inv + r0 + i, id);
         }
         done = r0 + n;
         consumed.store(c + 1, std::memory_order_release);
@@ -779,6 +802,7 @@ struct PatternTableBuilder::State {
     for (int t = 0; t < parts; ++t) blocks.emplace_back(n_classes, known);
 
     run_parts(parts, [&](int t) {
+      const StreamFenceOnExit fence;
       Block& blk = blocks[static_cast<std::size_t>(t)];
       const index_t b0 = bounds[static_cast<std::size_t>(t)], b1 = bounds[static_cast<std::size_t>(t) + 1];
       const std::size_t max_listed = static_cast<std::size_t>((b1 - b0) / 8);
@@ -808,7 +832,7 @@ struct PatternTableBuilder::State {
               ++known_counts[id];
             else
               id = resolve_local(keys.data() + i, 0, row + i);
-            if (inv) inv[row + i] = id;
+            if (inv) stream_store(inv + row + i, id);
           }
         }
         return;
@@ -842,7 +866,7 @@ struct PatternTableBuilder::State {
               ++blk.known_counts[static_cast<std::size_t>(id)];
             else
               id = resolve_local(st.keys.data() + i * nw, st.hash[i], r);
-            if (inv) inv[r] = id;
+            if (inv) stream_store(inv + r, id);
           }
         }
       }

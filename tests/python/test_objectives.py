@@ -23,17 +23,25 @@ def make(prob, weights=True):
                                 prob["target"], prob["class_weights"] if weights else None)
 
 
+# (40, 9): the products run over the entries in row order; (30, 200): many classes per
+# entry, so they run over the by-class lists.
+@pytest.mark.parametrize("shape", [(40, 9), (30, 200)])
 @pytest.mark.parametrize("objective,regularizer", COMBOS)
-def test_loss_matches_dense_reference(objective, regularizer):
+def test_loss_and_gradient_match_dense_reference(objective, regularizer, shape):
+    torch = pytest.importorskip("torch")
+    k, c = shape
     rng = np.random.default_rng(1)
-    prob = random_problem(rng, 40, 9, weights=True)
+    prob = random_problem(rng, k, c, weights=True)
     problem = make(prob)
-    alpha = rng.random(40) * 5 + 0.1
+    alpha = rng.random(k) * 5 + 0.1
     for gamma in [0.0, 0.37]:
         expected = reference_loss(prob, alpha, objective, regularizer, gamma)
         assert problem.loss(alpha, objective, regularizer, gamma) == pytest.approx(expected, rel=1e-12)
-        value, _ = problem.loss_and_gradient(alpha, objective, regularizer, gamma)
+        value, grad = problem.loss_and_gradient(alpha, objective, regularizer, gamma)
         assert value == pytest.approx(expected, rel=1e-12)
+        t_alpha = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+        torch_loss(torch, prob, t_alpha, objective, regularizer, gamma).backward()
+        np.testing.assert_allclose(grad, t_alpha.grad.numpy(), rtol=1e-9, atol=1e-12 * np.abs(grad).max())
 
 
 @pytest.mark.parametrize("objective,regularizer", COMBOS)
@@ -102,13 +110,27 @@ def test_integer_counts_and_default_weights():
         reference_loss(prob, alpha, "fraction", "ratio", 0.2), rel=1e-12)
 
 
+def sparse_long_tailed(rng, k, c):
+    """CSR patterns without a dense K x C matrix (class i present with probability 0.9 / (i + 1))."""
+    rows = [rng.choice(k, size=rng.binomial(k, 0.9 / (i + 1)), replace=False) for i in range(c)]
+    cols = np.concatenate([np.full(r.size, i) for i, r in enumerate(rows)])
+    rows = np.concatenate(rows)
+    order = np.lexsort((cols, rows))
+    indptr = np.zeros(k + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=k), out=indptr[1:])
+    return indptr, cols[order].astype(np.int64)
+
+
+# Large enough (nnz + K > 4 * 65536) that up to 8 threads really split the work; C = 6
+# runs the products in row order, C = 2000 over the by-class lists.
+@pytest.mark.parametrize("n_classes", [6, 2000])
 @pytest.mark.parametrize("objective,regularizer", [("fraction", "proportions"), ("geo", "counts"),
                                                    ("fraction_l2", "ratio")])
-def test_thread_count_does_not_change_a_bit(objective, regularizer):
+def test_thread_count_does_not_change_a_bit(objective, regularizer, n_classes):
     rng = np.random.default_rng(5)
-    # Large enough (nnz + K > 4 * 65536) that up to 8 threads really split the work.
-    prob = random_problem(rng, 150_000, 6)
-    problem = make(prob)
+    indptr, indices = sparse_long_tailed(rng, 150_000, n_classes)
+    problem = _core.BalanceProblem(indptr, indices, rng.integers(1, 30, 150_000), n_classes,
+                                   rng.random(n_classes))
     assert problem.n_blocks > 8
     alpha = rng.random(150_000) * 10
     ref_value, ref_grad = problem.loss_and_gradient(alpha, objective, regularizer, 0.1, n_threads=1)

@@ -263,6 +263,53 @@ def test_every_row_distinct_in_parallel(n_threads):
     np.testing.assert_array_equal(t.counts, np.ones(n, np.int64))
 
 
+def test_hundred_thousand_classes():
+    # Sparse label lists over 100,000 classes: reference on sets of class ids.
+    rng = np.random.default_rng(11)
+    c = 100_000
+    rows = [tuple(sorted(set(rng.integers(0, c, rng.integers(0, 4)).tolist()))) for _ in range(300)]
+    rows += rows[:100]  # repeats
+    rows.append((c - 1,))
+    ids, counts, inverse, first = {}, [], [], []
+    for r, row in enumerate(rows):
+        j = ids.setdefault(row, len(ids))
+        if j == len(counts):
+            counts.append(0)
+            first.append(row)
+        counts[j] += 1
+        inverse.append(j)
+    indptr = np.cumsum([0] + [len(r) for r in rows])
+    indices = np.array([i for r in rows for i in r], np.int64)
+    t = PatternTable.from_lists(indptr, indices, c)
+    np.testing.assert_array_equal(t.counts, counts)
+    np.testing.assert_array_equal(t.inverse, inverse)
+    p_indptr, p_indices = t.sparse_patterns()
+    assert [tuple(p_indices[a:b].tolist()) for a, b in zip(p_indptr[:-1], p_indptr[1:])] == first
+    dense = np.zeros((len(rows), c), np.uint8)
+    for r, row in enumerate(rows):
+        dense[r, list(row)] = 1
+    assert_same_table(t, PatternTable.from_labels(dense))
+    assert_same_table(t, PatternTable.from_packed(to_packed(dense), c))
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_wide_sparse_rows_in_parallel(n_threads):
+    # 5,000 classes (79 words per pattern), mostly distinct rows: the threaded
+    # insertion path with wide keys, against the same set-based reference.
+    rng = np.random.default_rng(12)
+    c, n = 5000, PARALLEL_ROWS + 1000
+    sizes = rng.integers(0, 4, n)
+    indptr = np.concatenate([[0], np.cumsum(sizes)])
+    indices = rng.integers(0, c, indptr[-1])
+    ids, inverse = {}, np.empty(n, np.int64)
+    for r in range(n):
+        inverse[r] = ids.setdefault(frozenset(indices[indptr[r]:indptr[r + 1]].tolist()), len(ids))
+    t = PatternTable.from_lists(indptr, indices, c, n_threads=n_threads)
+    np.testing.assert_array_equal(t.inverse, inverse)
+    np.testing.assert_array_equal(t.counts, np.bincount(inverse))
+    assert_same_table(t, PatternTable.from_lists(indptr, indices, c, n_threads=1))
+
+
 def _load_multilabel(path):
     with gzip.open(path, "rt") as f:
         names = f.readline().strip().split(",")

@@ -55,7 +55,7 @@ class BalanceProblem {
   // is non-decreasing, ends at indices.size(); every index in [0, n_classes) and no
   // class twice in one pattern; counts
   // finite and > 0; target finite and in [0, 1]; class_weights (empty means all 1)
-  // finite and >= 0; fewer than 2^32 patterns. Throws std::invalid_argument naming the
+  // finite and >= 0; fewer than 2^32 patterns and classes. Throws std::invalid_argument naming the
   // argument and the value.
   BalanceProblem(std::vector<index_t> indptr, std::vector<index_t> indices, std::vector<double> counts,
                  index_t n_classes, std::vector<double> target, std::vector<double> class_weights = {});
@@ -126,6 +126,15 @@ class BalanceProblem {
   std::vector<std::uint32_t> class_patterns_;  // 32-bit: half the memory traffic of the hot loops
   std::vector<index_t> chunk_ptr_;
   std::vector<index_t> chunk_class_, chunk_begin_, chunk_end_;  // per chunk
+  // With few classes (4 C per block small next to the data), both products run over
+  // the entries in row order instead, without a loop per row (whose varying lengths
+  // stall the branch predictor): U^T x adds x[row] into one of four per-block copies of
+  // the class vector (copy row % 4, so that a class present in most rows does not chain
+  // every add on the one before), U y adds into out[row]. The choice depends on the
+  // shape only.
+  bool by_rows_ = false;
+  std::vector<std::uint32_t> entry_row_;   // pattern of each entry
+  std::vector<std::uint32_t> entry_slot_;  // (row % 4) * C + class of each entry
 };
 
 }  // namespace cobalance
