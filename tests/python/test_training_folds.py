@@ -203,10 +203,11 @@ def test_training_package_imports_without_torch():
     import os
     import subprocess
     import sys
-    from pathlib import Path
+
+    from conftest import PACKAGE_PARENT
 
     code = ("import sys, cobalance.training as t; t.MultilabelStratifiedKFold; "
             "from cobalance.training import experiment; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "python"))
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
