@@ -288,3 +288,13 @@ def test_label_map_folder_trains_with_softmax_focal_loss(tmp_path):
         run_experiment(_config(data, tmp_path / "o3", focal_alpha=0.5, ignore_index=255))
     with pytest.raises(ValueError, match=r"img00\.png: mask value 255 .* is not a class id"):
         run_experiment(_config(data, tmp_path / "o4"))  # 255 is not a class without ignore_index
+
+
+def test_cobalance_cli_has_the_experiment_subcommand(tmp_path, capsys):
+    from cobalance.cli import main
+
+    code = main(["experiment", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cobalance: error:") and "missing" in err[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
