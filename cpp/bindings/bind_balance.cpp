@@ -34,6 +34,20 @@ const double* pattern_vector(const Doubles& a, const BalanceProblem& problem, co
   return a.data();
 }
 
+// A 1-D float64 array that takes over `v` (no copy).
+py::array_t<double> array_1d(std::vector<double>&& v) {
+  const auto n = static_cast<py::ssize_t>(v.size());
+  return array_from(std::move(v), {n});
+}
+
+// Runs a solver without the GIL: safe because it works on copies made beforehand and on
+// the problem, which the caller keeps alive.
+template <class Solve>
+auto without_gil(Solve&& solve) {
+  py::gil_scoped_release release;
+  return solve();
+}
+
 // The objective and regularizer named by a caller (ValueError listing the valid names).
 struct LossKind {
   Objective objective;
@@ -89,7 +103,7 @@ for the objectives and regularizers.
               py::gil_scoped_release release;
               p.marginals(a, out.data(), n_threads);
             }
-            return array_from(std::move(out), {p.n_classes()});
+            return array_1d(std::move(out));
           },
           py::arg("alpha"), py::arg("n_threads") = 0, "Achieved class fractions f(alpha) = U^T alpha / sum(alpha).")
       .def(
@@ -104,7 +118,7 @@ for the objectives and regularizers.
              double gamma, int n_threads) {
             std::vector<double> grad(static_cast<std::size_t>(p.n_patterns()));
             const double value = loss_at(p, alpha, objective, regularizer, gamma, grad.data(), n_threads);
-            return py::make_tuple(value, array_from(std::move(grad), {p.n_patterns()}));
+            return py::make_tuple(value, array_1d(std::move(grad)));
           },
           py::arg("alpha"), py::arg("objective"), py::arg("regularizer"), py::arg("gamma"), py::arg("n_threads") = 0,
           "(loss, d loss / d alpha).");
@@ -125,18 +139,12 @@ for the objectives and regularizers.
         options.n_threads = n_threads;
         options.total = total;
         auto a0 = vector_of(alpha0, "alpha0");
-        auto lo = vector_of(lower, "lower");
-        auto hi = vector_of(upper, "upper");
-        AdamResult result;
-        {
-          py::gil_scoped_release release;  // works on the copies above and the caller-held problem
-          result = adam(problem, std::move(a0), lo, hi, kind.objective, kind.regularizer, gamma, options);
-        }
+        const auto lo = vector_of(lower, "lower"), hi = vector_of(upper, "upper");
+        AdamResult result = without_gil(
+            [&] { return adam(problem, std::move(a0), lo, hi, kind.objective, kind.regularizer, gamma, options); });
         py::dict out;
-        const auto k = static_cast<py::ssize_t>(result.alpha.size());
-        const auto h = static_cast<py::ssize_t>(result.history.size());
-        out["alpha"] = array_from(std::move(result.alpha), {k});
-        out["history"] = array_from(std::move(result.history), {h});
+        out["alpha"] = array_1d(std::move(result.alpha));
+        out["history"] = array_1d(std::move(result.history));
         out["n_iter"] = result.n_iter;
         out["converged"] = result.converged;
         return out;
@@ -155,11 +163,12 @@ in [sum(lower), sum(upper)]; with it, alpha0 need not be feasible: it is project
 (Euclidean) onto the feasible set before the first step, so scale it to sum ``total``
 first to keep its proportions where the bounds allow. The projection after each step is
 the exact solver's box-constrained simplex projection in Adam's metric
-diag(sqrt(v_hat) + eps), whose fixed points satisfy the KKT conditions (adam.hpp). Returns dict(alpha, history,
-n_iter, converged): history[0] is the loss at (projected) alpha0 and history[t] the loss
-after step t; the run stops (converged=True) when |L_{t-1} - L_t| <= tol *
-max(|L_{t-1}|, DBL_MIN); tol <= 0 runs max_iter steps. Raises ValueError for invalid
-arguments (named in the message).
+diag(sqrt(v_hat) + eps), whose fixed points satisfy the KKT conditions (adam.hpp).
+
+Returns dict(alpha, history, n_iter, converged): history[0] is the loss at (projected)
+alpha0 and history[t] the loss after step t; the run stops (converged=True) when
+|L_{t-1} - L_t| <= tol * max(|L_{t-1}|, DBL_MIN); tol <= 0 runs max_iter steps. Raises
+ValueError for invalid arguments (named in the message).
 )doc");
 
   m.def(
@@ -171,23 +180,17 @@ arguments (named in the message).
         options.max_iter = max_iter;
         options.tol = tol;
         options.n_threads = n_threads;
-        auto lo = vector_of(lower, "lower");
-        auto hi = vector_of(upper, "upper");
-        ExactResult result;
-        {
-          py::gil_scoped_release release;  // works on the copies above and the caller-held problem
-          result = solve_exact(problem, kind.objective, kind.regularizer, gamma, total, lo, hi, options);
-        }
+        const auto lo = vector_of(lower, "lower"), hi = vector_of(upper, "upper");
+        ExactResult result = without_gil(
+            [&] { return solve_exact(problem, kind.objective, kind.regularizer, gamma, total, lo, hi, options); });
         py::dict out;
-        const auto k = static_cast<py::ssize_t>(result.alpha.size());
-        const auto c = static_cast<py::ssize_t>(result.marginals.size());
-        out["alpha"] = array_from(std::move(result.alpha), {k});
-        out["p"] = array_from(std::move(result.p), {k});
+        out["alpha"] = array_1d(std::move(result.alpha));
+        out["p"] = array_1d(std::move(result.p));
         out["loss"] = result.loss;
         out["kkt_residual"] = result.kkt_residual;
         out["n_iter"] = result.n_iter;
         out["converged"] = result.converged;
-        out["marginals"] = array_from(std::move(result.marginals), {c});
+        out["marginals"] = array_1d(std::move(result.marginals));
         out["max_abs_error"] = result.max_abs_error;
         return out;
       },
