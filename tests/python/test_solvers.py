@@ -17,12 +17,34 @@ def make(prob):
 
 # --- Adam ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objective,regularizer,gamma", [
-    ("fraction", "proportions", 1e-3), ("fraction_l2", "counts", 0.01), ("geo", "ratio", 0.02),
-    ("fraction", "none", 0.0),
-])
-def test_adam_trajectory_equals_torch_adam_with_clamp(objective, regularizer, gamma):
+TORCH_CASES = [("fraction", "proportions", 1e-3), ("fraction_l2", "counts", 0.01), ("geo", "ratio", 0.02),
+               ("fraction", "none", 0.0)]
+
+
+def torch_adam_run(torch, prob, case, start, lr, betas, eps, constrain, steps=100):
+    """torch.optim.Adam from `start`, each step followed by constrain(param, optimizer state, step)
+    (in place, without grad). Returns the losses at every iterate and the iterates by step."""
+    objective, regularizer, gamma = case
+    param = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([param], lr=lr, betas=betas, eps=eps)
+    losses, trajectory = [], {0: np.array(start, dtype=np.float64)}
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        loss = torch_loss(torch, prob, param, objective, regularizer, gamma)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            constrain(param, opt.state[param], step)
+        trajectory[step] = param.detach().numpy().copy()
+    losses.append(torch_loss(torch, prob, param, objective, regularizer, gamma).item())
+    return losses, trajectory
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_adam_trajectory_equals_torch_adam_with_clamp(case):
     torch = pytest.importorskip("torch")
+    objective, regularizer, gamma = case
     rng = np.random.default_rng(11)
     k, c = 40, 8
     prob = random_problem(rng, k, c, weights=True, empty_rows=False)
@@ -32,20 +54,10 @@ def test_adam_trajectory_equals_torch_adam_with_clamp(objective, regularizer, ga
     alpha0 = n.copy()
     lr, betas, eps = 0.2, (0.85, 0.99), 1e-8
 
-    param = torch.tensor(alpha0, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([param], lr=lr, betas=betas, eps=eps)
     lo_t, hi_t = torch.tensor(lower), torch.tensor(upper)
-    losses, trajectory = [], {}
-    for step in range(1, 101):
-        opt.zero_grad()
-        loss = torch_loss(torch, prob, param, objective, regularizer, gamma)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            param.copy_(torch.minimum(torch.maximum(param, lo_t), hi_t))
-        trajectory[step] = param.detach().numpy().copy()
-    losses.append(torch_loss(torch, prob, param, objective, regularizer, gamma).item())
+    losses, trajectory = torch_adam_run(
+        torch, prob, case, alpha0, lr, betas, eps,
+        lambda param, state, step: param.copy_(torch.minimum(torch.maximum(param, lo_t), hi_t)))
     clamped = any(((a == lower) | (a == upper)).any() for a in trajectory.values())
 
     for steps in [1, 10, 57, 100]:
@@ -131,12 +143,10 @@ def project_by_bisection(y, metric, lower, upper, total):
     return np.clip(y - 0.5 * (lo_tau + hi_tau) / metric, lower, upper)
 
 
-@pytest.mark.parametrize("objective,regularizer,gamma", [
-    ("fraction", "proportions", 1e-3), ("fraction_l2", "counts", 0.01), ("geo", "ratio", 0.02),
-    ("fraction", "none", 0.0),
-])
-def test_adam_with_total_equals_torch_adam_with_projection(objective, regularizer, gamma):
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_adam_with_total_equals_torch_adam_with_projection(case):
     torch = pytest.importorskip("torch")
+    objective, regularizer, gamma = case
     rng = np.random.default_rng(31)
     k, c = 40, 8
     prob = random_problem(rng, k, c, weights=True, empty_rows=False)
@@ -147,23 +157,13 @@ def test_adam_with_total_equals_torch_adam_with_projection(objective, regularize
     alpha0 = n * (2.0 + rng.random(k))  # not feasible: projected before the first step
     lr, betas, eps = 2.0, (0.85, 0.99), 1e-8
 
-    start = project_by_bisection(alpha0, np.ones(k), lower, upper, total)
-    param = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([param], lr=lr, betas=betas, eps=eps)
-    losses, trajectory = [], {0: start}
-    for step in range(1, 101):
-        opt.zero_grad()
-        loss = torch_loss(torch, prob, param, objective, regularizer, gamma)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
+    def project(param, state, step):
         # The projection in Adam's metric: the step's denominators sqrt(v_hat) + eps.
-        v = opt.state[param]["exp_avg_sq"].numpy()
-        metric = np.sqrt(v) / np.sqrt(1 - betas[1] ** step) + eps
-        with torch.no_grad():
-            param.copy_(torch.from_numpy(project_by_bisection(param.numpy(), metric, lower, upper, total)))
-        trajectory[step] = param.detach().numpy().copy()
-    losses.append(torch_loss(torch, prob, param, objective, regularizer, gamma).item())
+        metric = np.sqrt(state["exp_avg_sq"].numpy()) / np.sqrt(1 - betas[1] ** step) + eps
+        param.copy_(torch.from_numpy(project_by_bisection(param.numpy(), metric, lower, upper, total)))
+
+    start = project_by_bisection(alpha0, np.ones(k), lower, upper, total)
+    losses, trajectory = torch_adam_run(torch, prob, case, start, lr, betas, eps, project)
     at_bounds = np.array([((a <= lower * (1 + 1e-12)) | (a >= upper * (1 - 1e-12))).any()
                           for a in trajectory.values()])
     assert at_bounds.sum() > 50  # the test exercised the bounds along the way
