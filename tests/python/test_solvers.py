@@ -41,15 +41,18 @@ def torch_adam_run(torch, prob, case, start, lr, betas, eps, constrain, steps=10
     return losses, trajectory
 
 
+def torch_test_problem(rng):
+    """The trajectory tests' problem: 40 weighted patterns over 8 classes, none empty."""
+    prob = random_problem(rng, 40, 8, weights=True, empty_rows=False)
+    return prob, make(prob), prob["counts"]
+
+
 @pytest.mark.parametrize("case", TORCH_CASES)
 def test_adam_trajectory_equals_torch_adam_with_clamp(case):
     torch = pytest.importorskip("torch")
     objective, regularizer, gamma = case
     rng = np.random.default_rng(11)
-    k, c = 40, 8
-    prob = random_problem(rng, k, c, weights=True, empty_rows=False)
-    problem = make(prob)
-    n = prob["counts"]
+    prob, problem, n = torch_test_problem(rng)
     lower, upper = 0.8 * n, 1.5 * n  # tight enough that the clamp is active along the way
     alpha0 = n.copy()
     lr, betas, eps = 0.2, (0.85, 0.99), 1e-8
@@ -148,13 +151,10 @@ def test_adam_with_total_equals_torch_adam_with_projection(case):
     torch = pytest.importorskip("torch")
     objective, regularizer, gamma = case
     rng = np.random.default_rng(31)
-    k, c = 40, 8
-    prob = random_problem(rng, k, c, weights=True, empty_rows=False)
-    problem = make(prob)
-    n = prob["counts"]
+    prob, problem, n = torch_test_problem(rng)
     total = 3.0 * n.sum()
     lower, upper = 1.5 * n, 4.5 * n  # tight enough that both bounds bind along the way
-    alpha0 = n * (2.0 + rng.random(k))  # not feasible: projected before the first step
+    alpha0 = n * (2.0 + rng.random(n.size))  # not feasible: projected before the first step
     lr, betas, eps = 2.0, (0.85, 0.99), 1e-8
 
     def project(param, state, step):
@@ -162,7 +162,7 @@ def test_adam_with_total_equals_torch_adam_with_projection(case):
         metric = np.sqrt(state["exp_avg_sq"].numpy()) / np.sqrt(1 - betas[1] ** step) + eps
         param.copy_(torch.from_numpy(project_by_bisection(param.numpy(), metric, lower, upper, total)))
 
-    start = project_by_bisection(alpha0, np.ones(k), lower, upper, total)
+    start = project_by_bisection(alpha0, np.ones(n.size), lower, upper, total)
     losses, trajectory = torch_adam_run(torch, prob, case, start, lr, betas, eps, project)
     at_bounds = np.array([((a <= lower * (1 + 1e-12)) | (a >= upper * (1 - 1e-12))).any()
                           for a in trajectory.values()])
