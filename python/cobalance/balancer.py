@@ -178,14 +178,14 @@ class Balancer:
       sum, where Adam kept every pattern within its caps, so the caps (``max_copies``,
       ``max_count``) hold at S up to the rounding up of S by less than one copy.
 
-    Adam's ``alpha`` is brought to ``S`` with one common factor (``scale_to_total``:
-    entries clipped to their bounds). Adam does not hold the sum fixed, and the
-    bounds restrict the direction more at a larger size (a cap of ``50 n_j`` copies
-    allows a larger share ``p_j`` at a smaller size), so where Adam's sum ended
-    well below S the rescaling can hit the caps; its result is then worse than the
-    exact optimum at S, a :class:`SizeWarning` says so (when a pattern moves by a copy
-    or more) and ``optimality_gap_`` shows by how much. ``solver="exact"`` avoids it,
-    and ``n_samples_out`` or ``max_copies`` choose another size or cap.
+    When ``S`` is known before optimising (``n_samples_out`` given, or undersampling
+    allowed with a scale-free loss) Adam holds ``sum(alpha) = S`` throughout: after
+    each step ``alpha`` is projected onto the bounds and the fixed sum (in Adam's own
+    step metric, whose fixed points are the optimality conditions), so it optimises at
+    the plan's size. Where ``S`` follows from Adam's direction (undersampling
+    forbidden) Adam runs with the bounds only and its ``alpha`` is brought to ``S``
+    with one common factor (``scale_to_total``); should that clip a pattern by a copy
+    or more, a :class:`SizeWarning` says so and ``optimality_gap_`` shows the cost.
 
     ``solver="exact"`` solves the exact problem at the same ``S`` (its size is needed
     up front); where the rule needs Adam's solution (``counts``, or undersampling
@@ -328,9 +328,13 @@ class Balancer:
         else:
             total = None  # from Adam's solution
         adam = None
+        # With the size known up front, Adam keeps sum(alpha) at it (each step projected
+        # onto the bounds and the fixed sum), so it optimises at the plan's size.
+        adam_sized = total is not None
         if self.solver == "adam" or total is None:
             adam = _core.adam(problem, alpha0, lower_u, upper_u, objective, regularizer, gamma, float(self.lr),
-                              max_iter=int(self.max_iter), tol=float(self.tol), n_threads=n_threads)
+                              max_iter=int(self.max_iter), tol=float(self.tol), n_threads=n_threads,
+                              total=None if total is None else total / unit)
             adam_alpha = np.asarray(adam["alpha"], dtype=np.float64) * unit
         if total is None and not scale_free:
             total = int(np.rint(adam_alpha.sum()))
@@ -343,9 +347,9 @@ class Balancer:
             total = int(min(np.ceil(minimal * (1.0 - 1e-12)), hi_int.sum()))
         if not sized:
             _check_size(total, lo_int, hi_int, "the balanced size ")
-        if adam is not None and (sized or scale_free):
-            # Adam does not fix the sum; one common factor (entries clipped to their
-            # bounds) brings it to the size
+        if adam is not None and not adam_sized and scale_free:
+            # the size followed from Adam's direction: one common factor (entries
+            # clipped to their bounds) brings the solution to it
             adam_raw = adam_alpha
             adam_alpha = scale_to_total(adam_raw, lower, upper, float(total))
             _warn_if_clipped(adam_raw, adam_alpha, total,
