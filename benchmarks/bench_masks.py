@@ -7,7 +7,7 @@ produced the reference pixel counts. ``extra_info["GB_per_s_best"]`` and
 ``["GB_per_s_median"]`` are mask bytes per second (best and median round); with
 ``n_threads=1`` that is per core.
 
-    PYTHONPATH=python /work/main/.venv/bin/python -m pytest benchmarks/bench_masks.py --benchmark-only \
+    PYTHONPATH=python .venv/bin/python -m pytest benchmarks/bench_masks.py --benchmark-only \
         --benchmark-timer=time.process_time
 
 ``time.process_time`` counts the CPU time of all the process's threads, so the rates

@@ -8,7 +8,7 @@ pixel) and writes the same layout: images/, masks/<CLASS>/, index.csv, README.md
 The folder is built under a temporary name beside the destination and renamed into
 place, so the destination is either the old sample or the complete new one.
 
-    /work/main/.venv/bin/python scripts/make_sample.py [--source DIR] [--dest DIR]
+    .venv/bin/python scripts/make_sample.py [--source DIR] [--dest DIR]
 """
 
 from __future__ import annotations
