@@ -49,7 +49,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -542,16 +542,17 @@ def _parse_target(text: str, table: PatternTable):
         if unknown:
             raise UsageError(f"--target: unknown class {str(unknown[0])!r}; the classes are "
                              f"{', '.join(table.class_names)}")
-        for k, v in spec.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-                raise UsageError(f"--target: the fraction of {k!r} must be in [0, 1], got {v!r}")
+        fractions = spec.items()
     elif isinstance(spec, list):
         if len(spec) != table.n_classes:
             raise UsageError(f"--target lists {len(spec)} fractions, the table has {table.n_classes} classes "
                              f"({', '.join(table.class_names)})")
-        for name, v in zip(table.class_names, spec):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-                raise UsageError(f"--target: the fraction of {name!r} must be in [0, 1], got {v!r}")
+        fractions = zip(table.class_names, spec)
+    else:
+        fractions = ()
+    for name, v in fractions:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise UsageError(f"--target: the fraction of {name!r} must be in [0, 1], got {v!r}")
     try:
         return spec, resolve_target(spec, table)
     except ValueError as exc:
@@ -977,31 +978,27 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _argument_type(convert: Callable[[str], Any], accepts: Callable[[Any], bool], expected: str):
+    """An argparse ``type``: ``convert(text)``, refused as "expected <expected>" unless ``accepts`` it."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+_int = _argument_type(int, lambda value: True, "an integer")
+_positive_int = _argument_type(int, lambda value: value >= 1, "a positive integer")
+_non_negative_int = _argument_type(int, lambda value: value >= 0, "a non-negative integer")
+_positive_float = _argument_type(float, lambda value: value > 0 and np.isfinite(value), "a positive number")
+_non_negative_float = _argument_type(float, lambda value: value >= 0 and np.isfinite(value), "a non-negative number")
+_copies_bound = _argument_type(float, lambda value: value >= 1 and np.isfinite(value), "a number >= 1 or 'none'")
 
 
 def _add_mask_options(p: argparse.ArgumentParser) -> None:
@@ -1123,36 +1120,8 @@ def _add_report_outputs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--png", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not value >= 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def _max_copies(text: str):
-    if text.lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}") from None
-    if not value >= 1 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}")
-    return value
+def _max_copies(text: str) -> Optional[float]:
+    return None if text.lower() == "none" else _copies_bound(text)
 
 
 # -- entry point ------------------------------------------------------------------------
