@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
@@ -12,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared_data import read_multilabel
+
 from cobalance import PatternTable
 from cobalance.cli import EXIT_OK, EXIT_USAGE, main
 
 REPO = Path(__file__).parents[2]
-SHARED = REPO / ".." / "shared"
-MULTILABEL = SHARED / "data" / "multilabel"
 
 
 def run(argv, capsys):
@@ -42,16 +41,6 @@ def reference_presence(y):
     return y.sum(axis=0), len({row.tobytes() for row in y.astype(np.uint8)})
 
 
-def multilabel_csv(name):
-    path = MULTILABEL / f"{name}.labels.csv.gz"
-    if not path.exists():
-        pytest.skip(f"shared data set {path} is absent")
-    with gzip.open(path, "rt") as f:
-        header = f.readline().strip().split(",")
-        y = np.loadtxt(f, delimiter=",", dtype=np.uint8, ndmin=2)
-    return path, header, y
-
-
 def write_csv(path, header, rows):
     path.write_text(",".join(header) + "\n" + "".join(",".join(str(v) for v in r) + "\n" for r in rows))
     return path
@@ -69,7 +58,7 @@ def labels():
 
 @pytest.mark.parametrize("name", ["emotions", "yeast", "enron"])
 def test_scan_multilabel_csv_json(name, tmp_path, capsys):
-    path, header, y = multilabel_csv(name)
+    path, header, y = read_multilabel(name)
     out = tmp_path / "table.npz"
     code, stdout, _ = run(["scan", path, "-o", out, "--json"], capsys)
     assert code == EXIT_OK
@@ -183,7 +172,7 @@ def test_scan_bad_csv(content, fragments, reader, tmp_path, capsys, monkeypatch)
 
 
 def test_scan_csv_without_pandas_matches(monkeypatch, tmp_path, capsys):
-    path, header, y = multilabel_csv("scene")
+    path, header, y = read_multilabel("scene")
     monkeypatch.setitem(sys.modules, "pandas", None)
     code, _, _ = run(["scan", path, "-o", tmp_path / "t.npz", "--quiet"], capsys)
     assert code == EXIT_OK
@@ -310,7 +299,7 @@ def after_presence(y, copies):
 
 @pytest.fixture
 def yeast_table(tmp_path, capsys):
-    path, header, y = multilabel_csv("yeast")
+    path, header, y = read_multilabel("yeast")
     table_path = tmp_path / "yeast.npz"
     code, _, _ = run(["scan", path, "-o", table_path, "--quiet"], capsys)
     assert code == EXIT_OK

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shared_data import IDRID
+
 from cobalance.folders import MaskFolder, sample_path
 
-SHARED = Path(__file__).parents[2] / ".." / "shared"
-IDRID = SHARED / "data" / "idrid"
 IDRID_CLASSES = ["MA", "HE", "EX", "SE", "OD"]
 needs_idrid = pytest.mark.skipif(not (IDRID / "index.csv").is_file(),
                                  reason=f"IDRiD data not found at {IDRID} (../shared next to the repository)")

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import gzip
 import pickle
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared_data import read_multilabel
+
 from cobalance import PatternTable
 
-DATA = Path(__file__).parents[2] / ".." / "shared" / "data" / "multilabel"
 CLASS_COUNTS = [1, 7, 63, 64, 65, 1000]
 # Above 2 * 2**15 rows the native core splits a batch between threads; the
 # thread-invariance tests use more rows than that so that the split happens.
@@ -310,19 +309,9 @@ def test_wide_sparse_rows_in_parallel(n_threads):
     assert_same_table(t, PatternTable.from_lists(indptr, indices, c, n_threads=1))
 
 
-def _load_multilabel(path):
-    with gzip.open(path, "rt") as f:
-        names = f.readline().strip().split(",")
-        y = np.loadtxt(f, delimiter=",", dtype=np.uint8, ndmin=2)
-    return names, y
-
-
 @pytest.mark.parametrize("name", ["emotions", "yeast", "scene", "enron", "medical", "genbase"])
 def test_real_multilabel_data(name):
-    path = DATA / f"{name}.labels.csv.gz"
-    if not path.exists():
-        pytest.skip(f"shared multi-label data not found at {path}")
-    names, y = _load_multilabel(path)
+    _, names, y = read_multilabel(name)
     assert y.shape[1] == len(names)
     table = PatternTable.from_labels(y, class_names=names)
     assert_matches(table, y)

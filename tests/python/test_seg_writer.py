@@ -18,7 +18,6 @@ from seg_folders import (  # noqa: E402
     make_binary_folder,
     make_label_map_folder,
     make_plan,
-    one_torch_thread,
     read_plane,
     read_rgb,
 )
@@ -26,10 +25,8 @@ from seg_folders import (  # noqa: E402
 from cobalance.folders import MaskFolder  # noqa: E402
 from cobalance.segmentation import DuplicateAugmentation, SegmentationFolder, sample_seed, write_balanced  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
 
 PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
 
