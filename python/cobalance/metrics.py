@@ -33,7 +33,7 @@ _PRED_FORMATS = ("auto", "labels", "probs", "logits")
 _METER_MODES = ("global", "per_image")
 _NO_UPDATE = "DiceMeter.compute() called before any update()"
 
-# What follows up to dice_counts holds no array code of its own (only shapes, options
+# What follows up to _labelmap_counts holds no array code of its own (only shapes, options
 # and methods that numpy arrays and torch tensors share), so the torch twin
 # cobalance.segmentation.metrics imports it and both validate and decide alike.
 
