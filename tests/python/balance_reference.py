@@ -21,52 +21,38 @@ def random_problem(rng, n_patterns, n_classes, *, weights=False, empty_rows=True
                 target=target, class_weights=class_weights)
 
 
-def reference_loss(prob, alpha, objective, regularizer, gamma):
-    u, n, d, w = prob["dense"], prob["counts"], prob["target"], prob["class_weights"]
+def _loss(xp, u, n, d, w, alpha, objective, regularizer, gamma):
+    """The loss written once for both array libraries (``xp`` is numpy or torch)."""
     s = alpha.sum()
     g = u.T @ alpha
     if objective == "geo":
-        value = np.sum(w * (g / np.linalg.norm(g) - d / np.linalg.norm(d)) ** 2)
+        value = xp.sum(w * (g / xp.linalg.norm(g) - d / xp.linalg.norm(d)) ** 2)
     else:
-        value = np.sum(w * (g / s - d) ** 2)
+        value = xp.sum(w * (g / s - d) ** 2)
         if objective == "fraction_l2":
-            value = np.sqrt(value)
+            value = xp.sqrt(value)
     p, p0 = alpha / s, n / n.sum()
     if regularizer == "counts":
-        reg = np.sum((alpha / n - 1) ** 2)
+        reg = xp.sum((alpha / n - 1) ** 2)
     elif regularizer == "proportions":
-        reg = np.sum((100 * (p - p0)) ** 2)
+        reg = xp.sum((100 * (p - p0)) ** 2)
     elif regularizer == "ratio":
-        reg = np.sum((p / p0 - 1) ** 2)
+        reg = xp.sum((p / p0 - 1) ** 2)
     else:
         reg = 0.0
     return value + gamma * reg
 
 
+def reference_loss(prob, alpha, objective, regularizer, gamma):
+    return _loss(np, prob["dense"], prob["counts"], prob["target"], prob["class_weights"], alpha,
+                 objective, regularizer, gamma)
+
+
 def torch_loss(torch, prob, alpha, objective, regularizer, gamma):
     """The same loss on torch tensors (float64), for autograd."""
-    u = torch.as_tensor(prob["dense"], dtype=torch.float64)
-    n = torch.as_tensor(prob["counts"], dtype=torch.float64)
-    d = torch.as_tensor(prob["target"], dtype=torch.float64)
-    w = torch.as_tensor(prob["class_weights"], dtype=torch.float64)
-    s = alpha.sum()
-    g = u.T @ alpha
-    if objective == "geo":
-        value = torch.sum(w * (g / torch.linalg.norm(g) - d / torch.linalg.norm(d)) ** 2)
-    else:
-        value = torch.sum(w * (g / s - d) ** 2)
-        if objective == "fraction_l2":
-            value = torch.sqrt(value)
-    p, p0 = alpha / s, n / n.sum()
-    if regularizer == "counts":
-        reg = torch.sum((alpha / n - 1) ** 2)
-    elif regularizer == "proportions":
-        reg = torch.sum((100 * (p - p0)) ** 2)
-    elif regularizer == "ratio":
-        reg = torch.sum((p / p0 - 1) ** 2)
-    else:
-        reg = torch.zeros((), dtype=torch.float64)
-    return value + gamma * reg
+    u, n, d, w = (torch.as_tensor(prob[key], dtype=torch.float64)
+                  for key in ("dense", "counts", "target", "class_weights"))
+    return _loss(torch, u, n, d, w, alpha, objective, regularizer, gamma)
 
 
 def problem_in_p(prob, objective, regularizer, gamma, total):
