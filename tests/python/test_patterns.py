@@ -22,43 +22,33 @@ PARALLEL_ROWS = 70_000
 
 # -- the reference ---------------------------------------------------------------------
 
-def reference_table(labels):
-    """Patterns in first-occurrence order, their counts and every row's pattern index."""
-    y = np.asarray(labels).astype(bool)
-    n, c = y.shape
+def _group_rows(row_keys):
+    """Groups of equal keys, in first-occurrence order: (first row, count) of each and every row's group."""
     ids: dict = {}
-    patterns, counts = [], []
-    inverse = np.empty(n, np.int64)
-    for r in range(n):
-        key = tuple(y[r].tolist())
-        j = ids.get(key)
-        if j is None:
-            j = ids[key] = len(patterns)
-            patterns.append(key)
-            counts.append(0)
-        counts[j] += 1
-        inverse[r] = j
-    return np.array(patterns, dtype=bool).reshape(len(patterns), c), np.array(counts, np.int64), inverse
-
-
-def fast_reference_table(labels):
-    """The same reference for large inputs: numpy.packbits rows as dict keys."""
-    y = np.asarray(labels) != 0
-    n, c = y.shape
-    rows = np.packbits(y, axis=1)
-    ids: dict = {}
-    first, counts = [], []
-    inverse = np.empty(n, np.int64)
-    for r in range(n):
-        key = rows[r].tobytes()
+    first, counts, inverse = [], [], []
+    for r, key in enumerate(row_keys):
         j = ids.get(key)
         if j is None:
             j = ids[key] = len(first)
             first.append(r)
             counts.append(0)
         counts[j] += 1
-        inverse[r] = j
-    return y[np.array(first, np.int64)].reshape(len(first), c), np.array(counts, np.int64), inverse
+        inverse.append(j)
+    return np.array(first, np.int64), np.array(counts, np.int64), np.array(inverse, np.int64)
+
+
+def reference_table(labels):
+    """Patterns in first-occurrence order, their counts and every row's pattern index."""
+    y = np.asarray(labels).astype(bool)
+    first, counts, inverse = _group_rows(tuple(row.tolist()) for row in y)
+    return y[first].reshape(len(first), y.shape[1]), counts, inverse
+
+
+def fast_reference_table(labels):
+    """The same reference for large inputs: numpy.packbits rows as dict keys."""
+    y = np.asarray(labels) != 0
+    first, counts, inverse = _group_rows(row.tobytes() for row in np.packbits(y, axis=1))
+    return y[first].reshape(len(first), y.shape[1]), counts, inverse
 
 
 def assert_matches(table, labels, reference=reference_table):
