@@ -1020,10 +1020,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     common = _common_options()
 
-    p = sub.add_parser("scan", parents=[common], help="labels or masks -> pattern table",
-                       description="Group a dataset's samples by class-presence pattern and print the "
-                       "per-class presence.", epilog=_SCAN_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    def add_command(name: str, **texts) -> argparse.ArgumentParser:
+        # every command takes the output options and keeps its epilog's line breaks
+        return sub.add_parser(name, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
+
+    p = add_command("scan", help="labels or masks -> pattern table",
+                    description="Group a dataset's samples by class-presence pattern and print the "
+                    "per-class presence.", epilog=_SCAN_EPILOG)
     p.add_argument("input", help="label file (CSV, .npy, .npz, Parquet) or masks folder")
     p.add_argument("-o", "--output", metavar="TABLE.npz", help="save the pattern table here")
     p.add_argument("--format", choices=_LABEL_FORMATS, help="input format (default: from the name)")
@@ -1033,10 +1036,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_options(p)
     p.set_defaults(handler=_cmd_scan)
 
-    p = sub.add_parser("fit", parents=[common], help="pattern table + target -> plan and report",
-                       description="Find per-pattern repeat counts that move class presence towards a "
-                       "target; write the integer plan and print the report.", epilog=_FIT_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command("fit", help="pattern table + target -> plan and report",
+                    description="Find per-pattern repeat counts that move class presence towards a "
+                    "target; write the integer plan and print the report.", epilog=_FIT_EPILOG)
     p.add_argument("table", help="pattern table (.npz from `cobalance scan`)")
     p.add_argument("--target", required=True, metavar="TARGET", help=_TARGET_HELP)
     p.add_argument("-o", "--output", required=True, metavar="PLAN.npz", help="plan file (.npz or .json)")
@@ -1044,9 +1046,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_outputs(p)
     p.set_defaults(handler=_cmd_fit)
 
-    p = sub.add_parser("report", parents=[common], help="plan -> markdown table and PNG chart",
-                       description="Per-class presence before / target / after a plan.", epilog=_REPORT_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command("report", help="plan -> markdown table and PNG chart",
+                    description="Per-class presence before / target / after a plan.", epilog=_REPORT_EPILOG)
     p.add_argument("plan", help="plan file from `cobalance fit`")
     p.add_argument("--table", help="pattern table (default: the one recorded in PLAN.fit.json)")
     p.add_argument("--target", metavar="TARGET", help="target to compare with (default: the fitted one); "
@@ -1054,10 +1055,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_outputs(p)
     p.set_defaults(handler=_cmd_report)
 
-    p = sub.add_parser("write", parents=[common], help="plan + dataset folder -> balanced dataset folder",
-                       description="Write the balanced dataset of a plan as files, in the source's layout, "
-                       "with a manifest. Needs torch.", epilog=_WRITE_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command("write", help="plan + dataset folder -> balanced dataset folder",
+                    description="Write the balanced dataset of a plan as files, in the source's layout, "
+                    "with a manifest. Needs torch.", epilog=_WRITE_EPILOG)
     p.add_argument("plan", help="plan file from `cobalance fit`")
     p.add_argument("dataset", help="the masks folder the table was scanned from")
     p.add_argument("out_dir", help="output folder: missing, empty, or an interrupted run of the same job")
@@ -1068,10 +1068,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_options(p)
     p.set_defaults(handler=_cmd_write)
 
-    p = sub.add_parser("demo", parents=[common], help="the whole path on the shipped IDRiD sample",
-                       description="Scan the IDRiD sample shipped with cobalance into tiles, print the "
-                       "per-class presence and pixel share, balance, and print the report.",
-                       epilog=_DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command("demo", help="the whole path on the shipped IDRiD sample",
+                    description="Scan the IDRiD sample shipped with cobalance into tiles, print the "
+                    "per-class presence and pixel share, balance, and print the report.",
+                    epilog=_DEMO_EPILOG)
     p.add_argument("--out", metavar="DIR", help="also write table, plan, reports, chart and (with torch) the "
                    "balanced tiles here")
     p.add_argument("--tile", type=_positive_int, default=128, metavar="PIXELS", help="tile size (default 128)")
