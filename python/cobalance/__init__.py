@@ -5,7 +5,7 @@ imported lazily by the parts that use them.
 """
 
 from ._version import __version__
-from .balancer import Balancer
+from .balancer import Balancer, SizeWarning
 from .patterns import PatternTable
 from .masks import MaskScan, scan_masks, scan_masks_iter
 from .plan import Plan
@@ -14,5 +14,5 @@ from .report import Report
 from .targets import FeasibilityWarning, resolve_target
 
 __all__ = ["PatternTable", "__version__"]
-__all__ += ["Balancer", "Plan", "Report", "FeasibilityWarning", "resolve_target"]
+__all__ += ["Balancer", "Plan", "Report", "FeasibilityWarning", "SizeWarning", "resolve_target"]
 __all__ += ["DiceMeter", "dice_per_class", "vdice"]

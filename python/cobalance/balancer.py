@@ -12,6 +12,7 @@ the target, sets the bounds and the start, rounds the result to an integer
 from __future__ import annotations
 
 import inspect
+import warnings
 from numbers import Integral, Real
 from typing import Optional
 
@@ -23,7 +24,17 @@ from .plan import Plan, round_counts, scale_to_total
 from .report import Report
 from .targets import check_feasibility, resolve_target
 
-__all__ = ["Balancer"]
+__all__ = ["Balancer", "SizeWarning"]
+
+
+class SizeWarning(UserWarning):
+    """Adam's solution was clipped to the per-pattern bounds at the balanced size.
+
+    Adam does not hold the total fixed, so its repeat counts are rescaled to the
+    balanced size afterwards; where that moves a pattern by a copy or more, the plan
+    is worse than the exact optimum at that size (``solver="exact"`` finds it).
+    """
+
 
 OBJECTIVES = ("fraction", "fraction_l2", "geo")
 REGULARIZERS = ("counts", "proportions", "ratio", "none")
@@ -98,7 +109,9 @@ class Balancer:
         When False a pattern's count is at least its size n_j, so no sample is
         dropped. When True (default) counts may go down to ``min_count`` (default 0).
     n_samples_out : int, optional
-        Size of the balanced set. See *Size of the balanced set* below.
+        Size of the balanced set. Default: N, the original size, when undersampling
+        is allowed; the smallest size that drops no sample when it is not; Adam's
+        own size for ``regularizer="counts"``. See *Size of the balanced set* below.
     class_weights : array-like of shape (C,), optional
         Weights ``w_i`` of the classes in the objective (default 1).
     compute_optimality_gap : bool
@@ -120,9 +133,12 @@ class Balancer:
     lower_, upper_ : ndarray (K,)
         The per-pattern bounds used.
     alpha_ : ndarray (K,)
-        Real repeat counts, already at the balanced size; the plan rounds them.
+        Real repeat counts, already at the balanced size (see *Size of the balanced
+        set*; for ``regularizer="counts"`` without ``n_samples_out``, Adam's own sum);
+        the plan rounds them.
     pattern_counts_ : ndarray of int64 (K,)
-        ``round_counts(alpha_, ceil(lower_), floor(upper_), n_samples_out)``.
+        ``round_counts(alpha_, ceil(lower_), floor(upper_), S)`` with the balanced
+        size ``S``.
     history_ : ndarray or None
         Adam's loss before the first step and after each step (None for "exact").
     n_iter_ : int
@@ -143,23 +159,40 @@ class Balancer:
 
     Notes
     -----
-    **Size of the balanced set.** The fractions depend only on ``alpha / sum(alpha)``,
-    so the size is a separate choice:
+    **Size of the balanced set.** The fractions depend only on ``p = alpha / sum(alpha)``,
+    and so do the ``proportions``, ``ratio`` and ``none`` regularizers: for them the
+    optimiser chooses a direction ``p``, not a size (where Adam's sum ends up is an
+    accident of its path). The size ``S`` is therefore set by a rule:
 
-    - ``n_samples_out`` given: the size is ``n_samples_out``. Adam's ``alpha`` is
-      rescaled to that total (one factor for all patterns, entries clipped to their
-      bounds); the exact solver is solved at that total. Adam itself does not hold
-      the sum fixed, so where the rescaling hits a bound
-      (e.g. ``n_samples_out`` close to ``max_copies * N``) its result can be
-      noticeably worse than the exact optimum at that size; ``optimality_gap_``
-      shows by how much, and ``solver="exact"`` avoids it.
-    - otherwise, ``solver="adam"``: the size is ``round(sum(alpha))`` of Adam's
-      solution, which lies inside the bounds. With ``allow_undersampling=False`` the
-      lower bound is n_j, so nothing is dropped; with undersampling allowed, a
-      pattern may shrink down to ``min_count``.
-    - otherwise, ``solver="exact"``: the size that Adam reaches from the same start,
-      bounds and loss (the exact problem needs its size up front, and the method's
-      own size is the natural one to compare at).
+    - ``n_samples_out`` given: ``S = n_samples_out``.
+    - ``regularizer="counts"`` (the one loss anchored to a scale, through
+      ``alpha / n``): ``S = round(sum(alpha))`` of Adam's solution, which lies inside
+      the bounds.
+    - otherwise, undersampling allowed: ``S = N``, the original size (or the nearest
+      size the bounds allow when ``min_count`` / ``max_count`` exclude N): balancing
+      re-weights the dataset without growing or shrinking it.
+    - otherwise, undersampling forbidden: the smallest size at which no pattern falls
+      below its lower bound (``n_j``, or ``min_count`` where larger),
+      ``S = ceil(max_j lower_j / p_j)``. Nothing is dropped and no size below S keeps
+      the direction ``p`` without dropping samples. This S never exceeds Adam's own
+      sum, where Adam kept every pattern within its caps, so the caps (``max_copies``,
+      ``max_count``) hold at S up to the rounding up of S by less than one copy.
+
+    Adam's ``alpha`` is brought to ``S`` with one common factor (``scale_to_total``:
+    entries clipped to their bounds). Adam does not hold the sum fixed, and the
+    bounds restrict the direction more at a larger size (a cap of ``50 n_j`` copies
+    allows a larger share ``p_j`` at a smaller size), so where Adam's sum ended
+    well below S the rescaling can hit the caps; its result is then worse than the
+    exact optimum at S, a :class:`SizeWarning` says so (when a pattern moves by a copy
+    or more) and ``optimality_gap_`` shows by how much. ``solver="exact"`` avoids it,
+    and ``n_samples_out`` or ``max_copies`` choose another size or cap.
+
+    ``solver="exact"`` solves the exact problem at the same ``S`` (its size is needed
+    up front); where the rule needs Adam's solution (``counts``, or undersampling
+    forbidden) Adam is run from the same start, bounds and loss to find it. The
+    ``optimality_gap_`` of ``solver="adam"`` compares with the exact optimum at the
+    plan's size (for ``counts``, at Adam's real sum, which the rounding changes by
+    less than one copy).
 
     **Units.** With ``s = n_samples_out / N`` (1 when not given) the reference
     counts are ``m = s n`` and the problem is handed to the native optimiser in units
@@ -246,6 +279,9 @@ class Balancer:
         FeasibilityWarning
             Parts of the target no resampling can reach (see
             :func:`cobalance.targets.check_feasibility`).
+        SizeWarning
+            Bringing Adam's solution to the balanced size clipped it to the per-pattern
+            bounds (see *Size of the balanced set* in the class Notes).
         """
         if not isinstance(table, PatternTable):
             table = PatternTable.from_labels(table, class_names=class_names, n_threads=self.n_threads)
@@ -281,22 +317,45 @@ class Balancer:
         hi_int = np.floor(upper + 1e-9)
         if sized:
             _check_size(self.n_samples_out, lo_int, hi_int, "n_samples_out = ")
+        # Every loss but the `counts` regularizer depends on alpha only through
+        # alpha / sum(alpha): the optimiser fixes a direction, not a size, and the size
+        # follows from a rule (see the Notes) instead of where Adam's sum drifted to.
+        scale_free = regularizer != "counts"
+        if sized:
+            total = int(self.n_samples_out)
+        elif scale_free and self.allow_undersampling:
+            total = int(np.clip(counts.sum(), lo_int.sum(), hi_int.sum()))
+        else:
+            total = None  # from Adam's solution
         adam = None
-        if self.solver == "adam" or not sized:
+        if self.solver == "adam" or total is None:
             adam = _core.adam(problem, alpha0, lower_u, upper_u, objective, regularizer, gamma, float(self.lr),
                               max_iter=int(self.max_iter), tol=float(self.tol), n_threads=n_threads)
             adam_alpha = np.asarray(adam["alpha"], dtype=np.float64) * unit
-        total = int(self.n_samples_out) if sized else int(np.rint(adam_alpha.sum()))
+        if total is None and not scale_free:
+            total = int(np.rint(adam_alpha.sum()))
+        elif total is None:
+            # undersampling forbidden: the smallest size at which Adam's direction keeps
+            # every pattern at or above its lower bound (its count n_j), rounded up. It is
+            # at most Adam's own sum (alpha_j >= lower_j), where the caps hold, so the caps
+            # never clip; the `min` only absorbs the rounding up.
+            minimal = _size_keeping_lower_bounds(adam_alpha, lower)
+            total = int(min(np.ceil(minimal * (1.0 - 1e-12)), hi_int.sum()))
         if not sized:
             _check_size(total, lo_int, hi_int, "the balanced size ")
-        if sized and adam is not None:
+        if adam is not None and (sized or scale_free):
             # Adam does not fix the sum; one common factor (entries clipped to their
             # bounds) brings it to the size
-            adam_alpha = scale_to_total(adam_alpha, lower, upper, float(total))
+            adam_raw = adam_alpha
+            adam_alpha = scale_to_total(adam_raw, lower, upper, float(total))
+            _warn_if_clipped(adam_raw, adam_alpha, total,
+                             lambda a: float(problem.loss(a / unit, objective, regularizer, gamma, n_threads)))
 
         exact = None
         if objective != "geo" and (self.solver == "exact" or self.compute_optimality_gap):
-            exact_total = float(total) if (self.solver == "exact" or sized) else float(adam_alpha.sum())
+            # the same size as the plan (Adam's real sum for the `counts` regularizer,
+            # whose loss changes with the size; rounding moves it by under one copy)
+            exact_total = float(adam_alpha.sum()) if self.solver == "adam" else float(total)
             exact = _core.solve_exact(problem, objective, regularizer, gamma, exact_total / unit, lower_u,
                                       upper_u, max_iter=int(self.exact_max_iter), n_threads=n_threads)
             exact = dict(exact)
@@ -404,6 +463,39 @@ class Balancer:
             rarest[nonempty] = mins
         weight = 1.0 / rarest
         return weight * (n / weight.sum())
+
+
+def _size_keeping_lower_bounds(alpha, lower):
+    """The smallest total ``S`` with ``S * p_j >= lower_j`` for ``p = alpha / sum(alpha)``.
+
+    That is ``max_j lower_j / p_j`` over the patterns with a positive lower bound: at
+    any smaller size the direction ``p`` would put some pattern below its bound. A
+    pattern with ``p_j = 0`` but ``lower_j > 0`` makes it infinite (the caller clips).
+    """
+    p = alpha / alpha.sum()
+    bounded = lower > 0
+    if not bounded.any():
+        return 0.0
+    with np.errstate(divide="ignore"):
+        return float(np.max(lower[bounded] / p[bounded]))
+
+
+def _warn_if_clipped(alpha, scaled, total, loss):
+    """Warn when rescaling ``alpha`` to ``total`` moved a pattern off its direction by a copy or more.
+
+    Smaller moves (e.g. the minimal size rounded up to an integer) are of the order of
+    the integer rounding that follows and go unreported.
+    """
+    direction = alpha * (total / alpha.sum())
+    moved = np.abs(scaled - direction)
+    if moved.max(initial=0.0) >= 1.0:
+        clipped = int(np.count_nonzero(moved > 1e-9 * max(1.0, float(total))))
+        warnings.warn(
+            f"at the balanced size {total} the per-pattern bounds clip Adam's solution (it sums to "
+            f"{alpha.sum():.6g}; up to {moved.max():.3g} copies move in {clipped} of {alpha.size} patterns), "
+            f"which raises the loss from {loss(alpha):.6g} to {loss(scaled):.6g}; solver='exact' finds the "
+            f"optimum at this size, or n_samples_out / max_copies choose another size or cap",
+            SizeWarning, stacklevel=3)
 
 
 def _check_size(total, lo_int, hi_int, what):

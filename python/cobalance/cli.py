@@ -1108,7 +1108,9 @@ def _add_balancer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-copies", type=_max_copies, default=default["max_copies"], metavar="X",
                    help="at most X copies per sample (default %(default)s; 'none' for no cap)")
     g.add_argument("--no-undersampling", action="store_true", help="never drop a sample")
-    g.add_argument("--n-samples-out", type=_positive_int, metavar="N", help="size of the balanced set")
+    g.add_argument("--n-samples-out", type=_positive_int, metavar="N",
+                   help="size of the balanced set (default: the original size; with --no-undersampling the "
+                        "smallest size that drops no sample; Adam's own size for --regularizer counts)")
     g.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seeds which samples get a pattern's remainder copies (default 0)")
 

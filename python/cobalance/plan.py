@@ -91,7 +91,10 @@ def scale_to_total(alpha, lower, upper, total: float) -> np.ndarray:
 
     Returns ``clip(s * alpha, lower, upper)`` with the factor ``s`` chosen so that the
     entries sum to ``total``. Fractions that depend only on ``alpha / sum(alpha)`` are
-    unchanged unless a bound becomes active.
+    unchanged unless a bound becomes active. Where no factor reaches ``total`` (the
+    entries with ``alpha_j > 0`` all sit at their upper bound, the others at their
+    lower bound), the remainder is added as one common shift, clipped to the bounds
+    (the nearest point in the L2 sense, as in :func:`round_counts`).
 
     Raises
     ------
@@ -105,7 +108,11 @@ def scale_to_total(alpha, lower, upper, total: float) -> np.ndarray:
         raise ValueError(f"alpha must be non-negative, got {a[a < 0][0]!r}")
     _check_total(total, lo, hi)
     s = _solve_clipped_sum(np.zeros_like(a), a, lo, hi, float(total))
-    return np.clip(s * a, lo, hi)
+    out = np.clip(s * a, lo, hi)
+    if out.sum() < total - 1e-9 * max(1.0, abs(total)):
+        shift = _solve_clipped_sum(out, np.ones_like(out), lo, hi, float(total))
+        out = np.clip(out + shift, lo, hi)
+    return out
 
 
 def _check_total(total, lo, hi):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cobalance
-from cobalance import Balancer, FeasibilityWarning, PatternTable, Report
+from cobalance import Balancer, FeasibilityWarning, PatternTable, Report, SizeWarning
 
 DATA = Path(__file__).parents[2] / ".." / "shared" / "data" / "multilabel"
 DATASETS = ["emotions", "yeast", "scene", "enron", "medical", "genbase"]
@@ -112,6 +112,105 @@ def test_exact_solver_and_size_rules():
     sized_exact = Balancer(target="rare_boost", solver="exact", n_samples_out=5000).fit(table)
     assert sized_exact.plan_.n_samples_out == 5000
     assert sized_exact.loss_ <= sized.loss_ + 1e-12
+
+
+def readme_labels():
+    """The README's example: 10,000 samples, 8 long-tailed classes."""
+    return np.random.default_rng(0).random((10_000, 8)) < [0.9, 0.8, 0.9, 0.6, 0.3, 0.07, 0.1, 0.9]
+
+
+def adam_direction(table, lower, upper, regularizer="proportions"):
+    """Adam's raw solution, run directly on the native core in the Balancer's documented
+    units (mean count per pattern = 1), from the counts with the default settings."""
+    from cobalance import _core
+
+    counts = np.asarray(table.counts, dtype=np.float64)
+    unit = counts.sum() / counts.size
+    indptr, indices = table.sparse_patterns()
+    problem = _core.BalanceProblem(indptr, indices, counts / unit, table.n_classes,
+                                   cobalance.resolve_target("rare_boost", table), None)
+    res = _core.adam(problem, counts / unit, lower / unit, upper / unit, "fraction", regularizer, 1e-3, 0.2,
+                     max_iter=2000, tol=1e-9)
+    alpha = np.asarray(res["alpha"]) * unit
+    return alpha / alpha.sum()
+
+
+@pytest.mark.parametrize("labels", [paper_labels, readme_labels])
+@pytest.mark.parametrize("regularizer", ["proportions", "ratio", "none"])
+def test_default_size_is_the_original_size_when_undersampling_is_allowed(labels, regularizer):
+    table = PatternTable.from_labels(labels())
+    n = table.n_samples
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SizeWarning)  # Adam's direction may be clipped at size N
+        adam = Balancer(target="rare_boost", regularizer=regularizer, random_state=0).fit(table)
+    exact = Balancer(target="rare_boost", regularizer=regularizer, solver="exact", random_state=0).fit(table)
+    for b in (adam, exact):
+        assert b.plan_.n_samples_out == n == b.pattern_counts_.sum()
+        assert b.alpha_.sum() == pytest.approx(n)
+    # the gap compares with the optimum at the same size: the exact solver asked for size N
+    at_n = Balancer(target="rare_boost", regularizer=regularizer, solver="exact", n_samples_out=n).fit(table)
+    assert adam.exact_["loss"] == pytest.approx(at_n.loss_, rel=1e-9, abs=1e-15)
+    assert exact.loss_ == pytest.approx(at_n.loss_, rel=1e-9, abs=1e-15)
+    assert adam.optimality_gap_ == pytest.approx(adam.loss_ - at_n.loss_, rel=1e-9, abs=1e-15)
+    assert adam.optimality_gap_ >= -1e-12
+
+
+def test_readme_example_keeps_its_size_and_says_when_adam_is_clipped():
+    table = PatternTable.from_labels(readme_labels())
+    n = table.counts.astype(np.float64)
+    # Adam's own sum ends far below N; at size N the cap of 50 copies per sample binds
+    p = adam_direction(table, np.zeros_like(n), 50 * n)
+    assert np.any(p * table.n_samples > 50 * n + 1)
+    with pytest.warns(SizeWarning, match="at the balanced size 10000 the per-pattern bounds clip"):
+        b = Balancer(target="rare_boost", regularizer="proportions", random_state=0).fit(table)
+    assert b.plan_.n_samples_out == 10_000 and b.optimality_gap_ > 0
+    assert np.all(b.pattern_counts_ <= 50 * n)
+    # the exact solver at the same size meets the rare-class target better
+    exact = Balancer(target="rare_boost", solver="exact", random_state=0).fit(table)
+    assert exact.plan_.n_samples_out == 10_000
+    assert exact.report_.max_abs_error < b.report_.max_abs_error < b.report_.max_abs_error_before
+
+
+def brute_force_minimal_size(p, counts):
+    """The smallest integer size T >= N at which T p_j >= n_j for every pattern, by search."""
+    t = int(counts.sum())
+    while np.any(t * p < counts * (1 - 1e-9)):
+        t += 1
+    return t
+
+
+@pytest.mark.parametrize("labels", [paper_labels, readme_labels])
+@pytest.mark.parametrize("max_copies", [50, 3])
+def test_size_without_undersampling_is_the_smallest_that_keeps_every_sample(labels, max_copies):
+    table = PatternTable.from_labels(labels())
+    n = table.counts.astype(np.float64)
+    b = Balancer(target="rare_boost", allow_undersampling=False, max_copies=max_copies, random_state=0).fit(table)
+    p = adam_direction(table, n, max_copies * n)
+    size = brute_force_minimal_size(p, n)
+    assert b.plan_.n_samples_out == size
+    assert b.plan_.n_dropped == 0 and np.all(b.plan_.copies >= 1)
+    assert np.all(b.pattern_counts_ >= n) and np.all(b.pattern_counts_ <= max_copies * n)
+    # Adam's direction is kept (up to the rounding of the size to an integer)
+    assert np.max(np.abs(b.alpha_ - size * p)) < 1
+    # the exact solver is compared, and solved, at the same size
+    exact = Balancer(target="rare_boost", allow_undersampling=False, max_copies=max_copies, solver="exact",
+                     random_state=0).fit(table)
+    assert exact.plan_.n_samples_out == size and exact.plan_.n_dropped == 0
+    assert exact.loss_ == pytest.approx(b.exact_["loss"], rel=1e-9, abs=1e-15)
+    assert exact.loss_ <= b.loss_ + 1e-12
+
+
+def test_counts_regularizer_takes_adams_size():
+    table = PatternTable.from_labels(paper_labels())
+    b = Balancer(target="rare_boost", regularizer="counts", random_state=0).fit(table)
+    n = table.counts.astype(np.float64)
+    assert b.plan_.n_samples_out == int(np.rint(b.alpha_.sum()))
+    assert np.all(b.alpha_ >= -1e-12) and np.all(b.alpha_ <= 50 * n + 1e-9)
+    # the gap is taken at Adam's real sum: the exact solver asked for that size
+    exact = Balancer(target="rare_boost", regularizer="counts", solver="exact",
+                     n_samples_out=b.plan_.n_samples_out).fit(table)
+    assert b.optimality_gap_ >= -1e-12
+    assert exact.plan_.n_samples_out == b.plan_.n_samples_out
 
 
 @pytest.mark.parametrize("init", ["counts", "constant", "class_weighted"])

@@ -15,6 +15,7 @@ from shared_data import read_multilabel
 
 from cobalance import PatternTable
 from cobalance.cli import EXIT_OK, EXIT_USAGE, main
+from conftest import PACKAGE_PARENT
 
 REPO = Path(__file__).parents[2]
 
@@ -133,7 +134,7 @@ def test_scan_columns_reorder_and_select(tmp_path, capsys):
 
 
 def test_python_dash_m_and_help(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT))
     res = subprocess.run([sys.executable, "-m", "cobalance", "--help"], capture_output=True, text=True, env=env,
                          timeout=60)
     assert res.returncode == 0 and "examples:" in res.stdout and "exit codes" in res.stdout
@@ -183,7 +184,7 @@ def test_scan_csv_without_pandas_matches(monkeypatch, tmp_path, capsys):
 
 def test_broken_pipe_exit_code(tmp_path):
     path = write_csv(tmp_path / "y.csv", ["a", "b"], [[0, 1]] * 5)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT))
     proc = subprocess.Popen([sys.executable, "-m", "cobalance", "scan", str(path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader goes away before anything is printed
@@ -591,7 +592,7 @@ def test_killed_write_leaves_no_partial_file_and_resumes(tmp_path, capsys):
     _, plan_path = _sample_plan(tmp_path, capsys, 48)
     n_items = Plan.load(plan_path).n_samples_out
     out = tmp_path / "balanced"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT))
     cmd = [sys.executable, "-m", "cobalance", "write", str(plan_path), str(SAMPLE), str(out)]
 
     # SIGTERM: the command unwinds, removes its temporary file, exits 143
@@ -667,7 +668,7 @@ def test_demo_without_torch(tmp_path):
     script = ("import sys; sys.modules['torch'] = None\n"
               "from cobalance.cli import main\n"
               f"sys.exit(main(['demo', '--out', {str(tmp_path / 'demo')!r}, '--tile', '256']))\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT))
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "torch is not installed" in res.stderr and "skipped writing the balanced dataset" in res.stderr

@@ -3,12 +3,12 @@
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cobalance import metrics as npm
+from conftest import PACKAGE_PARENT
 
 
 
@@ -19,9 +19,8 @@ def test_numpy_metrics_need_no_torch():
         "print(cobalance.vdice(np.array([[0, 1, 1]]), np.array([[0, 1, 0]]), num_classes=2))\n"
         "try:\n    import cobalance.segmentation\nexcept ImportError as e:\n    print('ImportError', e)\n"
     )
-    python_dir = Path(__file__).resolve().parents[2] / "python"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(python_dir)})
+                         env={"PYTHONPATH": str(PACKAGE_PARENT)})
     first, second = out.stdout.splitlines()
     # class 0: 2*1/(1+2) = 2/3, class 1: 2*1/(2+1) = 2/3
     assert float(first) == pytest.approx(2 / 3)

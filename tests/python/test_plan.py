@@ -76,6 +76,10 @@ def test_scale_to_total_keeps_ratios_and_bounds():
     assert out[1] / out[0] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="total"):
         scale_to_total(a, 0, 1, 5.0)
+    # no factor reaches the total when the entries with alpha > 0 are all capped: the
+    # rest is spread as a common shift over the others (the L2-nearest such vector)
+    out = scale_to_total([0.0, 5.0, 0.0, 0.0], 0, [10, 2, 1, 10], 9.0)
+    np.testing.assert_allclose(out, [3.0, 2.0, 1.0, 3.0])
 
 
 @settings(max_examples=80, deadline=None)
@@ -94,6 +98,19 @@ def test_scale_to_total_property(data):
     if inside.sum() >= 2:
         ratios = out[inside] / alpha[inside]
         np.testing.assert_allclose(ratios, ratios[0], rtol=1e-7)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_scale_to_total_reaches_the_total_with_zero_entries(data):
+    k = data.draw(st.integers(1, 6))
+    alpha = np.array(data.draw(st.lists(st.one_of(st.just(0.0), st.floats(0.01, 50)), min_size=k, max_size=k)))
+    lower = np.array(data.draw(st.lists(st.floats(0, 5), min_size=k, max_size=k)))
+    upper = lower + np.array(data.draw(st.lists(st.floats(0, 40), min_size=k, max_size=k)))
+    total = data.draw(st.floats(lower.sum(), upper.sum()))
+    out = scale_to_total(alpha, lower, upper, total)
+    assert out.sum() == pytest.approx(total, rel=1e-9, abs=1e-9)
+    assert np.all(out >= lower - 1e-9) and np.all(out <= upper + 1e-9)
 
 
 # -- plans ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from cobalance.segmentation import DuplicateAugmentation, SegmentationFolder, sa
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
+from conftest import PACKAGE_PARENT as PYTHON_DIR  # noqa: E402
 
 
 def read_manifest(path):
