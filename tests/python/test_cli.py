@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared_data import read_multilabel
-
 from cobalance import PatternTable
 from cobalance.cli import EXIT_OK, EXIT_USAGE, main
-from conftest import PACKAGE_PARENT
+from conftest import PACKAGE_PARENT, read_multilabel
 
 REPO = Path(__file__).parents[2]
 

@@ -13,10 +13,9 @@ dd = pytest.importorskip("dask.dataframe")
 pd = pytest.importorskip("pandas")
 distributed = pytest.importorskip("distributed")
 
-from shared_data import multilabel_path  # noqa: E402
-
 from cobalance import PatternTable  # noqa: E402
 from cobalance.dask import DaskPatternTable, apply_plan, pattern_table  # noqa: E402
+from conftest import multilabel_path  # noqa: E402
 
 
 

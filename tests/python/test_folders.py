@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared_data import IDRID
-
 from cobalance.folders import MaskFolder, sample_path
+from conftest import IDRID
 
 IDRID_CLASSES = ["MA", "HE", "EX", "SE", "OD"]
 needs_idrid = pytest.mark.skipif(not (IDRID / "index.csv").is_file(),

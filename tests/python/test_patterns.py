@@ -10,9 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared_data import read_multilabel
-
 from cobalance import PatternTable
+from conftest import read_multilabel
 
 CLASS_COUNTS = [1, 7, 63, 64, 65, 1000]
 # Above 2 * 2**15 rows the native core splits a batch between threads; the

@@ -25,10 +25,9 @@ from seg_folders import (  # noqa: E402
 from cobalance.folders import MaskFolder  # noqa: E402
 from cobalance.segmentation import DuplicateAugmentation, SegmentationFolder, sample_seed, write_balanced  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 from conftest import PACKAGE_PARENT as PYTHON_DIR  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def read_manifest(path):
