@@ -1082,6 +1082,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="augment the duplicates when writing")
     _add_balancer_options(p)
     p.set_defaults(handler=_cmd_demo)
+
+    from .training.experiment import add_experiment_parser  # numpy-only at import; torch when run
+
+    add_experiment_parser(sub)
     return parser
 
 
