@@ -4,6 +4,8 @@
 #include "cobalance/balance_problem.hpp"
 #include "cobalance/exact_solver.hpp"
 
+#include <optional>
+
 namespace cobalance::bindings {
 
 namespace {
@@ -30,6 +32,40 @@ const double* pattern_vector(const Doubles& a, const BalanceProblem& problem, co
     throw std::invalid_argument(std::string(name) + " must have n_patterns = " +
                                 std::to_string(problem.n_patterns()) + " entries, got " + std::to_string(a.shape(0)));
   return a.data();
+}
+
+// A 1-D float64 array that takes over `v` (no copy).
+py::array_t<double> array_1d(std::vector<double>&& v) {
+  const auto n = static_cast<py::ssize_t>(v.size());
+  return array_from(std::move(v), {n});
+}
+
+// Runs a solver without the GIL: safe because it works on copies made beforehand and on
+// the problem, which the caller keeps alive.
+template <class Solve>
+auto without_gil(Solve&& solve) {
+  py::gil_scoped_release release;
+  return solve();
+}
+
+// The objective and regularizer named by a caller (ValueError listing the valid names).
+struct LossKind {
+  Objective objective;
+  Regularizer regularizer;
+};
+
+LossKind loss_kind(const std::string& objective, const std::string& regularizer) {
+  return {objective_from_name(objective), regularizer_from_name(regularizer)};
+}
+
+// The loss at `alpha` and, where `grad` is not null, its gradient (K entries) into grad.
+double loss_at(const BalanceProblem& p, const Doubles& alpha, const std::string& objective,
+               const std::string& regularizer, double gamma, double* grad, int n_threads) {
+  const LossKind kind = loss_kind(objective, regularizer);
+  const double* a = pattern_vector(alpha, p, "alpha");
+  py::gil_scoped_release release;  // pure C++ over `alpha` (kept alive by the caller), the problem and `grad`
+  return grad == nullptr ? p.loss(a, kind.objective, kind.regularizer, gamma, n_threads)
+                         : p.loss_and_gradient(a, kind.objective, kind.regularizer, gamma, grad, n_threads);
 }
 
 }  // namespace
@@ -67,35 +103,22 @@ for the objectives and regularizers.
               py::gil_scoped_release release;
               p.marginals(a, out.data(), n_threads);
             }
-            return array_from(std::move(out), {p.n_classes()});
+            return array_1d(std::move(out));
           },
           py::arg("alpha"), py::arg("n_threads") = 0, "Achieved class fractions f(alpha) = U^T alpha / sum(alpha).")
       .def(
           "loss",
           [](const BalanceProblem& p, Doubles alpha, const std::string& objective, const std::string& regularizer,
-             double gamma, int n_threads) {
-            const Objective o = objective_from_name(objective);
-            const Regularizer r = regularizer_from_name(regularizer);
-            const double* a = pattern_vector(alpha, p, "alpha");
-            py::gil_scoped_release release;  // pure C++ over `alpha` and the problem
-            return p.loss(a, o, r, gamma, n_threads);
-          },
+             double gamma, int n_threads) { return loss_at(p, alpha, objective, regularizer, gamma, nullptr, n_threads); },
           py::arg("alpha"), py::arg("objective"), py::arg("regularizer"), py::arg("gamma"), py::arg("n_threads") = 0,
           "objective(alpha) + gamma * regularizer(alpha).")
       .def(
           "loss_and_gradient",
           [](const BalanceProblem& p, Doubles alpha, const std::string& objective, const std::string& regularizer,
              double gamma, int n_threads) {
-            const Objective o = objective_from_name(objective);
-            const Regularizer r = regularizer_from_name(regularizer);
-            const double* a = pattern_vector(alpha, p, "alpha");
             std::vector<double> grad(static_cast<std::size_t>(p.n_patterns()));
-            double value;
-            {
-              py::gil_scoped_release release;  // pure C++ over `alpha`, the problem and `grad`
-              value = p.loss_and_gradient(a, o, r, gamma, grad.data(), n_threads);
-            }
-            return py::make_tuple(value, array_from(std::move(grad), {p.n_patterns()}));
+            const double value = loss_at(p, alpha, objective, regularizer, gamma, grad.data(), n_threads);
+            return py::make_tuple(value, array_1d(std::move(grad)));
           },
           py::arg("alpha"), py::arg("objective"), py::arg("regularizer"), py::arg("gamma"), py::arg("n_threads") = 0,
           "(loss, d loss / d alpha).");
@@ -104,9 +127,8 @@ for the objectives and regularizers.
       "adam",
       [](const BalanceProblem& problem, Doubles alpha0, Doubles lower, Doubles upper, const std::string& objective,
          const std::string& regularizer, double gamma, double lr, double beta1, double beta2, double eps,
-         index_t max_iter, double tol, int n_threads) {
-        const Objective o = objective_from_name(objective);
-        const Regularizer r = regularizer_from_name(regularizer);
+         index_t max_iter, double tol, int n_threads, std::optional<double> total) {
+        const LossKind kind = loss_kind(objective, regularizer);
         AdamOptions options;
         options.lr = lr;
         options.beta1 = beta1;
@@ -115,19 +137,14 @@ for the objectives and regularizers.
         options.max_iter = max_iter;
         options.tol = tol;
         options.n_threads = n_threads;
+        options.total = total;
         auto a0 = vector_of(alpha0, "alpha0");
-        auto lo = vector_of(lower, "lower");
-        auto hi = vector_of(upper, "upper");
-        AdamResult result;
-        {
-          py::gil_scoped_release release;  // works on the copies above and the caller-held problem
-          result = adam(problem, std::move(a0), lo, hi, o, r, gamma, options);
-        }
+        const auto lo = vector_of(lower, "lower"), hi = vector_of(upper, "upper");
+        AdamResult result = without_gil(
+            [&] { return adam(problem, std::move(a0), lo, hi, kind.objective, kind.regularizer, gamma, options); });
         py::dict out;
-        const auto k = static_cast<py::ssize_t>(result.alpha.size());
-        const auto h = static_cast<py::ssize_t>(result.history.size());
-        out["alpha"] = array_from(std::move(result.alpha), {k});
-        out["history"] = array_from(std::move(result.history), {h});
+        out["alpha"] = array_1d(std::move(result.alpha));
+        out["history"] = array_1d(std::move(result.history));
         out["n_iter"] = result.n_iter;
         out["converged"] = result.converged;
         return out;
@@ -135,42 +152,45 @@ for the objectives and regularizers.
       py::arg("problem"), py::arg("alpha0"), py::arg("lower"), py::arg("upper"), py::arg("objective"),
       py::arg("regularizer"), py::arg("gamma"), py::arg("lr"), py::arg("beta1") = 0.9, py::arg("beta2") = 0.999,
       py::arg("eps") = 1e-8, py::arg("max_iter") = 1000, py::arg("tol") = 0.0, py::arg("n_threads") = 0,
+      py::arg("total") = py::none(),
       R"doc(
-Adam (torch.optim.Adam's update) with alpha clamped to [lower, upper] after each step.
+Adam (torch.optim.Adam's update) with alpha clamped to [lower, upper] after each step,
+or, with ``total``, projected onto {lower <= alpha <= upper, sum(alpha) = total}
+(for a fixed balanced size).
 
-alpha0, lower and upper are copied. Returns dict(alpha, history, n_iter, converged):
-history[0] is the loss at alpha0 and history[t] the loss after step t; the run stops
-(converged=True) when |L_{t-1} - L_t| <= tol * max(|L_{t-1}|, DBL_MIN); tol <= 0 runs
-max_iter steps. Raises ValueError for invalid arguments (named in the message).
+alpha0, lower and upper are copied. ``total`` (None: no fixed total) must be finite and
+in [sum(lower), sum(upper)]; with it, alpha0 need not be feasible: it is projected
+(Euclidean) onto the feasible set before the first step, so scale it to sum ``total``
+first to keep its proportions where the bounds allow. The projection after each step is
+the exact solver's box-constrained simplex projection in Adam's metric
+diag(sqrt(v_hat) + eps), whose fixed points satisfy the KKT conditions (adam.hpp).
+
+Returns dict(alpha, history, n_iter, converged): history[0] is the loss at (projected)
+alpha0 and history[t] the loss after step t; the run stops (converged=True) when
+|L_{t-1} - L_t| <= tol * max(|L_{t-1}|, DBL_MIN); tol <= 0 runs max_iter steps. Raises
+ValueError for invalid arguments (named in the message).
 )doc");
 
   m.def(
       "solve_exact",
       [](const BalanceProblem& problem, const std::string& objective, const std::string& regularizer, double gamma,
          double total, Doubles lower, Doubles upper, index_t max_iter, double tol, int n_threads) {
-        const Objective o = objective_from_name(objective);
-        const Regularizer r = regularizer_from_name(regularizer);
+        const LossKind kind = loss_kind(objective, regularizer);
         ExactOptions options;
         options.max_iter = max_iter;
         options.tol = tol;
         options.n_threads = n_threads;
-        auto lo = vector_of(lower, "lower");
-        auto hi = vector_of(upper, "upper");
-        ExactResult result;
-        {
-          py::gil_scoped_release release;  // works on the copies above and the caller-held problem
-          result = solve_exact(problem, o, r, gamma, total, lo, hi, options);
-        }
+        const auto lo = vector_of(lower, "lower"), hi = vector_of(upper, "upper");
+        ExactResult result = without_gil(
+            [&] { return solve_exact(problem, kind.objective, kind.regularizer, gamma, total, lo, hi, options); });
         py::dict out;
-        const auto k = static_cast<py::ssize_t>(result.alpha.size());
-        const auto c = static_cast<py::ssize_t>(result.marginals.size());
-        out["alpha"] = array_from(std::move(result.alpha), {k});
-        out["p"] = array_from(std::move(result.p), {k});
+        out["alpha"] = array_1d(std::move(result.alpha));
+        out["p"] = array_1d(std::move(result.p));
         out["loss"] = result.loss;
         out["kkt_residual"] = result.kkt_residual;
         out["n_iter"] = result.n_iter;
         out["converged"] = result.converged;
-        out["marginals"] = array_from(std::move(result.marginals), {c});
+        out["marginals"] = array_1d(std::move(result.marginals));
         out["max_abs_error"] = result.max_abs_error;
         return out;
       },

@@ -3,24 +3,19 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <sstream>
-#include <stdexcept>
+#include <limits>
 #include <string>
 
+#include "box_simplex.hpp"
 #include "cobalance/parallel.hpp"
+#include "invalid_argument.hpp"
 
 namespace cobalance {
 
 namespace {
 
-std::string show(double v) {
-  std::ostringstream s;
-  s.precision(17);
-  s << v;
-  return s.str();
-}
-
-[[noreturn]] void bad(const std::string& message) { throw std::invalid_argument(message); }
+using detail::bad;
+using detail::show;
 
 // torch.lerp's formula (start + w (end - start) for w < 0.5, else end - (end - start)(1 - w)),
 // so that the trajectory matches torch.optim.Adam to the last bits where it can.
@@ -58,16 +53,36 @@ AdamResult adam(const BalanceProblem& problem, std::vector<double> alpha0, const
   if (options.max_iter < 0) bad("max_iter must be >= 0, got " + std::to_string(options.max_iter));
   if (std::isnan(options.tol)) bad("tol must not be NaN");
   check_bounds(problem, lower, upper);
+  const bool fixed_total = options.total.has_value();
+  if (fixed_total) detail::check_total(lower, upper, *options.total);
   problem.check_alpha(alpha0.data(), static_cast<index_t>(alpha0.size()), "alpha0");
-  for (std::size_t j = 0; j < k; ++j)
-    if (alpha0[j] < lower[j] || alpha0[j] > upper[j])
-      bad("alpha0 must lie within the bounds, got alpha0[" + std::to_string(j) + "] = " + show(alpha0[j]) +
-          " outside [" + show(lower[j]) + ", " + show(upper[j]) + "]");
+  if (!fixed_total)
+    for (std::size_t j = 0; j < k; ++j)
+      if (alpha0[j] < lower[j] || alpha0[j] > upper[j])
+        bad("alpha0 must lie within the bounds, got alpha0[" + std::to_string(j) + "] = " + show(alpha0[j]) +
+            " outside [" + show(lower[j]) + ", " + show(upper[j]) + "]");
 
   AdamResult result;
   result.alpha = std::move(alpha0);
   double* alpha = result.alpha.data();
   std::vector<double> grad(k), m(k, 0.0), v(k, 0.0);
+  // With a fixed total each step's point goes to `unprojected` and the step's
+  // denominators to inv_metric (as 1 / D_j), then the projection in that metric onto
+  // {lower <= alpha <= upper, sum alpha = total} to alpha (see adam.hpp for why this
+  // metric). alpha0 is projected in the Euclidean metric. tau, the projection's
+  // multiplier, warm-starts the next projection.
+  const detail::PatternBlocks blocks(problem, options.n_threads);
+  std::vector<double> unprojected, inv_metric;
+  double tau = 0.0;
+  auto project = [&] {
+    detail::project_box_simplex(blocks, unprojected.data(), inv_metric.data(), lower.data(), upper.data(),
+                                *options.total, alpha, tau);
+  };
+  if (fixed_total) {
+    unprojected = result.alpha;
+    inv_metric.assign(k, 1.0);
+    project();  // the identity, to rounding, where alpha0 is feasible already
+  }
   result.history.reserve(static_cast<std::size_t>(std::min<index_t>(options.max_iter, 1 << 20)) + 1);
   result.history.push_back(problem.evaluate(alpha, objective, regularizer, gamma, grad.data(), options.n_threads));
 
@@ -87,9 +102,16 @@ AdamResult adam(const BalanceProblem& problem, std::vector<double> alpha0, const
         m[j] = lerp(m[j], gj, 1.0 - b1);
         v[j] = v[j] * b2 + (1.0 - b2) * (gj * gj);  // torch: mul_(beta2).addcmul_(g, g, 1 - beta2)
         const double denom = std::sqrt(v[j]) / bias2_sqrt + eps;
-        alpha[j] = std::clamp(alpha[j] - step * (m[j] / denom), lower[j], upper[j]);
+        const double moved = alpha[j] - step * (m[j] / denom);
+        if (fixed_total) {
+          unprojected[j] = moved;
+          inv_metric[j] = 1.0 / denom;
+        } else {
+          alpha[j] = std::clamp(moved, lower[j], upper[j]);
+        }
       }
     });
+    if (fixed_total) project();
     double loss;
     try {
       loss = problem.evaluate(alpha, objective, regularizer, gamma, grad.data(), options.n_threads);

@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <sstream>
-#include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 
 #include "cobalance/parallel.hpp"
+#include "invalid_argument.hpp"
 
 namespace cobalance {
 
@@ -19,14 +19,8 @@ constexpr index_t kWorkPerPart = 1 << 16;   // below this much work (nnz + K), a
 constexpr double kHundredSquared = 1.0e4;   // the `proportions` regularizer's (100 (p - p0))^2
 constexpr index_t kChunk = 4096;            // entries per chunk of a class's gather
 
-std::string show(double v) {
-  std::ostringstream s;
-  s.precision(17);
-  s << v;
-  return s.str();
-}
-
-[[noreturn]] void bad(const std::string& message) { throw std::invalid_argument(message); }
+using detail::bad;
+using detail::show;
 
 // Runs fn(first_block, last_block) over contiguous block ranges on `parts` workers.
 template <class Fn>
@@ -36,59 +30,40 @@ void over_blocks(index_t n_blocks, int parts, Fn&& fn) {
 }
 
 // Per-pattern terms of each regularizer: value() adds R_j to v and q_j p_j to q;
-// gradient() is d R / d alpha_j given sum_k q_k p_k.
+// gradient() is d R / d alpha_j given sum_k q_k p_k. `none` has no terms.
 template <Regularizer R>
 struct RegTerms {
   const double* inv_n;
   const double* p0;
   const double* inv_p0;
   double inv_total;
-  void value(double, index_t, double&, double&) const {}
-  double gradient(double, index_t, double) const { return 0.0; }
-};
 
-template <>
-struct RegTerms<Regularizer::counts> {
-  const double* inv_n;
-  const double* p0;
-  const double* inv_p0;
-  double inv_total;
-  void value(double a, index_t j, double& v, double&) const {
-    const double t = a * inv_n[j] - 1.0;
-    v += t * t;
+  void value([[maybe_unused]] double a, [[maybe_unused]] index_t j, [[maybe_unused]] double& v,
+             [[maybe_unused]] double& q) const {
+    if constexpr (R == Regularizer::counts) {
+      const double t = a * inv_n[j] - 1.0;
+      v += t * t;
+    } else if constexpr (R == Regularizer::proportions) {
+      const double p = a * inv_total, t = p - p0[j];
+      v += kHundredSquared * t * t;
+      q += 2.0 * kHundredSquared * t * p;
+    } else if constexpr (R == Regularizer::ratio) {
+      const double p = a * inv_total, t = p * inv_p0[j] - 1.0;
+      v += t * t;
+      q += 2.0 * t * inv_p0[j] * p;
+    }
   }
-  double gradient(double a, index_t j, double) const { return 2.0 * (a * inv_n[j] - 1.0) * inv_n[j]; }
-};
 
-template <>
-struct RegTerms<Regularizer::proportions> {
-  const double* inv_n;
-  const double* p0;
-  const double* inv_p0;
-  double inv_total;
-  void value(double a, index_t j, double& v, double& q) const {
-    const double p = a * inv_total, t = p - p0[j];
-    v += kHundredSquared * t * t;
-    q += 2.0 * kHundredSquared * t * p;
-  }
-  double gradient(double a, index_t j, double qp) const {
-    return (2.0 * kHundredSquared * (a * inv_total - p0[j]) - qp) * inv_total;
-  }
-};
-
-template <>
-struct RegTerms<Regularizer::ratio> {
-  const double* inv_n;
-  const double* p0;
-  const double* inv_p0;
-  double inv_total;
-  void value(double a, index_t j, double& v, double& q) const {
-    const double p = a * inv_total, t = p * inv_p0[j] - 1.0;
-    v += t * t;
-    q += 2.0 * t * inv_p0[j] * p;
-  }
-  double gradient(double a, index_t j, double qp) const {
-    return (2.0 * (a * inv_total * inv_p0[j] - 1.0) * inv_p0[j] - qp) * inv_total;
+  double gradient([[maybe_unused]] double a, [[maybe_unused]] index_t j, [[maybe_unused]] double qp) const {
+    if constexpr (R == Regularizer::counts) {
+      return 2.0 * (a * inv_n[j] - 1.0) * inv_n[j];
+    } else if constexpr (R == Regularizer::proportions) {
+      return (2.0 * kHundredSquared * (a * inv_total - p0[j]) - qp) * inv_total;
+    } else if constexpr (R == Regularizer::ratio) {
+      return (2.0 * (a * inv_total * inv_p0[j] - 1.0) * inv_p0[j] - qp) * inv_total;
+    } else {
+      return 0.0;
+    }
   }
 };
 

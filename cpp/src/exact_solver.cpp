@@ -4,12 +4,13 @@
 #include <array>
 #include <cmath>
 #include <limits>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
+#include "box_simplex.hpp"
 #include "cobalance/adam.hpp"
-#include "cobalance/parallel.hpp"
+#include "invalid_argument.hpp"
 
 namespace cobalance {
 
@@ -20,14 +21,8 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr index_t kPowerIterations = 50;
 constexpr index_t kResidualEvery = 10;  // FISTA iterations between KKT tests
 
-std::string show(double v) {
-  std::ostringstream s;
-  s.precision(17);
-  s << v;
-  return s.str();
-}
-
-[[noreturn]] void bad(const std::string& message) { throw std::invalid_argument(message); }
+using detail::bad;
+using detail::show;
 
 // The QP  minimise F(p) + mu R(p)  over  {sum p = 1, lo <= p <= hi}, with the helpers
 // that FISTA, the projection and the KKT test need. All sums over patterns go through
@@ -44,7 +39,7 @@ class ConvexQP {
         n_threads_(n_threads),
         k_(problem.n_patterns()),
         c_(problem.n_classes()),
-        parts_(problem.parts(n_threads)) {
+        blocks_(problem, n_threads) {
     // Diagonal of R's Hessian in p (every regularizer is a separable quadratic).
     ones_.assign(static_cast<std::size_t>(k_), 1.0);
     hess_.assign(static_cast<std::size_t>(k_), 0.0);
@@ -68,37 +63,16 @@ class ConvexQP {
   index_t k() const { return k_; }
   index_t c() const { return c_; }
 
-  // Runs fn(j0, j1) over the problem's blocks of patterns; with_partial: fn returns
-  // per-block values summed in block order.
+  // Runs fn(j0, j1) over the problem's blocks of patterns.
   template <class Fn>
   void for_patterns(Fn&& fn) const {
-    const index_t bs = pr_.block_size(), nb = pr_.n_blocks();
-    const auto bounds = split_range(nb, parts_);
-    run_parts(parts_, [&](int t) {
-      const index_t j0 = bounds[static_cast<std::size_t>(t)] * bs;
-      const index_t j1 = std::min(k_, bounds[static_cast<std::size_t>(t) + 1] * bs);
-      fn(j0, j1);
-    });
+    blocks_.for_each(std::forward<Fn>(fn));
   }
 
   // Sums `width` per-pattern quantities: fn(j, acc) adds pattern j's terms into acc[0..width).
   template <int width, class Fn>
   std::array<double, width> sum_patterns(Fn&& fn) const {
-    const index_t bs = pr_.block_size(), nb = pr_.n_blocks();
-    std::vector<std::array<double, width>> partial(static_cast<std::size_t>(nb));
-    const auto bounds = split_range(nb, parts_);
-    run_parts(parts_, [&](int t) {
-      for (index_t b = bounds[static_cast<std::size_t>(t)]; b < bounds[static_cast<std::size_t>(t) + 1]; ++b) {
-        std::array<double, width> acc{};
-        const index_t end = std::min(k_, (b + 1) * bs);
-        for (index_t j = b * bs; j < end; ++j) fn(j, acc);
-        partial[static_cast<std::size_t>(b)] = acc;
-      }
-    });
-    std::array<double, width> total{};
-    for (const auto& a : partial)
-      for (int w = 0; w < width; ++w) total[static_cast<std::size_t>(w)] += a[static_cast<std::size_t>(w)];
-    return total;
+    return blocks_.sum<width>(std::forward<Fn>(fn));
   }
 
   // f = U^T p.
@@ -146,79 +120,10 @@ class ConvexQP {
     });
   }
 
-  // out = argmin sum_j metric_j (q_j - y_j)^2  s.t. sum q = 1, lo <= q <= hi, i.e.
-  // out_j = clamp(y_j - tau / metric_j, lo_j, hi_j) with sum out = 1 (inv_metric =
-  // 1 / metric). The sum is a non-increasing piecewise-linear function of tau; safeguarded Newton steps on it
-  // are exact linear solves on the current piece, so the loop ends on the piece that
-  // holds the root. `tau` is a warm start in, the multiplier out.
+  // out = argmin sum_j metric_j (q_j - y_j)^2  s.t.  sum q = 1, lo <= q <= hi (see
+  // project_box_simplex); `tau` is a warm start in, the multiplier out.
   void project(const double* y, const double* inv_metric, double* out, double& tau) const {
-    const double* lo = lo_.data();
-    const double* hi = hi_.data();
-    auto measure = [&](double t) {
-      // [0] sum of clamped values, [1] sum of free y_j, [2] sum of free 1/metric_j,
-      // [3] sum of bounds of clamped entries.
-      return sum_patterns<4>([&](index_t j, std::array<double, 4>& acc) {
-        const double inv = inv_metric[j];
-        const double v = y[j] - t * inv;
-        if (v <= lo[j]) {
-          acc[0] += lo[j];
-          acc[3] += lo[j];
-        } else if (v >= hi[j]) {
-          acc[0] += hi[j];
-          acc[3] += hi[j];
-        } else {
-          acc[0] += v;
-          acc[1] += y[j];
-          acc[2] += inv;
-        }
-      });
-    };
-    double below = -kInf, above = kInf;  // sum >= 1 at `below`, <= 1 at `above`
-    bool bracketed = false;
-    double t = std::isfinite(tau) ? tau : 0.0;
-    for (int it = 0; it < 200; ++it) {
-      const auto m = measure(t);
-      const double excess = m[0] - 1.0;
-      // Rounding in the sum of up to K terms: closer than this is the root.
-      if (std::abs(excess) <= 1e-13) break;
-      if (excess > 0.0) below = t;
-      else above = t;
-      double next = m[2] > 0.0 ? (m[1] + m[3] - 1.0) / m[2] : std::numeric_limits<double>::quiet_NaN();
-      if (!(next > below && next < above)) {
-        if (!bracketed) {
-          // Where every entry sits at its upper bound (or at >= 1 when unbounded) the
-          // sum is >= 1; where every entry sits at its lower bound it is <= 1.
-          const auto range = bracket(y, inv_metric);
-          below = std::max(below, range.first);
-          above = std::min(above, range.second);
-          bracketed = true;
-        }
-        if (!(next > below && next < above)) next = 0.5 * (below + above);
-      }
-      if (next == t || !(above > below)) break;
-      t = next;
-    }
-    tau = t;
-    for_patterns([&](index_t j0, index_t j1) {
-      for (index_t j = j0; j < j1; ++j) out[j] = std::clamp(y[j] - t * inv_metric[j], lo[j], hi[j]);
-    });
-    // Where 1 / metric is large, one ulp of tau moves the sum by more than rounding;
-    // spread what is left over the free entries in proportion to 1 / metric (the same
-    // direction as a change of tau), so that sum out = 1 to rounding.
-    for (int fix = 0; fix < 4; ++fix) {
-      const auto m = sum_patterns<2>([&](index_t j, std::array<double, 2>& acc) {
-        acc[0] += out[j];
-        if (out[j] > lo[j] && out[j] < hi[j]) acc[1] += inv_metric[j];
-      });
-      const double excess = m[0] - 1.0;
-      if (std::abs(excess) <= 1e-14 || !(m[1] > 0.0)) break;
-      const double shift = excess / m[1];
-      for_patterns([&](index_t j0, index_t j1) {
-        for (index_t j = j0; j < j1; ++j)
-          if (out[j] > lo[j] && out[j] < hi[j]) out[j] = std::clamp(out[j] - shift * inv_metric[j], lo[j], hi[j]);
-      });
-      tau += shift;
-    }
+    project_box_simplex(blocks_, y, inv_metric, lo_.data(), hi_.data(), 1.0, out, tau);
   }
 
   // max_j |p_j - P(p - grad)_j| with P the Euclidean projection.
@@ -287,18 +192,6 @@ class ConvexQP {
   }
 
  private:
-  std::pair<double, double> bracket(const double* y, const double* inv_metric) const {
-    const double* lo = lo_.data();
-    const double* hi = hi_.data();
-    double first = kInf, last = -kInf;
-    for (index_t j = 0; j < k_; ++j) {
-      const double top = std::isfinite(hi[j]) ? hi[j] : lo[j] + 1.0;
-      first = std::min(first, (y[j] - top) / inv_metric[j]);
-      last = std::max(last, (y[j] - lo[j]) / inv_metric[j]);
-    }
-    return {first, last};
-  }
-
   const BalanceProblem& pr_;
   Regularizer reg_;
   double total_;
@@ -306,7 +199,7 @@ class ConvexQP {
   std::vector<double> ones_;  // the Euclidean metric
   int n_threads_;
   index_t k_, c_;
-  int parts_;
+  detail::PatternBlocks blocks_;
 };
 
 struct InnerResult {
@@ -588,20 +481,11 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
   if (objective == Objective::geo)
     bad("objective 'geo' is not convex in p; the exact solver accepts 'fraction' or 'fraction_l2'");
   if (!std::isfinite(gamma) || gamma < 0.0) bad("gamma must be finite and >= 0, got " + show(gamma));
-  if (!std::isfinite(total) || !(total > 0.0)) bad("total must be finite and > 0, got " + show(total));
   if (std::isnan(options.tol) || options.tol < 0.0) bad("tol must be >= 0, got " + show(options.tol));
   if (options.max_iter < 0) bad("max_iter must be >= 0, got " + std::to_string(options.max_iter));
   check_bounds(problem, lower, upper);
+  detail::check_total(lower, upper, total);
   const index_t k = problem.n_patterns();
-  double sum_lower = 0.0, sum_upper = 0.0;
-  for (index_t j = 0; j < k; ++j) {
-    sum_lower += lower[j];
-    sum_upper += upper[j];
-  }
-  if (sum_lower > total * (1.0 + 1e-12))
-    bad("total must be >= sum(lower) = " + show(sum_lower) + " for the bounds to be feasible, got " + show(total));
-  if (sum_upper < total * (1.0 - 1e-12))
-    bad("total must be <= sum(upper) = " + show(sum_upper) + " for the bounds to be feasible, got " + show(total));
 
   std::vector<double> lo(static_cast<std::size_t>(k)), hi(static_cast<std::size_t>(k));
   for (index_t j = 0; j < k; ++j) {

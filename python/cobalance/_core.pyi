@@ -116,6 +116,7 @@ def adam(
     max_iter: int = 1000,
     tol: float = 0.0,
     n_threads: int = 0,
+    total: Optional[float] = None,
 ) -> dict: ...
 def solve_exact(
     problem: BalanceProblem,

@@ -193,6 +193,42 @@ void adam_follows_the_update_rule_for_one_step() {
   CHECK(r.history.size() == 2 && std::abs(r.history[0] - 0.18) < 1e-15);
 }
 
+// Adam with a fixed total: every iterate sums to the total within the bounds, the run
+// does not depend on the thread count, and with many steps it reaches the exact optimum
+// at that total where the caps bind (KKT checked from scratch).
+void adam_with_a_total_reaches_the_exact_optimum() {
+  const Data d = random_data(25, 5, 6);
+  const auto problem = make(d);
+  double n_total = 0.0;
+  for (double n : d.counts) n_total += n;
+  const double total = 15.0 * n_total;
+  std::vector<double> lo(25, 0.0), hi(25), alpha0(25);
+  for (index_t j = 0; j < 25; ++j) hi[j] = 20.0 * d.counts[j], alpha0[j] = 15.0 * d.counts[j];
+  const auto exact = solve_exact(problem, Objective::fraction, Regularizer::proportions, 1e-3, total, lo, hi, {});
+  CHECK(exact.converged);
+  int capped = 0;
+  for (index_t j = 0; j < 25; ++j) capped += exact.alpha[j] >= hi[j] * (1.0 - 1e-9);
+  CHECK(capped >= 1);
+  AdamOptions opt;
+  opt.lr = 3.0;
+  opt.max_iter = 20000;
+  opt.total = total;
+  opt.n_threads = 1;
+  const auto r1 = adam(problem, alpha0, lo, hi, Objective::fraction, Regularizer::proportions, 1e-3, opt);
+  opt.n_threads = 3;
+  const auto r3 = adam(problem, alpha0, lo, hi, Objective::fraction, Regularizer::proportions, 1e-3, opt);
+  CHECK(r1.alpha == r3.alpha && r1.history == r3.history);
+  double sum = 0.0;
+  for (index_t j = 0; j < 25; ++j) {
+    sum += r1.alpha[j];
+    CHECK(r1.alpha[j] >= lo[j] && r1.alpha[j] <= hi[j]);
+  }
+  CHECK(std::abs(sum - total) <= 1e-12 * total);
+  const double loss = brute_loss(d, r1.alpha, Objective::fraction, Regularizer::proportions, 1e-3);
+  CHECK(loss >= exact.loss * (1.0 - 1e-12) && loss - exact.loss <= 1e-8 * exact.loss);
+  for (index_t j = 0; j < 25; ++j) CHECK(std::abs(r1.alpha[j] - exact.alpha[j]) <= 1e-3 * total / 25.0);
+}
+
 void bad_input_is_rejected() {
   CHECK_INVALID(BalanceProblem({0, 1}, {3}, {1.0}, 2, {0.5, 0.5}), "indices");
   CHECK_INVALID(BalanceProblem({0, 1}, {0}, {0.0}, 2, {0.5, 0.5}), "counts");
@@ -213,6 +249,16 @@ void bad_input_is_rejected() {
   opt.lr = 0.1;
   CHECK_INVALID(adam(problem, ok, {0.0, 3.0}, {2.0, 2.0}, Objective::fraction, Regularizer::none, 0.0, opt), "lower");
   CHECK_INVALID(adam(problem, ok, {-1.0, 0.0}, {2.0, 2.0}, Objective::fraction, Regularizer::none, 0.0, opt), "lower");
+  opt.total = 5.0;  // above sum(upper) = 4
+  CHECK_INVALID(adam(problem, ok, {0.0, 0.0}, {2.0, 2.0}, Objective::fraction, Regularizer::none, 0.0, opt), "total");
+  opt.total = NAN;
+  CHECK_INVALID(adam(problem, ok, {0.0, 0.0}, {2.0, 2.0}, Objective::fraction, Regularizer::none, 0.0, opt), "total");
+  opt.total = 0.0;
+  CHECK_INVALID(adam(problem, ok, {0.0, 0.0}, {2.0, 2.0}, Objective::fraction, Regularizer::none, 0.0, opt), "total");
+  opt.total = 3.0;  // alpha0 outside the bounds is projected, not refused
+  const auto projected = adam(problem, {5.0, 0.5}, {0.0, 0.0}, {2.0, 2.0}, Objective::fraction, Regularizer::none,
+                              0.0, opt);
+  CHECK(projected.alpha.size() == 2 && std::abs(projected.alpha[0] + projected.alpha[1] - 3.0) <= 3e-12);
   ExactOptions eopt;
   CHECK_INVALID(solve_exact(problem, Objective::geo, Regularizer::none, 0.0, 2.0, {0.0, 0.0}, {2.0, 2.0}, eopt), "geo");
   CHECK_INVALID(solve_exact(problem, Objective::fraction, Regularizer::none, 0.0, 5.0, {0.0, 0.0}, {2.0, 2.0}, eopt),
@@ -226,6 +272,7 @@ int main() {
   results_do_not_depend_on_threads();
   exact_solver_meets_kkt();
   adam_follows_the_update_rule_for_one_step();
+  adam_with_a_total_reaches_the_exact_optimum();
   bad_input_is_rejected();
   return 0;
 }

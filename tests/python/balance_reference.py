@@ -22,7 +22,7 @@ def random_problem(rng, n_patterns, n_classes, *, weights=False, empty_rows=True
 
 
 def _loss(xp, u, n, d, w, alpha, objective, regularizer, gamma):
-    """The loss written once for both array libraries (``xp`` is numpy or torch)."""
+    """The loss from its definition, on numpy arrays (xp = numpy) or torch tensors (xp = torch)."""
     s = alpha.sum()
     g = u.T @ alpha
     if objective == "geo":
@@ -44,8 +44,8 @@ def _loss(xp, u, n, d, w, alpha, objective, regularizer, gamma):
 
 
 def reference_loss(prob, alpha, objective, regularizer, gamma):
-    return _loss(np, prob["dense"], prob["counts"], prob["target"], prob["class_weights"], alpha,
-                 objective, regularizer, gamma)
+    return _loss(np, prob["dense"], prob["counts"], prob["target"], prob["class_weights"], alpha, objective,
+                 regularizer, gamma)
 
 
 def torch_loss(torch, prob, alpha, objective, regularizer, gamma):

@@ -17,35 +17,50 @@ def make(prob):
 
 # --- Adam ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objective,regularizer,gamma", [
-    ("fraction", "proportions", 1e-3), ("fraction_l2", "counts", 0.01), ("geo", "ratio", 0.02),
-    ("fraction", "none", 0.0),
-])
-def test_adam_trajectory_equals_torch_adam_with_clamp(objective, regularizer, gamma):
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(11)
-    k, c = 40, 8
-    prob = random_problem(rng, k, c, weights=True, empty_rows=False)
-    problem = make(prob)
-    n = prob["counts"]
-    lower, upper = 0.8 * n, 1.5 * n  # tight enough that the clamp is active along the way
-    alpha0 = n.copy()
-    lr, betas, eps = 0.2, (0.85, 0.99), 1e-8
+TORCH_CASES = [("fraction", "proportions", 1e-3), ("fraction_l2", "counts", 0.01), ("geo", "ratio", 0.02),
+               ("fraction", "none", 0.0)]
 
-    param = torch.tensor(alpha0, dtype=torch.float64, requires_grad=True)
+
+def torch_adam_run(torch, prob, case, start, lr, betas, eps, constrain, steps=100):
+    """torch.optim.Adam from `start`, each step followed by constrain(param, optimizer state, step)
+    (in place, without grad). Returns the losses at every iterate and the iterates by step."""
+    objective, regularizer, gamma = case
+    param = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([param], lr=lr, betas=betas, eps=eps)
-    lo_t, hi_t = torch.tensor(lower), torch.tensor(upper)
-    losses, trajectory = [], {}
-    for step in range(1, 101):
+    losses, trajectory = [], {0: np.array(start, dtype=np.float64)}
+    for step in range(1, steps + 1):
         opt.zero_grad()
         loss = torch_loss(torch, prob, param, objective, regularizer, gamma)
         losses.append(loss.item())
         loss.backward()
         opt.step()
         with torch.no_grad():
-            param.copy_(torch.minimum(torch.maximum(param, lo_t), hi_t))
+            constrain(param, opt.state[param], step)
         trajectory[step] = param.detach().numpy().copy()
     losses.append(torch_loss(torch, prob, param, objective, regularizer, gamma).item())
+    return losses, trajectory
+
+
+def torch_test_problem(rng):
+    """The trajectory tests' problem: 40 weighted patterns over 8 classes, none empty."""
+    prob = random_problem(rng, 40, 8, weights=True, empty_rows=False)
+    return prob, make(prob), prob["counts"]
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_adam_trajectory_equals_torch_adam_with_clamp(case):
+    torch = pytest.importorskip("torch")
+    objective, regularizer, gamma = case
+    rng = np.random.default_rng(11)
+    prob, problem, n = torch_test_problem(rng)
+    lower, upper = 0.8 * n, 1.5 * n  # tight enough that the clamp is active along the way
+    alpha0 = n.copy()
+    lr, betas, eps = 0.2, (0.85, 0.99), 1e-8
+
+    lo_t, hi_t = torch.tensor(lower), torch.tensor(upper)
+    losses, trajectory = torch_adam_run(
+        torch, prob, case, alpha0, lr, betas, eps,
+        lambda param, state, step: param.copy_(torch.minimum(torch.maximum(param, lo_t), hi_t)))
     clamped = any(((a == lower) | (a == upper)).any() for a in trajectory.values())
 
     for steps in [1, 10, 57, 100]:
@@ -111,6 +126,137 @@ def test_adam_bad_arguments():
     ]:
         with pytest.raises(ValueError, match=needle):
             run(**kw)
+
+
+# --- Adam with a fixed total -----------------------------------------------------------
+
+def project_by_bisection(y, metric, lower, upper, total):
+    """argmin sum metric (q - y)^2 on {lower <= q <= upper, sum q = total}, by bisection on
+    the multiplier tau of q = clip(y - tau / metric, lower, upper) (sum non-increasing in tau)."""
+    top = np.where(np.isfinite(upper), upper, lower + total)
+    lo_tau, hi_tau = np.min((y - top) * metric), np.max((y - lower) * metric)
+    for _ in range(2000):
+        mid = 0.5 * (lo_tau + hi_tau)
+        if mid in (lo_tau, hi_tau):
+            break
+        if np.clip(y - mid / metric, lower, upper).sum() > total:
+            lo_tau = mid
+        else:
+            hi_tau = mid
+    return np.clip(y - 0.5 * (lo_tau + hi_tau) / metric, lower, upper)
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_adam_with_total_equals_torch_adam_with_projection(case):
+    torch = pytest.importorskip("torch")
+    objective, regularizer, gamma = case
+    rng = np.random.default_rng(31)
+    prob, problem, n = torch_test_problem(rng)
+    total = 3.0 * n.sum()
+    lower, upper = 1.5 * n, 4.5 * n  # tight enough that both bounds bind along the way
+    alpha0 = n * (2.0 + rng.random(n.size))  # not feasible: projected before the first step
+    lr, betas, eps = 2.0, (0.85, 0.99), 1e-8
+
+    def project(param, state, step):
+        # The projection in Adam's metric: the step's denominators sqrt(v_hat) + eps.
+        metric = np.sqrt(state["exp_avg_sq"].numpy()) / np.sqrt(1 - betas[1] ** step) + eps
+        param.copy_(torch.from_numpy(project_by_bisection(param.numpy(), metric, lower, upper, total)))
+
+    start = project_by_bisection(alpha0, np.ones(n.size), lower, upper, total)
+    losses, trajectory = torch_adam_run(torch, prob, case, start, lr, betas, eps, project)
+    at_bounds = np.array([((a <= lower * (1 + 1e-12)) | (a >= upper * (1 - 1e-12))).any()
+                          for a in trajectory.values()])
+    assert at_bounds.sum() > 50  # the test exercised the bounds along the way
+
+    for steps in [0, 1, 10, 57, 100]:
+        out = _core.adam(problem, alpha0, lower, upper, objective, regularizer, gamma, lr, beta1=betas[0],
+                         beta2=betas[1], eps=eps, max_iter=steps, total=total)
+        assert out["n_iter"] == steps and not out["converged"]
+        np.testing.assert_allclose(out["alpha"], trajectory[steps], rtol=1e-9, atol=0)
+        np.testing.assert_allclose(out["history"], losses[: steps + 1], rtol=1e-9, atol=0)
+        assert abs(out["alpha"].sum() - total) <= 1e-12 * total
+        assert np.all(out["alpha"] >= lower) and np.all(out["alpha"] <= upper)
+
+
+@pytest.mark.parametrize("objective,regularizer,gamma", [
+    ("fraction", "proportions", 1e-3), ("fraction", "counts", 1e-6), ("fraction_l2", "ratio", 1e-3),
+    ("fraction", "none", 0.0),
+])
+def test_adam_with_total_approaches_the_exact_optimum_where_caps_bind(objective, regularizer, gamma):
+    rng = np.random.default_rng(32)
+    k, c = 30, 6
+    prob = random_problem(rng, k, c, empty_rows=False)
+    problem = make(prob)
+    n = prob["counts"]
+    total = 20.0 * n.sum()
+    lower, upper = np.zeros(k), 25.0 * n
+    exact = _core.solve_exact(problem, objective, regularizer, gamma, total, lower, upper)
+    assert exact["converged"]
+    assert np.sum(exact["alpha"] >= upper * (1 - 1e-9)) >= 2  # the caps bind at the optimum
+    alpha0 = n * (total / n.sum())
+    gaps = []
+    for iters in [300, 20000]:
+        out = _core.adam(problem, alpha0, lower, upper, objective, regularizer, gamma, 3.0, max_iter=iters,
+                         total=total)
+        assert abs(out["alpha"].sum() - total) <= 1e-12 * total
+        gaps.append(out["history"][-1] - exact["loss"])
+    scale = max(exact["loss"], 1e-3)
+    # No feasible point beats the optimum; Adam closes in on it.
+    assert gaps[1] >= -1e-12 * scale and gaps[1] <= gaps[0] + 1e-12 * scale
+    assert gaps[1] < 1e-8 * scale
+    if regularizer != "none":  # a strictly convex loss: the optimum is unique
+        np.testing.assert_allclose(out["alpha"], exact["alpha"], rtol=0, atol=1e-2 * total / k)
+    # KKT at Adam's last point, from scratch (the gradient of the loss in alpha).
+    _, grad = problem_in_p(prob, objective, regularizer, gamma, total)(out["alpha"] / total)
+    lo, hi = lower / total, upper / total
+    p = out["alpha"] / total
+    free = (p > lo + 1e-7) & (p < hi - 1e-7)
+    lam = np.median(grad[free])
+    tol = 1e-4 * max(1.0, np.abs(grad).max())
+    assert np.all(np.abs(grad[free] - lam) <= tol)
+    assert np.all(grad[p <= lo + 1e-7] >= lam - tol) and np.all(grad[p >= hi - 1e-7] <= lam + tol)
+
+
+def test_adam_with_total_is_thread_count_invariant():
+    rng = np.random.default_rng(33)
+    prob = random_problem(rng, 150_000, 5)  # several threads take part
+    problem = make(prob)
+    n = prob["counts"]
+    total = 2.0 * n.sum()
+    runs = [_core.adam(problem, 2 * n, 0 * n, 3 * n, "fraction_l2", "ratio", 0.01, 0.1, max_iter=20, n_threads=t,
+                       total=total) for t in (1, 2, 5)]
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r["alpha"], runs[0]["alpha"])
+        np.testing.assert_array_equal(r["history"], runs[0]["history"])
+    assert abs(runs[0]["alpha"].sum() - total) <= 1e-12 * total
+
+
+def test_adam_with_total_bad_arguments():
+    rng = np.random.default_rng(34)
+    prob = random_problem(rng, 5, 3)
+    problem = make(prob)
+    n = prob["counts"]
+    lo, hi = 0.5 * n, 10 * n
+
+    def run(**kw):
+        args = dict(problem=problem, alpha0=n, lower=lo, upper=hi, objective="fraction",
+                    regularizer="proportions", gamma=0.1, lr=0.1, max_iter=3)
+        args.update(kw)
+        return _core.adam(**args)
+
+    for total in [float("nan"), float("inf"), 0.0, -1.0, 0.49 * n.sum(), 10.01 * n.sum()]:
+        with pytest.raises(ValueError, match="total"):
+            run(total=total)
+    with pytest.raises(ValueError, match=r"\[sum\(lower\), sum\(upper\)\]"):
+        run(total=11 * n.sum())
+    for kw, needle in [(dict(alpha0=np.r_[np.nan, n[1:]]), "alpha0"), (dict(alpha0=-n), "alpha0"),
+                       (dict(lower=np.zeros(4)), "lower"), (dict(lr=0.0), "lr")]:
+        with pytest.raises(ValueError, match=needle):
+            run(total=n.sum(), **kw)
+    # The bounds' ends are feasible totals, and alpha0 outside the bounds is projected.
+    for total in [0.5 * n.sum(), 10 * n.sum()]:
+        out = run(total=total, alpha0=20 * n)
+        assert abs(out["alpha"].sum() - total) <= 1e-12 * total
 
 
 # --- the exact solver ------------------------------------------------------------------
