@@ -49,7 +49,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -542,16 +542,17 @@ def _parse_target(text: str, table: PatternTable):
         if unknown:
             raise UsageError(f"--target: unknown class {str(unknown[0])!r}; the classes are "
                              f"{', '.join(table.class_names)}")
-        for k, v in spec.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-                raise UsageError(f"--target: the fraction of {k!r} must be in [0, 1], got {v!r}")
+        fractions = spec.items()
     elif isinstance(spec, list):
         if len(spec) != table.n_classes:
             raise UsageError(f"--target lists {len(spec)} fractions, the table has {table.n_classes} classes "
                              f"({', '.join(table.class_names)})")
-        for name, v in zip(table.class_names, spec):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-                raise UsageError(f"--target: the fraction of {name!r} must be in [0, 1], got {v!r}")
+        fractions = zip(table.class_names, spec)
+    else:
+        fractions = ()
+    for name, v in fractions:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise UsageError(f"--target: the fraction of {name!r} must be in [0, 1], got {v!r}")
     try:
         return spec, resolve_target(spec, table)
     except ValueError as exc:
@@ -977,31 +978,27 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _argument_type(convert: Callable[[str], Any], accepts: Callable[[Any], bool], expected: str):
+    """An argparse ``type``: ``convert(text)``, refused as "expected <expected>" unless ``accepts`` it."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+_int = _argument_type(int, lambda value: True, "an integer")
+_positive_int = _argument_type(int, lambda value: value >= 1, "a positive integer")
+_non_negative_int = _argument_type(int, lambda value: value >= 0, "a non-negative integer")
+_positive_float = _argument_type(float, lambda value: value > 0 and np.isfinite(value), "a positive number")
+_non_negative_float = _argument_type(float, lambda value: value >= 0 and np.isfinite(value), "a non-negative number")
+_copies_bound = _argument_type(float, lambda value: value >= 1 and np.isfinite(value), "a number >= 1 or 'none'")
 
 
 def _add_mask_options(p: argparse.ArgumentParser) -> None:
@@ -1023,10 +1020,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     common = _common_options()
 
-    p = sub.add_parser("scan", parents=[common], help="labels or masks -> pattern table",
-                       description="Group a dataset's samples by class-presence pattern and print the "
-                       "per-class presence.", epilog=_SCAN_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    def add_command(name: str, **texts) -> argparse.ArgumentParser:
+        # every command takes the output options and keeps its epilog's line breaks
+        return sub.add_parser(name, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
+
+    p = add_command("scan", help="labels or masks -> pattern table",
+                    description="Group a dataset's samples by class-presence pattern and print the "
+                    "per-class presence.", epilog=_SCAN_EPILOG)
     p.add_argument("input", help="label file (CSV, .npy, .npz, Parquet) or masks folder")
     p.add_argument("-o", "--output", metavar="TABLE.npz", help="save the pattern table here")
     p.add_argument("--format", choices=_LABEL_FORMATS, help="input format (default: from the name)")
@@ -1036,10 +1036,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_options(p)
     p.set_defaults(handler=_cmd_scan)
 
-    p = sub.add_parser("fit", parents=[common], help="pattern table + target -> plan and report",
-                       description="Find per-pattern repeat counts that move class presence towards a "
-                       "target; write the integer plan and print the report.", epilog=_FIT_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command("fit", help="pattern table + target -> plan and report",
+                    description="Find per-pattern repeat counts that move class presence towards a "
+                    "target; write the integer plan and print the report.", epilog=_FIT_EPILOG)
     p.add_argument("table", help="pattern table (.npz from `cobalance scan`)")
     p.add_argument("--target", required=True, metavar="TARGET", help=_TARGET_HELP)
     p.add_argument("-o", "--output", required=True, metavar="PLAN.npz", help="plan file (.npz or .json)")
@@ -1047,9 +1046,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_outputs(p)
     p.set_defaults(handler=_cmd_fit)
 
-    p = sub.add_parser("report", parents=[common], help="plan -> markdown table and PNG chart",
-                       description="Per-class presence before / target / after a plan.", epilog=_REPORT_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command("report", help="plan -> markdown table and PNG chart",
+                    description="Per-class presence before / target / after a plan.", epilog=_REPORT_EPILOG)
     p.add_argument("plan", help="plan file from `cobalance fit`")
     p.add_argument("--table", help="pattern table (default: the one recorded in PLAN.fit.json)")
     p.add_argument("--target", metavar="TARGET", help="target to compare with (default: the fitted one); "
@@ -1057,10 +1055,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_outputs(p)
     p.set_defaults(handler=_cmd_report)
 
-    p = sub.add_parser("write", parents=[common], help="plan + dataset folder -> balanced dataset folder",
-                       description="Write the balanced dataset of a plan as files, in the source's layout, "
-                       "with a manifest. Needs torch.", epilog=_WRITE_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command("write", help="plan + dataset folder -> balanced dataset folder",
+                    description="Write the balanced dataset of a plan as files, in the source's layout, "
+                    "with a manifest. Needs torch.", epilog=_WRITE_EPILOG)
     p.add_argument("plan", help="plan file from `cobalance fit`")
     p.add_argument("dataset", help="the masks folder the table was scanned from")
     p.add_argument("out_dir", help="output folder: missing, empty, or an interrupted run of the same job")
@@ -1071,10 +1068,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_options(p)
     p.set_defaults(handler=_cmd_write)
 
-    p = sub.add_parser("demo", parents=[common], help="the whole path on the shipped IDRiD sample",
-                       description="Scan the IDRiD sample shipped with cobalance into tiles, print the "
-                       "per-class presence and pixel share, balance, and print the report.",
-                       epilog=_DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command("demo", help="the whole path on the shipped IDRiD sample",
+                    description="Scan the IDRiD sample shipped with cobalance into tiles, print the "
+                    "per-class presence and pixel share, balance, and print the report.",
+                    epilog=_DEMO_EPILOG)
     p.add_argument("--out", metavar="DIR", help="also write table, plan, reports, chart and (with torch) the "
                    "balanced tiles here")
     p.add_argument("--tile", type=_positive_int, default=128, metavar="PIXELS", help="tile size (default 128)")
@@ -1129,36 +1126,8 @@ def _add_report_outputs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--png", metavar="FILE.png", help="write a bar chart (needs matplotlib)")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not value >= 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def _max_copies(text: str):
-    if text.lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}") from None
-    if not value >= 1 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}")
-    return value
+def _max_copies(text: str) -> Optional[float]:
+    return None if text.lower() == "none" else _copies_bound(text)
 
 
 # -- entry point ------------------------------------------------------------------------

@@ -98,6 +98,13 @@ def _read_binary_into(path: Path, out: np.ndarray) -> None:
         np.not_equal(arr, 0, out=out.view(np.bool_))
 
 
+def _checked_index(index, size: int, what: str, items: str) -> int:
+    """``index`` (negative counts from the end) as a position in ``[0, size)``; IndexError otherwise."""
+    if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not -size <= index < size:
+        raise IndexError(f"{what} {index!r} out of range for {size} {items}")
+    return int(index) % size
+
+
 class MaskFolder:
     """A folder of images and segmentation masks, as samples (whole images or tiles).
 
@@ -306,9 +313,7 @@ class MaskFolder:
         return list(self._mask_paths[self._image_index(i)])
 
     def _image_index(self, i) -> int:
-        if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not -self.n_images <= i < self.n_images:
-            raise IndexError(f"image index {i!r} out of range for {self.n_images} images")
-        return int(i) % self.n_images
+        return _checked_index(i, self.n_images, "image index", "images")
 
     def load_image(self, i: int) -> np.ndarray:
         """Image ``i`` as a new ``(height, width, 3)`` uint8 RGB array."""
@@ -357,9 +362,7 @@ class MaskFolder:
             New C-contiguous arrays (the caller may modify them). Whole images when
             not tiling.
         """
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not -len(self) <= k < len(self):
-            raise IndexError(f"sample index {k!r} out of range for {len(self)} samples")
-        i, y, x = (int(v) for v in self.origins[k])
+        i, y, x = (int(v) for v in self.origins[_checked_index(k, len(self), "sample index", "samples")])
         image, mask = self._decoded_image(i), self._decoded_mask(i)
         if self.tile is None:
             return image.copy(), mask.copy()

@@ -18,9 +18,10 @@ The same definitions, layouts and options as :mod:`cobalance.segmentation.metric
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -29,6 +30,12 @@ __all__ = ["DiceMeter", "DiceResult", "dice_counts", "dice_per_class", "vdice"]
 _ABSENT = ("skip", "one")
 _REDUCTIONS = ("global", "per_image", "none")
 _PRED_FORMATS = ("auto", "labels", "probs", "logits")
+_METER_MODES = ("global", "per_image")
+_NO_UPDATE = "DiceMeter.compute() called before any update()"
+
+# What follows up to _labelmap_counts holds no array code of its own (only shapes, options
+# and methods that numpy arrays and torch tensors share), so the torch twin
+# cobalance.segmentation.metrics imports it and both validate and decide alike.
 
 
 def _check_options(num_classes, ignore_index, absent, pred_format, threshold) -> int:
@@ -51,6 +58,16 @@ def _check_options(num_classes, ignore_index, absent, pred_format, threshold) ->
     return int(num_classes)
 
 
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _absent_dice(absent: str) -> float:
+    """The Dice given to a class absent from prediction and target."""
+    return math.nan if absent == "skip" else 1.0
+
+
 def _logit(p: float) -> float:
     p = float(p)
     if p <= 0.0:
@@ -60,8 +77,8 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-def _check_range(values: np.ndarray, num_classes: int, name: str) -> None:
-    if values.size == 0:
+def _check_range(values, num_classes: int, name: str) -> None:
+    if math.prod(values.shape) == 0:
         return
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= num_classes:
@@ -69,20 +86,112 @@ def _check_range(values: np.ndarray, num_classes: int, name: str) -> None:
         raise ValueError(f"{name} holds class id {bad}, outside [0, {num_classes}) (num_classes={num_classes})")
 
 
-def _labelmap_counts(pred, target, num_classes, ignore_index):
-    n = target.shape[0]
-    if pred.ndim == target.ndim + 1:
-        if pred.shape[1] != num_classes or pred.shape[:1] + pred.shape[2:] != target.shape:
+def _pred_is_scores(pred_shape: tuple, target_shape: tuple, num_classes: int) -> bool:
+    """Whether a label-map ``pred`` holds scores ``(N, C, H, W)`` (else class ids shaped like target).
+
+    Raises ValueError when it is neither.
+    """
+    if len(pred_shape) == len(target_shape) + 1:
+        if pred_shape[1] != num_classes or pred_shape[:1] + pred_shape[2:] != target_shape:
             raise ValueError(
                 f"pred scores must have shape (N, num_classes, H, W) = "
-                f"{(n, num_classes) + tuple(target.shape[1:])}, got {pred.shape}"
+                f"{(target_shape[0], num_classes) + target_shape[1:]}, got {pred_shape}"
             )
-        pred = pred.argmax(axis=1)
-    elif pred.shape != target.shape:
+        return True
+    if pred_shape != target_shape:
         raise ValueError(
-            f"pred must be class ids shaped like target {target.shape} or scores (N, num_classes, H, W), "
-            f"got {pred.shape}"
+            f"pred must be class ids shaped like target {target_shape} or scores (N, num_classes, H, W), "
+            f"got {pred_shape}"
         )
+    return False
+
+
+def _check_multilabel_shapes(pred_shape: tuple, target_shape: tuple, num_classes: int) -> None:
+    if target_shape[1] != num_classes:
+        raise ValueError(f"multi-label target must have num_classes={num_classes} channels, got shape {target_shape}")
+    if pred_shape != target_shape:
+        raise ValueError(f"pred must have the shape of target {target_shape}, got {pred_shape}")
+
+
+def _multilabel_cut(pred, pred_is_float: bool, pred_format: str, threshold: float) -> Optional[float]:
+    """The value a multi-label ``pred`` must exceed to be on; None when it holds 0/1 labels.
+
+    ``"auto"`` reads integers and booleans as labels, floats within [0, 1] as
+    probabilities and other floats as logits.
+    """
+    fmt = pred_format
+    if fmt == "auto":
+        if not pred_is_float:
+            fmt = "labels"
+        elif math.prod(pred.shape) and (float(pred.min()) < 0.0 or float(pred.max()) > 1.0):
+            fmt = "logits"
+        else:
+            fmt = "probs"
+    if fmt == "labels":
+        return None
+    # sigmoid(x) > t  <=>  x > logit(t): comparing in pred's own dtype decodes the same
+    # pixels in both twins, with no rounding of a computed sigmoid.
+    return float(threshold) if fmt == "probs" else _logit(threshold)
+
+
+def _bad_target_layout(target_shape: tuple) -> ValueError:
+    return ValueError(
+        f"target must be a label map (N, H, W) / (H, W) or a multi-label mask (N, C, H, W), got shape {target_shape}"
+    )
+
+
+class DiceResult(NamedTuple):
+    """What ``DiceMeter.compute`` returns: per-class Dice ``(C,)`` and their mean.
+
+    A float64 array and a float from :class:`cobalance.metrics.DiceMeter`; tensors on
+    the batches' device from :class:`cobalance.segmentation.metrics.DiceMeter`.
+    """
+
+    per_class: Any
+    vdice: Any
+
+
+class _DiceMeterOptions(abc.ABC):
+    """The options of a streaming Dice meter, validated once; the twins' meters build on it."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        mode: str = "global",
+        ignore_index: Optional[int] = None,
+        absent: str = "skip",
+        pred_format: str = "auto",
+        threshold: float = 0.5,
+    ) -> None:
+        if mode not in _METER_MODES:
+            raise ValueError(f"mode must be 'global' or 'per_image', got {mode!r}")
+        self.num_classes = _check_options(num_classes, ignore_index, absent, pred_format, threshold)
+        self.mode = mode
+        self.ignore_index = ignore_index
+        self.absent = absent
+        self.pred_format = pred_format
+        self.threshold = threshold
+        self.reset()
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget every batch seen so far."""
+
+    def _count_options(self) -> dict:
+        """The keyword arguments of ``dice_counts`` for one batch."""
+        return {
+            "num_classes": self.num_classes,
+            "ignore_index": self.ignore_index,
+            "pred_format": self.pred_format,
+            "threshold": self.threshold,
+        }
+
+
+def _labelmap_counts(pred, target, num_classes, ignore_index):
+    n = target.shape[0]
+    if _pred_is_scores(pred.shape, target.shape, num_classes):
+        pred = pred.argmax(axis=1)
     elif pred.dtype.kind not in "iub":
         raise ValueError(f"pred class ids must be integers, got dtype {pred.dtype}")
     pred = pred.astype(np.int64, copy=False).reshape(n, -1)
@@ -112,24 +221,11 @@ def _binary(values: np.ndarray, name: str, ignore_index) -> np.ndarray:
 
 
 def _multilabel_counts(pred, target, num_classes, ignore_index, pred_format, threshold):
-    if target.shape[1] != num_classes:
-        raise ValueError(f"multi-label target must have num_classes={num_classes} channels, got shape {target.shape}")
-    if pred.shape != target.shape:
-        raise ValueError(f"pred must have the shape of target {target.shape}, got {pred.shape}")
-    fmt = pred_format
-    if fmt == "auto":
-        if pred.dtype.kind != "f":
-            fmt = "labels"
-        elif pred.size and (pred.min() < 0.0 or pred.max() > 1.0):
-            fmt = "logits"
-        else:
-            fmt = "probs"
-    if fmt == "labels":
+    _check_multilabel_shapes(pred.shape, target.shape, num_classes)
+    cut = _multilabel_cut(pred, pred.dtype.kind == "f", pred_format, threshold)
+    if cut is None:
         pred_on = _binary(pred, "pred", None)
     else:
-        # sigmoid(x) > t  <=>  x > logit(t), compared in pred's own dtype (as the torch
-        # twin does) so both decode the same pixels.
-        cut = float(threshold) if fmt == "probs" else _logit(threshold)
         pred_on = pred > np.asarray(cut, dtype=pred.dtype)
     target_on = _binary(target, "target", ignore_index)
     if ignore_index is not None:
@@ -174,16 +270,14 @@ def dice_counts(pred, target, *, num_classes, ignore_index=None, pred_format="au
         return _labelmap_counts(pred, target, num_classes, ignore_index)
     if target.ndim == 4:
         return _multilabel_counts(pred, target, num_classes, ignore_index, pred_format, threshold)
-    raise ValueError(
-        f"target must be a label map (N, H, W) / (H, W) or a multi-label mask (N, C, H, W), got shape {target.shape}"
-    )
+    raise _bad_target_layout(target.shape)
 
 
 def _dice(tp, pred_sum, target_sum, absent: str) -> np.ndarray:
     denom = (pred_sum + target_sum).astype(np.float64)
     empty = denom == 0
     dice = 2.0 * tp / np.where(empty, 1.0, denom)
-    return np.where(empty, np.nan if absent == "skip" else 1.0, dice)
+    return np.where(empty, _absent_dice(absent), dice)
 
 
 def _nanmean(a: np.ndarray, axis) -> np.ndarray:
@@ -210,8 +304,7 @@ def dice_per_class(
     Other parameters and errors as in :func:`dice_counts`; ``absent`` as in the module
     docstring.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_reduction(reduction)
     _check_options(num_classes, ignore_index, absent, pred_format, threshold)
     tp, ps, ts = dice_counts(
         pred, target, num_classes=num_classes, ignore_index=ignore_index, pred_format=pred_format, threshold=threshold
@@ -251,40 +344,13 @@ def vdice(
     return float(out) if np.ndim(out) == 0 else out
 
 
-class DiceResult(NamedTuple):
-    """What :meth:`DiceMeter.compute` returns: per-class Dice ``(C,)`` and their mean."""
-
-    per_class: np.ndarray
-    vdice: float
-
-
-class DiceMeter:
+class DiceMeter(_DiceMeterOptions):
     """Streaming per-class Dice and vDice over a dataset (numpy).
 
     ``mode="global"`` accumulates pixel counts (micro over pixels), ``"per_image"``
     accumulates per-image Dice; the result equals :func:`dice_per_class` with the same
     reduction on the whole dataset, however it is cut into batches.
     """
-
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        mode: str = "global",
-        ignore_index: Optional[int] = None,
-        absent: str = "skip",
-        pred_format: str = "auto",
-        threshold: float = 0.5,
-    ) -> None:
-        if mode not in ("global", "per_image"):
-            raise ValueError(f"mode must be 'global' or 'per_image', got {mode!r}")
-        self.num_classes = _check_options(num_classes, ignore_index, absent, pred_format, threshold)
-        self.mode = mode
-        self.ignore_index = ignore_index
-        self.absent = absent
-        self.pred_format = pred_format
-        self.threshold = threshold
-        self.reset()
 
     def reset(self) -> None:
         """Forget every batch seen so far."""
@@ -298,14 +364,7 @@ class DiceMeter:
 
     def update(self, pred, target) -> None:
         """Add a batch (same layouts as :func:`dice_per_class`)."""
-        tp, ps, ts = dice_counts(
-            pred,
-            target,
-            num_classes=self.num_classes,
-            ignore_index=self.ignore_index,
-            pred_format=self.pred_format,
-            threshold=self.threshold,
-        )
+        tp, ps, ts = dice_counts(pred, target, **self._count_options())
         if self.mode == "global":
             self._tp += tp.sum(0)
             self._pred_sum += ps.sum(0)
@@ -326,7 +385,7 @@ class DiceMeter:
             When no batch was added.
         """
         if self.n_images == 0:
-            raise ValueError("DiceMeter.compute() called before any update()")
+            raise ValueError(_NO_UPDATE)
         if self.mode == "global":
             per_class = _dice(self._tp, self._pred_sum, self._target_sum, self.absent)
         else:

@@ -17,6 +17,14 @@ def _kish(weight_sum: np.ndarray, weight_sq_sum: np.ndarray) -> np.ndarray:
         return np.where(weight_sq_sum > 0, weight_sum.astype(np.float64) ** 2 / weight_sq_sum, 0.0)
 
 
+def _l2_distance(presence: np.ndarray, target: np.ndarray) -> float:
+    return float(np.linalg.norm(presence - target))
+
+
+def _max_abs_distance(presence: np.ndarray, target: np.ndarray) -> float:
+    return float(np.max(np.abs(presence - target))) if target.size else 0.0
+
+
 class Report:
     """Per-class presence before / target / after a plan, and the plan's cost.
 
@@ -115,19 +123,26 @@ class Report:
 
     @property
     def l2_error(self) -> float:
-        return float(np.linalg.norm(self.after - self.target))
+        return _l2_distance(self.after, self.target)
 
     @property
     def max_abs_error(self) -> float:
-        return float(np.max(np.abs(self.after - self.target))) if self.target.size else 0.0
+        return _max_abs_distance(self.after, self.target)
 
     @property
     def l2_error_before(self) -> float:
-        return float(np.linalg.norm(self.before - self.target))
+        return _l2_distance(self.before, self.target)
 
     @property
     def max_abs_error_before(self) -> float:
-        return float(np.max(np.abs(self.before - self.target))) if self.target.size else 0.0
+        return _max_abs_distance(self.before, self.target)
+
+    def _class_rows(self):
+        """(name, before, target, after, effective size) of each class."""
+        return zip(self.class_names, self.before, self.target, self.after, self.class_effective_size)
+
+    def _figure_size(self):
+        return (max(4.0, 0.6 * len(self.class_names) + 2), 3.5)
 
     # -- output ----------------------------------------------------------------------
 
@@ -137,8 +152,7 @@ class Report:
             "classes": [
                 {"name": n, "before": float(b), "target": float(t), "after": float(a),
                  "effective_size": float(e)}
-                for n, b, t, a, e in zip(self.class_names, self.before, self.target, self.after,
-                                         self.class_effective_size)
+                for n, b, t, a, e in self._class_rows()
             ],
             "n_samples": self.n_samples,
             "n_samples_out": self.n_samples_out,
@@ -157,8 +171,7 @@ class Report:
         """A Markdown table of presence (%) per class, then the size and error figures."""
         lines = ["| class | before % | target % | after % | effective size |",
                  "|---|---:|---:|---:|---:|"]
-        for n, b, t, a, e in zip(self.class_names, self.before, self.target, self.after,
-                                 self.class_effective_size):
+        for n, b, t, a, e in self._class_rows():
             lines.append(f"| {n} | {100 * b:.1f} | {100 * t:.1f} | {100 * a:.1f} | {e:.1f} |")
         lines += [
             "",
@@ -188,7 +201,7 @@ class Report:
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("Report.plot needs matplotlib: pip install 'cobalance[plot]'") from err
         if ax is None:
-            _, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(self.class_names) + 2), 3.5))
+            _, ax = plt.subplots(figsize=self._figure_size())
         x = np.arange(len(self.class_names))
         width = 0.27
         ax.bar(x - width, 100 * self.before, width, label="before")
@@ -209,7 +222,7 @@ class Report:
             raise ImportError("Report.save_png needs matplotlib: pip install 'cobalance[plot]'") from err
 
         # a bare Figure renders with Agg and leaves pyplot's global state alone
-        fig = Figure(figsize=(max(4.0, 0.6 * len(self.class_names) + 2), 3.5))
+        fig = Figure(figsize=self._figure_size())
         self.plot(fig.subplots())
         fig.tight_layout()
         with atomic_path(path, suffix=".png") as tmp:

@@ -62,13 +62,3 @@ def read_plane(path):
     with Image.open(path) as img:
         return np.asarray(img)
 
-
-def one_torch_thread():
-    """Generator for an autouse fixture: small per-item tensors run faster on one thread
-    (the intra-op pool only adds hand-off cost at 64 x 64), restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
@@ -14,11 +13,9 @@ import pytest
 
 from cobalance import PatternTable
 from cobalance.cli import EXIT_OK, EXIT_USAGE, main
-from conftest import PACKAGE_PARENT
+from conftest import PACKAGE_PARENT, read_multilabel
 
 REPO = Path(__file__).parents[2]
-SHARED = REPO / ".." / "shared"
-MULTILABEL = SHARED / "data" / "multilabel"
 
 
 def run(argv, capsys):
@@ -43,16 +40,6 @@ def reference_presence(y):
     return y.sum(axis=0), len({row.tobytes() for row in y.astype(np.uint8)})
 
 
-def multilabel_csv(name):
-    path = MULTILABEL / f"{name}.labels.csv.gz"
-    if not path.exists():
-        pytest.skip(f"shared data set {path} is absent")
-    with gzip.open(path, "rt") as f:
-        header = f.readline().strip().split(",")
-        y = np.loadtxt(f, delimiter=",", dtype=np.uint8, ndmin=2)
-    return path, header, y
-
-
 def write_csv(path, header, rows):
     path.write_text(",".join(header) + "\n" + "".join(",".join(str(v) for v in r) + "\n" for r in rows))
     return path
@@ -70,7 +57,7 @@ def labels():
 
 @pytest.mark.parametrize("name", ["emotions", "yeast", "enron"])
 def test_scan_multilabel_csv_json(name, tmp_path, capsys):
-    path, header, y = multilabel_csv(name)
+    path, header, y = read_multilabel(name)
     out = tmp_path / "table.npz"
     code, stdout, _ = run(["scan", path, "-o", out, "--json"], capsys)
     assert code == EXIT_OK
@@ -184,7 +171,7 @@ def test_scan_bad_csv(content, fragments, reader, tmp_path, capsys, monkeypatch)
 
 
 def test_scan_csv_without_pandas_matches(monkeypatch, tmp_path, capsys):
-    path, header, y = multilabel_csv("scene")
+    path, header, y = read_multilabel("scene")
     monkeypatch.setitem(sys.modules, "pandas", None)
     code, _, _ = run(["scan", path, "-o", tmp_path / "t.npz", "--quiet"], capsys)
     assert code == EXIT_OK
@@ -311,7 +298,7 @@ def after_presence(y, copies):
 
 @pytest.fixture
 def yeast_table(tmp_path, capsys):
-    path, header, y = multilabel_csv("yeast")
+    path, header, y = read_multilabel("yeast")
     table_path = tmp_path / "yeast.npz"
     code, _, _ = run(["scan", path, "-o", table_path, "--quiet"], capsys)
     assert code == EXIT_OK

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,8 @@ distributed = pytest.importorskip("distributed")
 
 from cobalance import PatternTable  # noqa: E402
 from cobalance.dask import DaskPatternTable, apply_plan, pattern_table  # noqa: E402
+from conftest import multilabel_path  # noqa: E402
 
-SHARED = Path(__file__).parents[2] / ".." / "shared"
-MULTILABEL = SHARED / "data" / "multilabel"
 
 
 def reference_grouping(y):
@@ -49,10 +47,7 @@ def random_labels(rng, n, c, density=0.05, n_distinct=None):
 
 
 def load_multilabel(name):
-    path = MULTILABEL / f"{name}.labels.csv.gz"
-    if not path.exists():
-        pytest.skip(f"shared data set {path} is absent")
-    with gzip.open(path, "rt") as f:
+    with gzip.open(multilabel_path(name), "rt") as f:
         frame = pd.read_csv(f)
     return frame
 

@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 
 from cobalance.folders import MaskFolder, sample_path
+from conftest import IDRID
 
-SHARED = Path(__file__).parents[2] / ".." / "shared"
-IDRID = SHARED / "data" / "idrid"
 IDRID_CLASSES = ["MA", "HE", "EX", "SE", "OD"]
 needs_idrid = pytest.mark.skipif(not (IDRID / "index.csv").is_file(),
                                  reason=f"IDRiD data not found at {IDRID} (../shared next to the repository)")

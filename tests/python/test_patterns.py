@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import pickle
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cobalance import PatternTable
+from conftest import read_multilabel
 
-DATA = Path(__file__).parents[2] / ".." / "shared" / "data" / "multilabel"
 CLASS_COUNTS = [1, 7, 63, 64, 65, 1000]
 # Above 2 * 2**15 rows the native core splits a batch between threads; the
 # thread-invariance tests use more rows than that so that the split happens.
@@ -23,43 +21,33 @@ PARALLEL_ROWS = 70_000
 
 # -- the reference ---------------------------------------------------------------------
 
-def reference_table(labels):
-    """Patterns in first-occurrence order, their counts and every row's pattern index."""
-    y = np.asarray(labels).astype(bool)
-    n, c = y.shape
+def _group_rows(row_keys):
+    """Groups of equal keys, in first-occurrence order: (first row, count) of each and every row's group."""
     ids: dict = {}
-    patterns, counts = [], []
-    inverse = np.empty(n, np.int64)
-    for r in range(n):
-        key = tuple(y[r].tolist())
-        j = ids.get(key)
-        if j is None:
-            j = ids[key] = len(patterns)
-            patterns.append(key)
-            counts.append(0)
-        counts[j] += 1
-        inverse[r] = j
-    return np.array(patterns, dtype=bool).reshape(len(patterns), c), np.array(counts, np.int64), inverse
-
-
-def fast_reference_table(labels):
-    """The same reference for large inputs: numpy.packbits rows as dict keys."""
-    y = np.asarray(labels) != 0
-    n, c = y.shape
-    rows = np.packbits(y, axis=1)
-    ids: dict = {}
-    first, counts = [], []
-    inverse = np.empty(n, np.int64)
-    for r in range(n):
-        key = rows[r].tobytes()
+    first, counts, inverse = [], [], []
+    for r, key in enumerate(row_keys):
         j = ids.get(key)
         if j is None:
             j = ids[key] = len(first)
             first.append(r)
             counts.append(0)
         counts[j] += 1
-        inverse[r] = j
-    return y[np.array(first, np.int64)].reshape(len(first), c), np.array(counts, np.int64), inverse
+        inverse.append(j)
+    return np.array(first, np.int64), np.array(counts, np.int64), np.array(inverse, np.int64)
+
+
+def reference_table(labels):
+    """Patterns in first-occurrence order, their counts and every row's pattern index."""
+    y = np.asarray(labels).astype(bool)
+    first, counts, inverse = _group_rows(tuple(row.tolist()) for row in y)
+    return y[first].reshape(len(first), y.shape[1]), counts, inverse
+
+
+def fast_reference_table(labels):
+    """The same reference for large inputs: numpy.packbits rows as dict keys."""
+    y = np.asarray(labels) != 0
+    first, counts, inverse = _group_rows(row.tobytes() for row in np.packbits(y, axis=1))
+    return y[first].reshape(len(first), y.shape[1]), counts, inverse
 
 
 def assert_matches(table, labels, reference=reference_table):
@@ -310,19 +298,9 @@ def test_wide_sparse_rows_in_parallel(n_threads):
     assert_same_table(t, PatternTable.from_lists(indptr, indices, c, n_threads=1))
 
 
-def _load_multilabel(path):
-    with gzip.open(path, "rt") as f:
-        names = f.readline().strip().split(",")
-        y = np.loadtxt(f, delimiter=",", dtype=np.uint8, ndmin=2)
-    return names, y
-
-
 @pytest.mark.parametrize("name", ["emotions", "yeast", "scene", "enron", "medical", "genbase"])
 def test_real_multilabel_data(name):
-    path = DATA / f"{name}.labels.csv.gz"
-    if not path.exists():
-        pytest.skip(f"shared multi-label data not found at {path}")
-    names, y = _load_multilabel(path)
+    _, names, y = read_multilabel(name)
     assert y.shape[1] == len(names)
     table = PatternTable.from_labels(y, class_names=names)
     assert_matches(table, y)

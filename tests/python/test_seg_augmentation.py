@@ -6,12 +6,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("kornia")
 from cobalance.segmentation.augmentation import DuplicateAugmentation, sample_seed  # noqa: E402
-from seg_folders import one_torch_thread  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
 
 H = W = 64
 

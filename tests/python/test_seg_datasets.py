@@ -9,7 +9,6 @@ from seg_folders import (  # noqa: E402
     make_binary_folder,
     make_label_map_folder,
     make_plan,
-    one_torch_thread,
     read_plane,
     read_rgb,
 )
@@ -17,11 +16,8 @@ from seg_folders import (  # noqa: E402
 from cobalance.folders import MaskFolder  # noqa: E402
 from cobalance.segmentation import BalancedDataset, SegmentationFolder  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
 
 def test_label_map_items_are_tensors_of_the_files(tmp_path):
     root = make_label_map_folder(tmp_path / "lm")

@@ -18,7 +18,6 @@ from seg_folders import (  # noqa: E402
     make_binary_folder,
     make_label_map_folder,
     make_plan,
-    one_torch_thread,
     read_plane,
     read_rgb,
 )
@@ -26,12 +25,9 @@ from seg_folders import (  # noqa: E402
 from cobalance.folders import MaskFolder  # noqa: E402
 from cobalance.segmentation import DuplicateAugmentation, SegmentationFolder, sample_seed, write_balanced  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    yield from one_torch_thread()
-
 from conftest import PACKAGE_PARENT as PYTHON_DIR  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def read_manifest(path):

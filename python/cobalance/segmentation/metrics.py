@@ -40,59 +40,32 @@ The numpy twin of this module is :mod:`cobalance.metrics`.
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
+# The array-independent part (option checks, shape checks, the absent policy, the
+# multi-label decoding rule, the result container) is shared with the numpy twin.
+from ..metrics import (
+    _NO_UPDATE,
+    DiceResult,
+    _absent_dice,
+    _bad_target_layout,
+    _check_multilabel_shapes,
+    _check_options,
+    _check_range,
+    _check_reduction,
+    _DiceMeterOptions,
+    _multilabel_cut,
+    _pred_is_scores,
+)
+
 __all__ = ["DiceMeter", "DiceResult", "dice_counts", "dice_per_class", "vdice"]
-
-_ABSENT = ("skip", "one")
-_REDUCTIONS = ("global", "per_image", "none")
-_PRED_FORMATS = ("auto", "labels", "probs", "logits")
-
-
-def _check_options(num_classes, ignore_index, absent, pred_format, threshold) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if ignore_index is not None:
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"ignore_index must be an integer or None, got {ignore_index!r}")
-        if 0 <= ignore_index < num_classes:
-            raise ValueError(
-                f"ignore_index={ignore_index} is a class id (num_classes={num_classes}); "
-                "to leave a class out of vDice, drop its column from dice_per_class instead"
-            )
-    if absent not in _ABSENT:
-        raise ValueError(f"absent must be one of {_ABSENT}, got {absent!r}")
-    if pred_format not in _PRED_FORMATS:
-        raise ValueError(f"pred_format must be one of {_PRED_FORMATS}, got {pred_format!r}")
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold must lie in [0, 1], got {threshold!r}")
-    return int(num_classes)
-
-
-def _logit(p: float) -> float:
-    p = float(p)
-    if p <= 0.0:
-        return -math.inf
-    if p >= 1.0:
-        return math.inf
-    return math.log(p / (1.0 - p))
 
 
 def _float_dtype(device: torch.device) -> torch.dtype:
     # float64 keeps Dice exact to the last digit against numpy; MPS has no float64.
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _check_range(values: torch.Tensor, num_classes: int, name: str) -> None:
-    if values.numel() == 0:
-        return
-    lo, hi = int(values.min()), int(values.max())
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} holds class id {bad}, outside [0, {num_classes}) (num_classes={num_classes})")
 
 
 def _argmax_classes(scores: torch.Tensor) -> torch.Tensor:
@@ -112,18 +85,8 @@ def _argmax_classes(scores: torch.Tensor) -> torch.Tensor:
 
 def _labelmap_counts(pred, target, num_classes, ignore_index):
     n = target.shape[0]
-    if pred.dim() == target.dim() + 1:
-        if pred.shape[1] != num_classes or pred.shape[:1] + pred.shape[2:] != target.shape:
-            raise ValueError(
-                f"pred scores must have shape (N, num_classes, H, W) = "
-                f"{(n, num_classes) + tuple(target.shape[1:])}, got {tuple(pred.shape)}"
-            )
+    if _pred_is_scores(tuple(pred.shape), tuple(target.shape), num_classes):
         pred = _argmax_classes(pred)
-    elif pred.shape != target.shape:
-        raise ValueError(
-            f"pred must be class ids shaped like target {tuple(target.shape)} or scores "
-            f"(N, num_classes, H, W), got {tuple(pred.shape)}"
-        )
     elif pred.is_floating_point():
         raise ValueError(f"pred class ids must be integers, got dtype {pred.dtype}")
     pred = pred.long().reshape(n, -1)
@@ -157,26 +120,11 @@ def _binary(values: torch.Tensor, name: str, ignore_index) -> torch.Tensor:
 
 
 def _multilabel_counts(pred, target, num_classes, ignore_index, pred_format, threshold):
-    if target.shape[1] != num_classes:
-        raise ValueError(
-            f"multi-label target must have num_classes={num_classes} channels, got shape {tuple(target.shape)}"
-        )
-    if pred.shape != target.shape:
-        raise ValueError(f"pred must have the shape of target {tuple(target.shape)}, got {tuple(pred.shape)}")
-    fmt = pred_format
-    if fmt == "auto":
-        if not pred.is_floating_point():
-            fmt = "labels"
-        elif pred.numel() and (float(pred.min()) < 0.0 or float(pred.max()) > 1.0):
-            fmt = "logits"
-        else:
-            fmt = "probs"
-    if fmt == "labels":
+    _check_multilabel_shapes(tuple(pred.shape), tuple(target.shape), num_classes)
+    cut = _multilabel_cut(pred, pred.is_floating_point(), pred_format, threshold)
+    if cut is None:
         pred_on = _binary(pred, "pred", None)
     else:
-        # sigmoid(x) > t  <=>  x > logit(t): comparing in pred's own dtype decodes the
-        # same pixels as the numpy twin, with no rounding of a computed sigmoid.
-        cut = float(threshold) if fmt == "probs" else _logit(threshold)
         pred_on = pred > torch.tensor(cut, dtype=pred.dtype, device=pred.device)
     target_on = _binary(target, "target", ignore_index)
     if ignore_index is not None:
@@ -237,10 +185,7 @@ def dice_counts(
         return _labelmap_counts(pred, target, num_classes, ignore_index)
     if target.dim() == 4:
         return _multilabel_counts(pred, target, num_classes, ignore_index, pred_format, threshold)
-    raise ValueError(
-        f"target must be a label map (N, H, W) / (H, W) or a multi-label mask (N, C, H, W), "
-        f"got shape {tuple(target.shape)}"
-    )
+    raise _bad_target_layout(tuple(target.shape))
 
 
 def _dice(tp, pred_sum, target_sum, absent: str) -> torch.Tensor:
@@ -248,8 +193,7 @@ def _dice(tp, pred_sum, target_sum, absent: str) -> torch.Tensor:
     denom = (pred_sum + target_sum).to(dtype)
     empty = denom == 0
     dice = 2.0 * tp.to(dtype) / torch.where(empty, torch.ones_like(denom), denom)
-    fill = float("nan") if absent == "skip" else 1.0
-    return torch.where(empty, torch.full_like(dice, fill), dice)
+    return torch.where(empty, torch.full_like(dice, _absent_dice(absent)), dice)
 
 
 def dice_per_class(
@@ -285,8 +229,7 @@ def dice_per_class(
     ValueError
         See :func:`dice_counts`; also on an unknown ``absent`` or ``reduction``.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_reduction(reduction)
     _check_options(num_classes, ignore_index, absent, pred_format, threshold)
     tp, ps, ts = dice_counts(
         pred, target, num_classes=num_classes, ignore_index=ignore_index, pred_format=pred_format, threshold=threshold
@@ -329,14 +272,7 @@ def vdice(
     return torch.nanmean(per_class, dim=-1)
 
 
-class DiceResult(NamedTuple):
-    """What :meth:`DiceMeter.compute` returns: per-class Dice ``(C,)`` and their mean."""
-
-    per_class: torch.Tensor
-    vdice: torch.Tensor
-
-
-class DiceMeter:
+class DiceMeter(_DiceMeterOptions):
     """Streaming per-class Dice and vDice over a dataset, batch by batch.
 
     Parameters
@@ -357,26 +293,6 @@ class DiceMeter:
     result does not depend on how the dataset is cut into batches.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        mode: str = "global",
-        ignore_index: Optional[int] = None,
-        absent: str = "skip",
-        pred_format: str = "auto",
-        threshold: float = 0.5,
-    ) -> None:
-        if mode not in ("global", "per_image"):
-            raise ValueError(f"mode must be 'global' or 'per_image', got {mode!r}")
-        self.num_classes = _check_options(num_classes, ignore_index, absent, pred_format, threshold)
-        self.mode = mode
-        self.ignore_index = ignore_index
-        self.absent = absent
-        self.pred_format = pred_format
-        self.threshold = threshold
-        self.reset()
-
     def reset(self) -> None:
         """Forget every batch seen so far."""
         self._a: Optional[torch.Tensor] = None  # global: tp; per_image: sum of Dice
@@ -387,14 +303,7 @@ class DiceMeter:
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch (same layouts as :func:`dice_per_class`)."""
-        tp, ps, ts = dice_counts(
-            pred,
-            target,
-            num_classes=self.num_classes,
-            ignore_index=self.ignore_index,
-            pred_format=self.pred_format,
-            threshold=self.threshold,
-        )
+        tp, ps, ts = dice_counts(pred, target, **self._count_options())
         if self._a is not None and self._a.device != tp.device:
             raise ValueError(f"batch is on {tp.device} but the meter accumulates on {self._a.device}")
         if self.mode == "global":
@@ -423,7 +332,7 @@ class DiceMeter:
             When no batch was added.
         """
         if self._a is None:
-            raise ValueError("DiceMeter.compute() called before any update()")
+            raise ValueError(_NO_UPDATE)
         if self.mode == "global":
             per_class = _dice(self._a, self._b, self._c, self.absent)
         else:
