@@ -1,18 +1,24 @@
 """cobalance: balance multi-label and segmentation datasets by class-presence patterns.
 
 Only numpy is needed to import this package; torch, kornia, matplotlib and dask are
-imported lazily by the parts that use them.
+imported lazily by the parts that use them (``cobalance.segmentation``,
+``cobalance.training``, ``cobalance.dask``, charts).
 """
 
 from ._version import __version__
 from .balancer import Balancer, SizeWarning
-from .patterns import PatternTable
 from .masks import MaskScan, scan_masks, scan_masks_iter
-from .plan import Plan
 from .metrics import DiceMeter, dice_per_class, vdice
+from .patterns import PatternTable
+from .plan import Plan
 from .report import Report
 from .targets import FeasibilityWarning, resolve_target
 
-__all__ = ["PatternTable", "__version__"]
-__all__ += ["Balancer", "Plan", "Report", "FeasibilityWarning", "SizeWarning", "resolve_target"]
-__all__ += ["DiceMeter", "dice_per_class", "vdice"]
+__all__ = [
+    "__version__",
+    "PatternTable",
+    "MaskScan", "scan_masks", "scan_masks_iter",
+    "Balancer", "SizeWarning", "FeasibilityWarning", "resolve_target",
+    "Plan", "Report",
+    "DiceMeter", "dice_per_class", "vdice",
+]
