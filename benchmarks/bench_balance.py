@@ -98,13 +98,12 @@ def run_numpy(d, iters):
     return alpha
 
 
-def run_torch(d, iters):
-    """The same loss in autograd: index_add for U^T alpha (sparse, so K = 1e6 fits), torch.optim.Adam."""
+def _torch_bounded_adam(d, iters, marginals):
+    """torch.optim.Adam on the loss in autograd, clamped to [0, 50 n]; ``marginals(alpha)``
+    is U^T alpha, the one part the torch variants compute differently."""
     import torch
 
     n = torch.as_tensor(d["counts"])
-    rows = torch.as_tensor(d["rows"])
-    cols = torch.as_tensor(d["indices"])
     t = torch.as_tensor(d["target"])
     p0 = n / n.sum()
     lo, hi = torch.zeros_like(n), 50 * n
@@ -113,13 +112,22 @@ def run_torch(d, iters):
     for _ in range(iters):
         opt.zero_grad()
         s = alpha.sum()
-        f = torch.zeros(d["c"], dtype=torch.float64).index_add(0, cols, alpha[rows]) / s
-        loss = torch.sum((f - t) ** 2) + GAMMA * torch.sum((100 * (alpha / s - p0)) ** 2)
+        loss = torch.sum((marginals(alpha) / s - t) ** 2) + GAMMA * torch.sum((100 * (alpha / s - p0)) ** 2)
         loss.backward()
         opt.step()
         with torch.no_grad():
             alpha.copy_(torch.minimum(torch.maximum(alpha, lo), hi))
     return alpha.detach().numpy()
+
+
+def run_torch(d, iters):
+    """The same loss in autograd: index_add for U^T alpha (sparse, so K = 1e6 fits), torch.optim.Adam."""
+    import torch
+
+    rows = torch.as_tensor(d["rows"])
+    cols = torch.as_tensor(d["indices"])
+    return _torch_bounded_adam(
+        d, iters, lambda alpha: torch.zeros(d["c"], dtype=torch.float64).index_add(0, cols, alpha[rows]))
 
 
 def run_torch_dense(d, iters):
@@ -128,21 +136,7 @@ def run_torch_dense(d, iters):
 
     u = torch.zeros((d["k"], d["c"]), dtype=torch.float64)
     u[torch.as_tensor(d["rows"]), torch.as_tensor(d["indices"])] = 1.0
-    n = torch.as_tensor(d["counts"])
-    t = torch.as_tensor(d["target"])
-    p0 = n / n.sum()
-    lo, hi = torch.zeros_like(n), 50 * n
-    alpha = n.clone().requires_grad_(True)
-    opt = torch.optim.Adam([alpha], lr=LR)
-    for _ in range(iters):
-        opt.zero_grad()
-        s = alpha.sum()
-        loss = torch.sum((u.T @ alpha / s - t) ** 2) + GAMMA * torch.sum((100 * (alpha / s - p0)) ** 2)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            alpha.copy_(torch.minimum(torch.maximum(alpha, lo), hi))
-    return alpha.detach().numpy()
+    return _torch_bounded_adam(d, iters, lambda alpha: u.T @ alpha)
 
 
 ADAM_IMPLS = {"cobalance": run_native, "numpy": run_numpy, "torch_autograd": run_torch,
