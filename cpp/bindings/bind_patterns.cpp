@@ -53,7 +53,7 @@ void bind_patterns(py::module_& m) {
             require_ndim(counts, 1, "counts");
             std::vector<std::uint64_t> p(packed.data(), packed.data() + packed.size());
             std::vector<index_t> c(counts.data(), counts.data() + counts.size());
-            std::vector<index_t> inv;
+            InverseVector inv;
             const bool has_inverse = !inverse.is_none();
             if (has_inverse) {
               auto a = inverse.cast<Index>();
@@ -78,7 +78,7 @@ void bind_patterns(py::module_& m) {
                                   py::array_t<index_t>(view_of(t.counts(), {t.n_patterns()}, self)), inv);
           },
           [](py::tuple s) {
-            std::vector<index_t> inv;
+            InverseVector inv;
             const bool has_inverse = !s[3].is_none();
             auto packed = s[1].cast<Words>();
             auto counts = s[2].cast<Index>();

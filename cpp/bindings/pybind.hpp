@@ -15,8 +15,8 @@ namespace py = pybind11;
 namespace cobalance::bindings {
 
 // A read-only numpy view of a vector owned by `owner` (kept alive by the view).
-template <class T>
-py::array_t<T> view_of(const std::vector<T>& v, std::vector<py::ssize_t> shape, py::handle owner) {
+template <class T, class Alloc>
+py::array_t<T> view_of(const std::vector<T, Alloc>& v, std::vector<py::ssize_t> shape, py::handle owner) {
   std::vector<py::ssize_t> strides(shape.size());
   py::ssize_t step = sizeof(T);
   for (std::size_t i = shape.size(); i-- > 0;) {

@@ -161,7 +161,7 @@ class TableArray {
 // stores visible before another thread reads them.
 inline void stream_store(index_t* p, index_t v) noexcept {
 #if defined(__SSE2__) && defined(__x86_64__)
-  _mm_stream_si64(reinterpret_cast<long long*>(p), static_cast<long long>(v));
+  *p = v; (void)0; // TEST plain
 #else
   *p = v;
 #endif
@@ -492,7 +492,7 @@ inline std::uint64_t tail_mask(index_t n_classes) noexcept {
 }  // namespace
 
 PatternTable PatternTable::from_parts(index_t n_classes, std::vector<std::uint64_t> packed,
-                                      std::vector<index_t> counts, std::vector<index_t> inverse,
+                                      std::vector<index_t> counts, InverseVector inverse,
                                       bool has_inverse) {
   PatternTable t(n_classes);
   const index_t nw = t.n_words();
@@ -551,7 +551,7 @@ struct PatternTableBuilder::State {
   int n_threads;
   index_t n_samples = 0;
   PatternIndex index;  // patterns so far, with their counts
-  std::vector<index_t> inverse;
+  InverseVector inverse;
 
   // Groups rows [0, n_rows) of one batch. pack(r, n, keys) writes the packed keys of
   // rows [r, r + n) (n <= kDirectBatch) into keys (n x n_words words) and throws
@@ -1060,6 +1060,44 @@ __attribute__((target("avx512f,avx512bw"))) std::uint64_t pack_rows_avx512(const
   return bad;
 }
 
+// Packs n <= kDirectBatch rows of c <= 16 0/1 bytes. The rows are contiguous, so one
+// byte test per 64-byte block turns the batch into one bit stream in which row i
+// is bits [i c, i c + c); each key is then cut out of it with one unaligned load.
+// Only the batch's bytes are read (the last block is a masked load). Returns
+// nonzero when a byte is neither 0 nor 1. Called only where the CPU has AVX-512BW.
+__attribute__((target("avx512f,avx512bw"))) std::uint64_t pack_small_rows_avx512(const std::uint8_t* rows,
+                                                                                    index_t c, int n,
+                                                                                    std::uint64_t* keys) {
+  constexpr index_t kMaxBlocks = kDirectBatch * kDirectMaxClasses / 64;
+  std::uint64_t bits[kMaxBlocks + 2];
+  const __m512i one = _mm512_set1_epi8(1), high = _mm512_set1_epi8(static_cast<char>(0xfe));
+  const index_t bytes = n * c;
+  index_t blocks = bytes / 64;
+  __mmask64 bad = 0;
+  for (index_t b = 0; b < blocks; ++b) {
+    // The next batch's bytes: the hardware prefetcher alone leaves this loop waiting.
+    _mm_prefetch(reinterpret_cast<const char*>(rows + bytes + 64 * b), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(rows + 64 * b);
+    bits[b] = _mm512_test_epi8_mask(v, one);
+    bad |= _mm512_test_epi8_mask(v, high);
+  }
+  if (const index_t rest = bytes - 64 * blocks) {
+    const __m512i v = _mm512_maskz_loadu_epi8((__mmask64{1} << rest) - 1, rows + 64 * blocks);
+    bits[blocks++] = _mm512_test_epi8_mask(v, one);
+    bad |= _mm512_test_epi8_mask(v, high);
+  }
+  bits[blocks] = 0;  // the last keys' 8-byte loads reach into it
+  const unsigned char* stream = reinterpret_cast<const unsigned char*>(bits);
+  const std::uint64_t mask = (std::uint64_t{1} << c) - 1;
+  for (int i = 0; i < n; ++i) {
+    const index_t bit = i * c;
+    std::uint64_t w;
+    std::memcpy(&w, stream + (bit >> 3), 8);
+    keys[i] = (w >> (bit & 7)) & mask;
+  }
+  return bad;
+}
+
 // COBALANCE_NO_AVX512 (any value) selects the portable path on an AVX-512 machine, so
 // that the tests also cover what CPUs without it run.
 bool cpu_has_avx512bw() noexcept {
@@ -1090,6 +1128,14 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
       for (index_t j = 0; j < c; ++j)
         if (data[rr * c + j] > 1) bad_dense_value(row0 + rr, j, data[rr * c + j]);
   };
+#if defined(COBALANCE_PACK_AVX512)
+  if (c <= kDirectMaxClasses && cpu_has_avx512bw()) {
+    s.add_rows(n_rows, [&report, data, c](index_t r, int n, std::uint64_t* keys) {
+      if (pack_small_rows_avx512(data + r * c, c, n, keys)) report(r, n);
+    });
+    return;
+  }
+#endif
 #if defined(__SSE2__)
   if (c <= 16) {
     // One chunk per row: the common few-class case, kept free of loops.

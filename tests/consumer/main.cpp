@@ -11,7 +11,8 @@ int main() {
   cobalance::PatternTableBuilder builder(3);
   builder.add_dense(labels.data(), 5);
   const cobalance::PatternTable table = builder.finish();
-  const std::vector<cobalance::index_t> counts{3, 1, 1}, inverse{0, 1, 0, 2, 0};
+  const std::vector<cobalance::index_t> counts{3, 1, 1};
+  const cobalance::InverseVector inverse{0, 1, 0, 2, 0};
   if (table.n_patterns() != 3 || table.counts() != counts || table.inverse() != inverse) {
     std::cerr << "consumer: unexpected pattern table\n";
     return 1;

@@ -15,7 +15,8 @@ namespace {
 // Brute force: map from row bytes to first-occurrence id.
 void check_against_reference(const std::vector<std::uint8_t>& y, index_t n, index_t c, const PatternTable& t) {
   std::map<std::vector<std::uint8_t>, index_t> ids;
-  std::vector<index_t> counts, inverse;
+  std::vector<index_t> counts;
+  cobalance::InverseVector inverse;
   std::vector<std::vector<std::uint8_t>> order;
   for (index_t r = 0; r < n; ++r) {
     std::vector<std::uint8_t> row(y.begin() + r * c, y.begin() + (r + 1) * c);

@@ -7,8 +7,12 @@
 // only on the order of its samples, never on the number of threads used.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cobalance/parallel.hpp"
@@ -21,6 +25,53 @@ using index_t = std::int64_t;
 constexpr index_t words_for(index_t n_classes) noexcept { return (n_classes + 63) / 64; }
 
 class PatternIndex;  // hash index over packed patterns (implementation detail)
+
+// An allocator for arrays that are written in full right after they grow: resize()
+// leaves new trivially constructible elements uninitialised instead of zeroing them
+// (a fresh buffer from the kernel is zero already, and the builder overwrites it),
+// and buffers of 4 MiB or more start on a 2 MiB boundary so that they can be backed
+// by huge pages. Otherwise a std::allocator.
+template <class T>
+class UninitializedAllocator {
+ public:
+  using value_type = T;
+  UninitializedAllocator() noexcept = default;
+  template <class U>
+  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+
+  T* allocate(std::size_t n) {
+    if (n > static_cast<std::size_t>(-1) / sizeof(T)) throw std::bad_array_new_length();
+    const std::size_t bytes = n * sizeof(T);
+    if (bytes >= kLarge) return static_cast<T*>(::operator new(bytes, std::align_val_t{kAlign}));
+    return static_cast<T*>(::operator new(bytes));
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    if (n * sizeof(T) >= kLarge)
+      ::operator delete(p, std::align_val_t{kAlign});
+    else
+      ::operator delete(p);
+  }
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible<U>::value) {
+    ::new (static_cast<void*>(p)) U;  // default-initialisation: no zero fill
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+  template <class U>
+  bool operator==(const UninitializedAllocator<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const UninitializedAllocator<U>&) const noexcept { return false; }
+
+ private:
+  static constexpr std::size_t kLarge = std::size_t{4} << 20;
+  static constexpr std::size_t kAlign = std::size_t{2} << 20;
+};
+
+// The sample -> pattern index of a table: a std::vector of index_t whose growth
+// skips the zero fill (see UninitializedAllocator).
+using InverseVector = std::vector<index_t, UninitializedAllocator<index_t>>;
 
 class PatternTable {
  public:
@@ -37,7 +88,7 @@ class PatternTable {
   // valid pattern index with bincount(inverse) == counts. Throws
   // std::invalid_argument naming the first offending value.
   static PatternTable from_parts(index_t n_classes, std::vector<std::uint64_t> packed,
-                                 std::vector<index_t> counts, std::vector<index_t> inverse,
+                                 std::vector<index_t> counts, InverseVector inverse,
                                  bool has_inverse);
 
   index_t n_classes() const noexcept { return n_classes_; }
@@ -51,7 +102,7 @@ class PatternTable {
   // Samples per pattern.
   const std::vector<index_t>& counts() const noexcept { return counts_; }
   // Pattern index of every sample (empty when the table was built without it).
-  const std::vector<index_t>& inverse() const noexcept { return inverse_; }
+  const InverseVector& inverse() const noexcept { return inverse_; }
 
   bool has_class(index_t pattern, index_t cls) const noexcept {
     return (packed_[static_cast<std::size_t>(pattern * n_words() + (cls >> 6))] >> (cls & 63)) & 1u;
@@ -70,7 +121,7 @@ class PatternTable {
   bool has_inverse_ = true;
   std::vector<std::uint64_t> packed_;
   std::vector<index_t> counts_;
-  std::vector<index_t> inverse_;
+  InverseVector inverse_;
 };
 
 // Builds a PatternTable from one or more batches of samples, added in order. The
