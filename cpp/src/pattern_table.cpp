@@ -155,25 +155,10 @@ class TableArray {
   std::size_t mapped_ = 0;  // bytes mapped with mmap, 0 when from calloc
 };
 
-// Writes an inverse entry without reading its cache line first: the inverse is
-// written once, in order, and read only after the table is built, so fetching its
-// lines for each store would double the memory traffic. stream_fence() makes the
-// stores visible before another thread reads them.
-inline void stream_store(index_t* p, index_t v) noexcept {
-#if defined(__SSE2__) && defined(__x86_64__)
-  *p = v; (void)0; // TEST plain
-#else
-  *p = v;
-#endif
-}
-inline void stream_fence() noexcept {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-struct StreamFenceOnExit {
-  ~StreamFenceOnExit() { stream_fence(); }
-};
+// Writes an inverse entry. Plain stores: the inverse is fresh memory that the
+// kernel has just zeroed, so its lines are mostly in cache already, and measured
+// here non-temporal stores (which bypass the cache) were slower on such pages.
+inline void store_inverse(index_t* p, index_t v) noexcept { *p = v; }
 
 }  // namespace
 
@@ -634,7 +619,6 @@ struct PatternTableBuilder::State {
   // Packing the next batch while probing this one overlaps their cache misses.
   template <class Pack>
   void insert_rows(index_t begin, index_t end, const Pack& pack, index_t* inv, index_t& done) {
-    const StreamFenceOnExit fence;
     const index_t nw = index.n_words();
     if (index.direct()) {
       // A direct table has no misses worth prefetching: pack a batch, resolve it.
@@ -643,7 +627,7 @@ struct PatternTableBuilder::State {
         const int n = static_cast<int>(std::min<index_t>(kDirectBatch, end - row));
         pack(row, n, keys.data());
         if (inv) {
-          for (int i = 0; i < n; ++i) stream_store(inv + row + i, index.add_direct(keys[static_cast<std::size_t>(i)]));
+          for (int i = 0; i < n; ++i) store_inverse(inv + row + i, index.add_direct(keys[static_cast<std::size_t>(i)]));
         } else {
           for (int i = 0; i < n; ++i) index.add_direct(keys[static_cast<std::size_t>(i)]);
         }
@@ -669,7 +653,7 @@ struct PatternTableBuilder::State {
       if (next < end) load(stages[cur ^ 1], next);
       for (int i = 0; i < st.n; ++i) {
         const index_t id = index.add(st.keys.data() + i * nw, st.hash[i], 1);
-        if (inv) stream_store(inv + st.row + i, id);
+        if (inv) store_inverse(inv + st.row + i, id);
       }
       done = next;
       if (next >= end) break;
@@ -738,7 +722,6 @@ struct PatternTableBuilder::State {
         std::atomic<bool>& stop;
         ~StopOnExit() { stop.store(true, std::memory_order_relaxed); }
       } stop_on_exit{stop};
-      const StreamFenceOnExit fence;
       Buffer own(kChunk, nw);
       for (index_t c = 0; c < n_chunks; ++c) {
         Buffer* buf = &slots[static_cast<std::size_t>(c % ring)];
@@ -757,7 +740,7 @@ struct PatternTableBuilder::State {
         for (index_t i = 0; i < n; ++i) {
           if (i + kAhead < n) index.prefetch(hash[i + kAhead]);
           const index_t id = index.add(keys + i * nw, hash[i], 1);
-          if (inv) stream_store(inv + r0 + i, id);
+          if (inv) store_inverse(inv + r0 + i, id);
         }
         done = r0 + n;
         consumed.store(c + 1, std::memory_order_release);
@@ -802,7 +785,6 @@ struct PatternTableBuilder::State {
     for (int t = 0; t < parts; ++t) blocks.emplace_back(n_classes, known);
 
     run_parts(parts, [&](int t) {
-      const StreamFenceOnExit fence;
       Block& blk = blocks[static_cast<std::size_t>(t)];
       const index_t b0 = bounds[static_cast<std::size_t>(t)], b1 = bounds[static_cast<std::size_t>(t) + 1];
       const std::size_t max_listed = static_cast<std::size_t>((b1 - b0) / 8);
@@ -832,7 +814,7 @@ struct PatternTableBuilder::State {
               ++known_counts[id];
             else
               id = resolve_local(keys.data() + i, 0, row + i);
-            if (inv) stream_store(inv + row + i, id);
+            if (inv) store_inverse(inv + row + i, id);
           }
         }
         return;
@@ -866,7 +848,7 @@ struct PatternTableBuilder::State {
               ++blk.known_counts[static_cast<std::size_t>(id)];
             else
               id = resolve_local(st.keys.data() + i * nw, st.hash[i], r);
-            if (inv) stream_store(inv + r, id);
+            if (inv) store_inverse(inv + r, id);
           }
         }
       }
