@@ -1,6 +1,7 @@
 #include "cobalance/pattern_table.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -295,15 +296,22 @@ class PatternIndex {
     std::vector<index_t>().swap(pending_counts_);
   }
 
-  // Samples per pattern, by id.
-  std::vector<index_t> counts() const {
+  // Samples per pattern, by id; the slots are scanned on up to n_threads threads.
+  std::vector<index_t> counts(int n_threads = 1) const {
     std::vector<index_t> out(static_cast<std::size_t>(size_));
     const std::size_t indexed = static_cast<std::size_t>(size_) - pending_counts_.size();
     if (direct_) {
       std::copy(direct_counts_.begin(), direct_counts_.end(), out.begin());
     } else {
-      for (const Slot& s : slots_)
-        if (s.id1) out[s.id1 - 1] = s.count;
+      const index_t n = static_cast<index_t>(slots_.size());
+      const int parts = parts_for(n, n_threads, index_t{1} << 18);
+      const std::vector<index_t> bounds = split_range(n, parts);
+      run_parts(parts, [&](int t) {  // ids are distinct: the threads write disjoint entries
+        for (index_t i = bounds[static_cast<std::size_t>(t)]; i < bounds[static_cast<std::size_t>(t) + 1]; ++i) {
+          const Slot& s = slots_[static_cast<std::size_t>(i)];
+          if (s.id1) out[s.id1 - 1] = s.count;
+        }
+      });
       for (std::size_t id = 0; id < high_counts_.size(); ++id) out[id] += high_counts_[id];
     }
     std::copy(pending_counts_.begin(), pending_counts_.end(), out.begin() + static_cast<std::ptrdiff_t>(indexed));
@@ -568,7 +576,15 @@ struct PatternTableBuilder::State {
     const index_t k0 = index.size();
     index_t done = 0;  // rows of the prefix counted in `index`
     try {
-      insert_rows(0, prefix, pack, inv, done);
+      // The prefix (with one thread, its first rows) runs in two halves: how the
+      // number of patterns grows from one to the other sizes the hash table for the
+      // whole batch, instead of doubling it step by step.
+      const index_t probe = parts == 1 ? std::min(n_rows, std::max<index_t>(4096, n_rows / 32)) : prefix;
+      insert_rows(0, probe / 2, pack, inv, done);
+      const index_t k_half = index.size();
+      insert_rows(probe / 2, probe, pack, inv, done);
+      if (probe < n_rows) presize(k0, k_half, probe, n_rows);
+      if (parts == 1) insert_rows(probe, n_rows, pack, inv, done);
       if (prefix < n_rows) {
         // Blocks pay off when their local tables stay small. When the prefix shows
         // many new patterns (as with many classes), merging the blocks' tables
@@ -592,6 +608,21 @@ struct PatternTableBuilder::State {
   }
 
  private:
+  // Reserves the hash table for the patterns expected in a batch of n_rows rows,
+  // from those found in its first `probe` rows (k0 before, k_half after the first
+  // half): new patterns taken to grow like rows^b (b from the two halves, at most
+  // 1), capped by one per row; the table is sized so that the estimate fills at
+  // most 60 % of it. Only speed depends on the estimate.
+  void presize(index_t k0, index_t k_half, index_t probe, index_t n_rows) {
+    const index_t new1 = k_half - k0, new2 = index.size() - k0;
+    if (index.direct() || new2 * 32 <= probe) return;  // few new patterns: nothing to gain
+    double b = 1.0;
+    if (new1 > 0 && new2 > new1) b = std::min(1.0, std::log2(static_cast<double>(new2) / static_cast<double>(new1)));
+    const double grown = static_cast<double>(new2) * std::pow(static_cast<double>(n_rows) / static_cast<double>(probe), b);
+    const double expected = static_cast<double>(k0) + std::min(grown, static_cast<double>(n_rows));
+    index.reserve(static_cast<index_t>(expected / 1.2));  // capacity >= 2 x that = expected / 0.6
+  }
+
   // Room for n_rows more inverse entries; returns where they start. Large buffers
   // are advised onto huge pages before their first touch (fewer page faults).
   index_t* grow_inverse(index_t n_rows) {
@@ -1257,7 +1288,7 @@ PatternTable PatternTableBuilder::finish() {
   PatternTable t(s.n_classes);
   t.n_samples_ = s.n_samples;
   t.has_inverse_ = s.keep_inverse;
-  t.counts_ = s.index.counts();
+  t.counts_ = s.index.counts(s.n_threads);
   t.packed_ = std::move(s.index.keys());
   t.inverse_ = std::move(s.inverse);
   state_ = std::make_unique<State>(s.n_classes, s.keep_inverse, s.n_threads);
