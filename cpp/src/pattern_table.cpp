@@ -82,6 +82,23 @@ inline void advise_huge_pages(void* p, std::size_t bytes) noexcept {
 #endif
 }
 
+// Asks the kernel to back [p, p + bytes) with written pages now, in one call, rather
+// than one page fault at a time while threads write it: measured here, threads
+// faulting the pages of one buffer side by side were up to 5x slower than this
+// when other work ran on the machine. Only a hint; failure changes nothing but speed.
+inline void populate_pages(void* p, std::size_t bytes) noexcept {
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  constexpr std::uintptr_t kPage = 4096;
+  if (bytes < (std::size_t{1} << 22)) return;  // small: faults cost little
+  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(p) + kPage - 1) & ~(kPage - 1);
+  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(kPage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // A fixed-size, zero-filled array of trivially copyable T. Large instances are
 // mapped straight from the kernel, whose fresh pages are already zero (so no fill
 // pass is needed and untouched pages cost nothing), start on a 2 MiB boundary and
@@ -632,6 +649,7 @@ struct PatternTableBuilder::State {
       advise_huge_pages(inverse.data() + old_size, (inverse.capacity() - old_size) * sizeof(index_t));
     }
     inverse.resize(need);
+    populate_pages(inverse.data() + old_size, static_cast<std::size_t>(n_rows) * sizeof(index_t));
     return inverse.data() + old_size;
   }
 

@@ -213,6 +213,27 @@ def test_parallel_paths_equal_reference(c):
     np.testing.assert_array_equal(counts_only.packed, single.packed)
 
 
+@pytest.mark.parametrize("c", range(1, 17))
+def test_few_classes_across_pack_batches(c):
+    # Up to 16 classes the rows of a batch (256 rows) are packed as one bit stream;
+    # row counts that end inside a 64-byte block, a batch boundary and the last row
+    # of the input, against the reference.
+    rng = np.random.default_rng(100 + c)
+    for n in (1, 3, 255, 256, 257, 511, 3 * 256 + 5):
+        y = (rng.random((n, c)) < 0.4).astype(np.uint8)
+        assert_matches(PatternTable.from_labels(y, n_threads=1), y, reference=fast_reference_table)
+
+
+@pytest.mark.parametrize("c", [1, 9, 16])
+@pytest.mark.parametrize("row", [0, 255, 256, 3 * 256 + 4])
+def test_bad_value_at_a_pack_batch_edge(c, row):
+    y = (np.random.default_rng(c).random((3 * 256 + 5, c)) < 0.4).astype(np.uint8)
+    y[row, c - 1] = 2
+    for n_threads in (1, 2):
+        with pytest.raises(ValueError, match=f"got 2 at row {row}, column {c - 1}"):
+            PatternTable.from_labels(y, n_threads=n_threads)
+
+
 @pytest.mark.parametrize("c", [40, 300])
 def test_few_patterns_of_many_classes_in_parallel(c):
     # Few distinct patterns over many classes: the blocks of rows are grouped in
