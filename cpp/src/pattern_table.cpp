@@ -83,11 +83,9 @@ inline void advise_huge_pages(void* p, std::size_t bytes) noexcept {
 }
 
 // Asks the kernel to back [p, p + bytes) with written pages now, in one call, rather
-// than one page fault at a time as the buffer is written. Measured here (C=9, 1e7
-// rows, 2 threads): two threads faulting the pages of one buffer as they wrote it
-// took 18 ms on an idle machine but 64-103 ms once other work ran; one populate
-// call per thread for its own part took 17-19 ms in both cases. Only a hint:
-// failure changes nothing but speed.
+// than one page fault at a time while threads write it: measured here, threads
+// faulting the pages of one buffer side by side were up to 5x slower than this
+// when other work ran on the machine. Only a hint; failure changes nothing but speed.
 inline void populate_pages(void* p, std::size_t bytes) noexcept {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
   constexpr std::uintptr_t kPage = 4096;
@@ -651,14 +649,8 @@ struct PatternTableBuilder::State {
       advise_huge_pages(inverse.data() + old_size, (inverse.capacity() - old_size) * sizeof(index_t));
     }
     inverse.resize(need);
-    index_t* out = inverse.data() + old_size;
-    const int parts = parts_for(n_rows, n_threads, index_t{1} << 20);
-    const std::vector<index_t> bounds = split_range(n_rows, parts);
-    run_parts(parts, [&](int t) {
-      populate_pages(out + bounds[static_cast<std::size_t>(t)],
-                     static_cast<std::size_t>(bounds[static_cast<std::size_t>(t) + 1] - bounds[static_cast<std::size_t>(t)]) * sizeof(index_t));
-    });
-    return out;
+    populate_pages(inverse.data() + old_size, static_cast<std::size_t>(n_rows) * sizeof(index_t));
+    return inverse.data() + old_size;
   }
 
 
