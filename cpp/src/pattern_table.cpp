@@ -66,16 +66,23 @@ inline void prefetch_slot(const void* p) noexcept {
 #endif
 }
 
+#if defined(__linux__)
+// madvise(advice) over the whole `align`-byte units inside [p, p + bytes). Only a
+// hint: failure changes nothing but speed.
+inline void advise_within(void* p, std::size_t bytes, std::uintptr_t align, int advice) noexcept {
+  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(p) + align - 1) & ~(align - 1);
+  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(align - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, advice);
+}
+#endif
+
 // Advises the kernel to back [p, p + bytes) with 2 MiB pages: the tables are
 // probed at random, and with 4 KiB pages nearly every probe of a large table would
-// also miss the TLB. Only a hint; failure changes nothing but speed.
+// also miss the TLB.
 inline void advise_huge_pages(void* p, std::size_t bytes) noexcept {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr std::uintptr_t kHuge = std::uintptr_t{1} << 21;
-  if (bytes < 2 * kHuge) return;
-  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  if (bytes >= 2 * kHuge) advise_within(p, bytes, kHuge, MADV_HUGEPAGE);
 #else
   (void)p;
   (void)bytes;
@@ -83,16 +90,13 @@ inline void advise_huge_pages(void* p, std::size_t bytes) noexcept {
 }
 
 // Asks the kernel to back [p, p + bytes) with written pages now, in one call, rather
-// than one page fault at a time while threads write it: measured here, threads
-// faulting the pages of one buffer side by side were up to 5x slower than this
-// when other work ran on the machine. Only a hint; failure changes nothing but speed.
+// than one page fault at a time as threads write the buffer. Measured here (C=9,
+// 1e7 rows, 2 threads): faulting the inverse's pages as the threads wrote it took
+// 18 ms on an idle machine but 64-103 ms once other work ran; with this call,
+// 20-22 ms in both cases.
 inline void populate_pages(void* p, std::size_t bytes) noexcept {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
-  constexpr std::uintptr_t kPage = 4096;
-  if (bytes < (std::size_t{1} << 22)) return;  // small: faults cost little
-  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(p) + kPage - 1) & ~(kPage - 1);
-  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(kPage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+  if (bytes >= (std::size_t{1} << 22)) advise_within(p, bytes, 4096, MADV_POPULATE_WRITE);  // small: faults cost little
 #else
   (void)p;
   (void)bytes;
