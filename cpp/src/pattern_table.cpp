@@ -177,9 +177,10 @@ class TableArray {
   std::size_t mapped_ = 0;  // bytes mapped with mmap, 0 when from calloc
 };
 
-// Writes an inverse entry. Plain stores: the inverse is fresh memory that the
-// kernel has just zeroed, so its lines are mostly in cache already, and measured
-// here non-temporal stores (which bypass the cache) were slower on such pages.
+// Writes an inverse entry. Plain stores: measured here, non-temporal stores (which
+// skip reading the line) were slower on pages faulted in by the stores themselves,
+// and on the pages populated beforehand (populate_pages) no better overall (faster
+// with one thread at C=9, on par with two, slower at C=300).
 inline void store_inverse(index_t* p, index_t v) noexcept { *p = v; }
 
 }  // namespace
@@ -1121,7 +1122,7 @@ __attribute__((target("avx512f,avx512bw"))) std::uint64_t pack_small_rows_avx512
     bits[blocks++] = _mm512_test_epi8_mask(v, one);
     bad |= _mm512_test_epi8_mask(v, high);
   }
-  bits[blocks] = 0;  // the last keys' 8-byte loads reach into it
+  bits[blocks] = bits[blocks + 1] = 0;  // the last keys' 8-byte loads reach into them
   const unsigned char* stream = reinterpret_cast<const unsigned char*>(bits);
   const std::uint64_t mask = (std::uint64_t{1} << c) - 1;
   for (int i = 0; i < n; ++i) {
