@@ -34,6 +34,7 @@ namespace {
 constexpr index_t kDirectMaxClasses = 16;  // 2^16 int32 slots (256 KiB): a direct table fits in L2
 constexpr index_t kRowsPerPart = 1 << 15;  // below this, threads cost more than they save
 constexpr int kBatch = 16;                 // rows per pipeline stage: the distance of a prefetch
+constexpr index_t kBlocksPerThread = 8;    // add_blocks: blocks per thread, taken from a counter
 constexpr int kDirectBatch = 256;          // rows packed per call where nothing is prefetched
 constexpr index_t kEmpty = -1;
 
@@ -606,7 +607,15 @@ struct PatternTableBuilder::State {
       const index_t k_half = index.size();
       insert_rows(probe / 2, probe, pack, inv, done);
       if (probe < n_rows) presize(k0, k_half, probe, n_rows);
-      if (parts == 1) insert_rows(probe, n_rows, pack, inv, done);
+      // The inverse's pages past the prefix are populated ahead of the rows that
+      // write them (see populate_pages): here, or in add_blocks by one of its threads.
+      const auto populate_from = [&](index_t row) {
+        if (inv) populate_pages(inv + row, static_cast<std::size_t>(n_rows - row) * sizeof(index_t));
+      };
+      if (parts == 1) {
+        populate_from(probe);
+        insert_rows(probe, n_rows, pack, inv, done);
+      }
       if (prefix < n_rows) {
         // Blocks pay off when their local tables stay small. When the prefix shows
         // many new patterns (as with many classes), merging the blocks' tables
@@ -616,10 +625,12 @@ struct PatternTableBuilder::State {
         // one thread builds the table while the others pack and hash rows ahead of it.
         const index_t new_in_prefix = index.size() - k0;
         const index_t block_rows = (n_rows - prefix) / parts;
-        if (!index.direct() && (new_in_prefix * 32 > prefix || index.size() > block_rows / 4))
+        if (!index.direct() && (new_in_prefix * 32 > prefix || index.size() > block_rows / 4)) {
+          populate_from(prefix);
           insert_rows_pipelined(prefix, n_rows, parts, pack, inv, done);
-        else
+        } else {
           add_blocks(prefix, n_rows, parts, pack, inv);
+        }
       }
     } catch (...) {
       undo_prefix(k0, done, pack);
@@ -654,7 +665,6 @@ struct PatternTableBuilder::State {
       advise_huge_pages(inverse.data() + old_size, (inverse.capacity() - old_size) * sizeof(index_t));
     }
     inverse.resize(need);
-    populate_pages(inverse.data() + old_size, static_cast<std::size_t>(n_rows) * sizeof(index_t));
     return inverse.data() + old_size;
   }
 
@@ -832,15 +842,21 @@ struct PatternTableBuilder::State {
   void add_blocks(index_t begin, index_t end, int parts, const Pack& pack, index_t* inv) {
     const index_t nw = index.n_words();
     const index_t known = index.size();
-    std::vector<index_t> bounds = split_range(end - begin, parts);
+    // More blocks than threads, taken from a counter: one thread first populates the
+    // inverse's pages (see populate_pages) and then joins the others. The blocks and
+    // so the result do not depend on which thread runs which.
+    const std::size_t n_blocks = static_cast<std::size_t>(
+        std::min<index_t>(index_t{parts} * kBlocksPerThread, std::max<index_t>(parts, (end - begin) / kRowsPerPart)));
+    std::vector<index_t> bounds = split_range(end - begin, static_cast<int>(n_blocks));
     for (auto& b : bounds) b += begin;
     std::vector<Block> blocks;
-    blocks.reserve(static_cast<std::size_t>(parts));
-    for (int t = 0; t < parts; ++t) blocks.emplace_back(n_classes, known);
+    blocks.reserve(n_blocks);
+    for (std::size_t b = 0; b < n_blocks; ++b) blocks.emplace_back(n_classes, known);
 
-    run_parts(parts, [&](int t) {
-      Block& blk = blocks[static_cast<std::size_t>(t)];
-      const index_t b0 = bounds[static_cast<std::size_t>(t)], b1 = bounds[static_cast<std::size_t>(t) + 1];
+    std::atomic<std::size_t> next_block{0};
+    auto group_block = [&](std::size_t t) {
+      Block& blk = blocks[t];
+      const index_t b0 = bounds[t], b1 = bounds[t + 1];
       const std::size_t max_listed = static_cast<std::size_t>((b1 - b0) / 8);
       // Three stages in flight: pack + hash + prefetch the global slot; probe the
       // global index + prefetch the local slot of the rows it lacks; resolve locally.
@@ -906,13 +922,17 @@ struct PatternTableBuilder::State {
           }
         }
       }
+    };
+    run_parts(parts, [&](int t) {
+      if (inv && t == parts - 1 && parts > 1)
+        populate_pages(inv + begin, static_cast<std::size_t>(end - begin) * sizeof(index_t));
+      for (std::size_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < n_blocks;) group_block(b);
     });
 
     // New patterns are numbered without a sequential fold: a block's local pattern
     // is new in that block unless an earlier block's local table holds it, and the
     // new ones are numbered block by block in local order, i.e. in order of first
     // occurrence. All probes are read-only, so threads share them out.
-    const std::size_t n_blocks = blocks.size();
     std::vector<std::vector<index_t>> local_counts(n_blocks);
     std::vector<index_t> n_first(n_blocks, 0);
     for (std::size_t t = 0; t < n_blocks; ++t)
@@ -922,7 +942,8 @@ struct PatternTableBuilder::State {
     std::vector<std::vector<std::int32_t>> owner(n_blocks);
     for (std::size_t t = 1; t < n_blocks; ++t) owner[t].assign(blocks[t].to_global.size(), -1);
     run_parts(parts, [&](int part) {
-      local_counts[static_cast<std::size_t>(part)] = blocks[static_cast<std::size_t>(part)].local.counts();
+      for (std::size_t b = static_cast<std::size_t>(part); b < n_blocks; b += static_cast<std::size_t>(parts))
+        local_counts[b] = blocks[b].local.counts();
       for (std::size_t t = 1; t < n_blocks; ++t) {
         Block& blk = blocks[t];
         const index_t k = blk.local.size();
@@ -959,16 +980,18 @@ struct PatternTableBuilder::State {
     const auto fresh = index.append_unindexed(n_new);
     std::uint64_t* new_keys = fresh.first;
     index_t* new_counts = fresh.second;
-    run_parts(parts, [&](int t) {  // number the new patterns, copy their keys and counts
-      Block& blk = blocks[static_cast<std::size_t>(t)];
-      index_t g = first_base[static_cast<std::size_t>(t)];
-      const auto& lc = local_counts[static_cast<std::size_t>(t)];
-      for (std::size_t l = 0; l < blk.to_global.size(); ++l) {
-        if (blk.to_global[l] != kEmpty) continue;
-        std::copy(blk.local.key(static_cast<index_t>(l)), blk.local.key(static_cast<index_t>(l)) + nw,
-                  new_keys + (g - known) * nw);
-        new_counts[g - known] = lc[l];
-        blk.to_global[l] = g++;
+    run_parts(parts, [&](int part) {  // number the new patterns, copy their keys and counts
+      for (std::size_t t = static_cast<std::size_t>(part); t < n_blocks; t += static_cast<std::size_t>(parts)) {
+        Block& blk = blocks[t];
+        index_t g = first_base[t];
+        const auto& lc = local_counts[t];
+        for (std::size_t l = 0; l < blk.to_global.size(); ++l) {
+          if (blk.to_global[l] != kEmpty) continue;
+          std::copy(blk.local.key(static_cast<index_t>(l)), blk.local.key(static_cast<index_t>(l)) + nw,
+                    new_keys + (g - known) * nw);
+          new_counts[g - known] = lc[l];
+          blk.to_global[l] = g++;
+        }
       }
     });
     for (std::size_t t = 1; t < n_blocks; ++t) {  // patterns first seen in an earlier block
@@ -987,14 +1010,16 @@ struct PatternTableBuilder::State {
     }
 
     if (!inv) return;
-    run_parts(parts, [&](int t) {
-      const Block& blk = blocks[static_cast<std::size_t>(t)];
-      const index_t* map = blk.to_global.data();
-      if (blk.rescan) {
-        for (index_t r = bounds[static_cast<std::size_t>(t)]; r < bounds[static_cast<std::size_t>(t) + 1]; ++r)
-          if (inv[r] < 0) inv[r] = map[-1 - inv[r]];
-      } else {
-        for (const index_t r : blk.unresolved) inv[r] = map[-1 - inv[r]];
+    run_parts(parts, [&](int part) {
+      for (std::size_t t = static_cast<std::size_t>(part); t < n_blocks; t += static_cast<std::size_t>(parts)) {
+        const Block& blk = blocks[t];
+        const index_t* map = blk.to_global.data();
+        if (blk.rescan) {
+          for (index_t r = bounds[t]; r < bounds[t + 1]; ++r)
+            if (inv[r] < 0) inv[r] = map[-1 - inv[r]];
+        } else {
+          for (const index_t r : blk.unresolved) inv[r] = map[-1 - inv[r]];
+        }
       }
     });
   }
