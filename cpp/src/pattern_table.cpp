@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -923,11 +924,22 @@ struct PatternTableBuilder::State {
         }
       }
     };
+    // A block's error (a bad value) is kept with the block: the error reported is
+    // that of the first block with one, whichever thread ran it.
+    std::vector<std::exception_ptr> errors(n_blocks);
     run_parts(parts, [&](int t) {
       if (inv && t == parts - 1 && parts > 1)
         populate_pages(inv + begin, static_cast<std::size_t>(end - begin) * sizeof(index_t));
-      for (std::size_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < n_blocks;) group_block(b);
+      for (std::size_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < n_blocks;) {
+        try {
+          group_block(b);
+        } catch (...) {
+          errors[b] = std::current_exception();
+        }
+      }
     });
+    for (const std::exception_ptr& e : errors)
+      if (e) std::rethrow_exception(e);
 
     // New patterns are numbered without a sequential fold: a block's local pattern
     // is new in that block unless an earlier block's local table holds it, and the

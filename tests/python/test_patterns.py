@@ -513,6 +513,18 @@ def test_bad_dense_value_is_reported_at_its_row_whatever_the_threads(c, kind):
         PatternTable.from_chunks([y[:1000], y[1000:]], n_threads=2)
 
 
+def test_first_bad_block_is_reported_whatever_thread_ran_it():
+    # Few patterns: the rows are split into blocks that the threads take from a
+    # counter; of bad values in two blocks, the earlier row is named, every time.
+    y = long_tailed(PARALLEL_ROWS * 3, 9, seed=9)
+    y[40_000, 2] = 3
+    y[200_000, 5] = 4
+    for n_threads in (2, 3, 4):
+        for _ in range(5):
+            with pytest.raises(ValueError, match="got 3 at row 40000, column 2"):
+                PatternTable.from_labels(y, n_threads=n_threads)
+
+
 @pytest.mark.parametrize("c, kind", [(9, "long_tailed"), (64, "uniform")])
 def test_failed_batch_leaves_the_builder_unchanged(c, kind):
     from cobalance import _core
