@@ -39,6 +39,54 @@ constexpr index_t kBlocksPerThread = 8;    // add_blocks: blocks per thread, tak
 constexpr int kDirectBatch = 256;          // rows packed per call where nothing is prefetched
 constexpr index_t kEmpty = -1;
 
+#if defined(__GNUC__) || defined(__clang__)
+#define COBALANCE_NOINLINE __attribute__((noinline))
+#else
+#define COBALANCE_NOINLINE
+#endif
+constexpr index_t kMaxPatterns = 0xfffffffeLL;  // a pattern id + 1 fits a uint32
+
+inline void cpu_relax() noexcept {
+#if defined(__SSE2__)
+  _mm_pause();
+#endif
+}
+
+// A reusable barrier for threads 0 .. n - 1, which spin (then yield) while they
+// wait. Once all have arrived, thread 0 runs `then` (which must not throw) before
+// any is released, so `then` sees every thread's writes and they all see its.
+// Thread 0 rather than the last to arrive: measured here, pages that the calling
+// thread touches first fault in several times faster than on a thread of its
+// making, and `then` is where the index grows.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  template <class F>
+  void arrive_and_wait(int thread, F&& then) {
+    const unsigned gen = generation_.load(std::memory_order_acquire);
+    if (thread == 0) {
+      for (int spin = 0; arrived_.load(std::memory_order_acquire) != n_ - 1; ++spin) relax(spin);
+      then();
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    arrived_.fetch_add(1, std::memory_order_acq_rel);
+    for (int spin = 0; generation_.load(std::memory_order_acquire) == gen; ++spin) relax(spin);
+  }
+
+ private:
+  static void relax(int spin) noexcept {
+    if (spin < 4096)
+      cpu_relax();
+    else
+      std::this_thread::yield();
+  }
+  const int n_;
+  std::atomic<int> arrived_{0};
+  std::atomic<unsigned> generation_{0};
+};
+
 inline std::uint64_t mix64(std::uint64_t x) noexcept {  // splitmix64 finaliser
   x ^= x >> 30;
   x *= 0xbf58476d1ce4e5b9ULL;
@@ -199,6 +247,37 @@ inline void store_inverse(index_t* p, index_t v) noexcept { *p = v; }
 // rows. Concurrent const calls are safe. Patterns appended with append_unindexed
 // are invisible to find/add until sync().
 class PatternIndex {
+  struct Slot {
+    std::uint64_t tag;   // the key itself when n_words == 1, else its hash
+    std::uint32_t id1;   // id + 1; 0 marks a free slot
+    std::uint32_t count; // modulo 2^31; see high_counts_
+  };
+
+  // Where keys go in a table of 2^k slots split into 2^bits regions of 2^shift: a
+  // hash's top bits pick the region, its low bits the first slot tried there, and
+  // probing wraps around within the region.
+  struct Geometry {
+    Geometry() = default;
+    Geometry(std::size_t capacity, int region_bits) : bits(region_bits) {
+      int shift = 0;  // log2(slots per region)
+      while ((std::size_t{1} << shift) < (capacity >> bits)) ++shift;
+      mask = (std::uint64_t{1} << shift) - 1;
+      if (bits) {
+        down = 64 - bits - shift;
+        region_mask = ((std::uint64_t{1} << bits) - 1) << shift;
+      }
+    }
+    std::uint64_t region_of(std::uint64_t h) const noexcept { return bits ? h >> (64 - bits) : 0; }
+    // Without regions this is h & mask, as cheap as a plain table.
+    std::uint64_t home(std::uint64_t h) const noexcept { return ((h >> down) & region_mask) | (h & mask); }
+    std::uint64_t next(std::uint64_t pos) const noexcept { return (pos & ~mask) | ((pos + 1) & mask); }
+    index_t region_slots() const noexcept { return static_cast<index_t>(mask + 1); }
+    int bits = 0;
+    int down = 0;                  // moves a hash's top `bits` bits to the region's place
+    std::uint64_t region_mask = 0;  // those bits of a slot's position
+    std::uint64_t mask = 0;         // slots per region - 1
+  };
+
  public:
   explicit PatternIndex(index_t n_classes)
       : n_words_(words_for(n_classes)), direct_(n_classes <= kDirectMaxClasses) {
@@ -218,8 +297,18 @@ class PatternIndex {
   std::uint64_t hash(const std::uint64_t* key) const noexcept {
     return direct_ ? key[0] : hash_words(key, n_words_);
   }
-  void prefetch(std::uint64_t h) const noexcept {
-    if (!direct_) prefetch_slot(slots_.data() + (h & mask_));
+  // No branch on direct_ (a direct index has no slots, and its home is 0): measured
+  // with GCC 12, a branch here let -O3 drop the prefetches from the callers' loops.
+  void prefetch(std::uint64_t h) const noexcept { prefetch_slot(slots_.data() + home(h)); }
+  // For multi-word keys, once the slot is in cache (after prefetch(h)): prefetches
+  // the stored key that a probe for h will compare, when h's first slot holds it.
+  void prefetch_key(std::uint64_t h) const noexcept {
+    const Slot& s = slots_[home(h)];
+    if (s.tag == h && s.id1 != 0 && static_cast<index_t>(s.id1) <= size_) {
+      const std::uint64_t* k = keys_.data() + (static_cast<index_t>(s.id1) - 1) * n_words_;
+      prefetch_slot(k);
+      if (n_words_ > 4) prefetch_slot(k + n_words_ - 1);
+    }
   }
 
   // The direct layout's find and add(key, 1), small enough to inline in row loops.
@@ -240,12 +329,12 @@ class PatternIndex {
   // The id of `key` (with hash `h`), or kEmpty when absent.
   index_t find(const std::uint64_t* key, std::uint64_t h) const noexcept {
     if (direct_) return static_cast<index_t>(direct_slots_[static_cast<std::size_t>(key[0])]) - 1;
-    std::uint64_t pos = h & mask_;
+    std::uint64_t pos = home(h);
     while (true) {
       const Slot& s = slots_[pos];
       if (s.id1 == 0) return kEmpty;
       if (matches(s, key, h)) return static_cast<index_t>(s.id1) - 1;
-      pos = (pos + 1) & mask_;
+      pos = next(pos);
     }
   }
 
@@ -262,25 +351,16 @@ class PatternIndex {
       direct_counts_[static_cast<std::size_t>(slot - 1)] += n;
       return slot - 1;
     }
-    std::uint64_t pos = h & mask_;
+    if (n > 0) low_added_ += n;
+    std::uint64_t pos = home(h);
     while (true) {
       Slot& s = slots_[pos];
-      if (s.id1 == 0) {
-        if (size_ >= kMaxPatterns)
-          throw std::length_error("a pattern table holds at most 2^32 - 2 distinct patterns");
-        keys_.insert(keys_.end(), key, key + n_words_);
-        s.tag = n_words_ == 1 ? key[0] : h;
-        s.id1 = static_cast<std::uint32_t>(++size_);
-        s.count = 0;
-        bump(s, n);
-        if (size_ * 2 > static_cast<index_t>(slots_.size())) rehash(slots_.size() * 2);
-        return size_ - 1;
-      }
+      if (s.id1 == 0) return insert_at(s, key, h, n);
       if (matches(s, key, h)) {
         bump(s, n);
         return static_cast<index_t>(s.id1) - 1;
       }
-      pos = (pos + 1) & mask_;
+      pos = next(pos);
     }
   }
   index_t add(const std::uint64_t* key, index_t n) { return add(key, hash(key), n); }
@@ -373,18 +453,158 @@ class PatternIndex {
     size_ = n;
     high_counts_.clear();
     std::fill(slots_.begin(), slots_.end(), Slot{0, 0, 0});
+    std::fill(region_load_.begin(), region_load_.end(), 0);
+    low_added_ = 0;
     for (index_t id = 0; id < n; ++id) place(id, hash(key(id)), kept[static_cast<std::size_t>(id)]);
   }
 
+  // --- Partitioned insertion (PatternTableBuilder::State::insert_rows_partitioned).
+  // The slots form 2^bits regions, chosen by a hash's top bits, and probing stays
+  // inside a key's region, so that threads owning disjoint regions can insert
+  // concurrently (add_provisional). A pattern new in a chunk first gets a
+  // provisional id; once every thread has gone through the chunk, the builder
+  // numbers the new patterns in order of first occurrence, appends them (extend)
+  // and each thread writes the final ids into its slots (set_slot_id). Between
+  // chunks, one thread makes room (reserve_keys, make_room).
+
+  std::uint64_t region_of(std::uint64_t h) const noexcept { return geo_.region_of(h); }
+
+  // The slots laid out again in 2^bits regions, for n_patterns (as reserve), with
+  // room for n_keys keys: begin_regrid allocates, fill_regrid moves the patterns in
+  // (while other threads go on with other work), end_regrid swaps the new table in.
+  struct Regrid {
+    TableArray<Slot> slots;
+    Geometry geometry;
+    std::vector<index_t> load;
+    bool fits = true;  // no region more than half full
+  };
+  Regrid begin_regrid(index_t n_patterns, index_t n_keys, int bits) {
+    std::size_t capacity = std::max<std::size_t>(slots_.size(), std::size_t{1024} << bits);
+    while (static_cast<index_t>(capacity) < 2 * std::max(n_patterns, size_)) capacity *= 2;
+    const std::size_t key_words = static_cast<std::size_t>(std::max(n_keys, size_) * n_words_);
+    if (keys_.capacity() < key_words) {
+      keys_.reserve(key_words);
+      advise_huge_pages(keys_.data() + keys_.size(), (keys_.capacity() - keys_.size()) * sizeof(std::uint64_t));
+    }
+    return Regrid{TableArray<Slot>(capacity), Geometry(capacity, bits), std::vector<index_t>(std::size_t{1} << bits, 0)};
+  }
+  // Stops early (fits = false) where a region would pass half full, which only a
+  // badly skewed hash can do; end_regrid then rebuilds from the old table.
+  void fill_regrid(Regrid& r) const noexcept {
+    for (const Slot& s : slots_) {
+      if (s.id1 == 0) continue;
+      const std::uint64_t h = n_words_ == 1 ? mix64(s.tag) : s.tag;
+      index_t& load = r.load[r.geometry.region_of(h)];
+      if (2 * ++load > r.geometry.region_slots()) {
+        r.fits = false;
+        return;
+      }
+      std::uint64_t pos = r.geometry.home(h);
+      while (r.slots[pos].id1 != 0) pos = r.geometry.next(pos);
+      r.slots[pos] = s;
+    }
+  }
+  void end_regrid(Regrid& r) {
+    if (!r.fits) {
+      rebuild(r.slots.size() * 2, r.geometry.bits);
+      return;
+    }
+    slots_ = std::move(r.slots);
+    geo_ = r.geometry;
+    region_load_ = std::move(r.load);
+  }
+
+  // Makes sure that `n_new` more patterns, however they fall into regions, leave
+  // every region at most half full, and that their keys fit without reallocating.
+  void make_room(index_t n_new) {
+    index_t fullest = 0;
+    for (const index_t l : region_load_) fullest = std::max(fullest, l);
+    std::size_t capacity = slots_.size();
+    while (static_cast<std::size_t>(2 * (fullest + n_new)) > (capacity >> geo_.bits)) capacity *= 2;
+    if (capacity != slots_.size()) rebuild(capacity, geo_.bits);
+    reserve_keys(n_new);
+  }
+  bool slots_have_room(index_t n_new) const noexcept {
+    for (const index_t l : region_load_)
+      if (2 * (l + n_new) > region_slots()) return false;
+    return true;
+  }
+  void reserve_keys(index_t n_new) {
+    const std::size_t need = static_cast<std::size_t>((size_ + n_new) * n_words_);
+    if (keys_.capacity() < need) keys_.reserve(std::max(need, 2 * keys_.capacity()));
+  }
+
+  // Room for n more samples in the slots' counts (see bump) without carrying: true
+  // unless n alone is too many. Moves the counts into high_counts_ when needed.
+  bool make_count_room(index_t n) {
+    if (n >= kLowSpan) return false;
+    if (low_added_ + n < kLowSpan) return true;
+    high_counts_.resize(static_cast<std::size_t>(size_), 0);
+    for (Slot& s : slots_) {
+      if (s.id1 == 0) continue;
+      high_counts_[s.id1 - 1] += s.count;
+      s.count = 0;
+    }
+    low_added_ = 0;
+    return true;
+  }
+  void note_added(index_t n) noexcept { low_added_ += n; }
+
+  // One sample of `key` (hash h, in a region the calling thread owns). Returns its
+  // id: final (< size()), provisional (>= size()) when first seen in this chunk,
+  // or `provisional` itself when new, in which case `slot` is set to its position.
+  // The key of provisional id size() + f * stride + t is at fresh_keys + f * n_words
+  // (t < stride being the calling thread's number).
+  index_t add_provisional(const std::uint64_t* key, std::uint64_t h, index_t provisional,
+                          const std::uint64_t* fresh_keys, index_t stride, std::uint64_t& slot) noexcept {
+    std::uint64_t pos = home(h);
+    while (true) {
+      Slot& s = slots_[pos];
+      if (s.id1 == 0) {
+        s = Slot{n_words_ == 1 ? key[0] : h, static_cast<std::uint32_t>(provisional + 1), 1};
+        slot = pos;
+        return provisional;
+      }
+      if (n_words_ == 1 ? s.tag == key[0] : s.tag == h && same_key(s, key, fresh_keys, stride)) {
+        ++s.count;  // cannot carry: see make_count_room
+        return static_cast<index_t>(s.id1) - 1;
+      }
+      pos = next(pos);
+    }
+  }
+  void set_slot_id(std::uint64_t slot, index_t id) noexcept { slots_[slot].id1 = static_cast<std::uint32_t>(id + 1); }
+
+  // Appends n_new patterns; the caller writes their keys (into keys(), by id) and
+  // their regions' loads (add_region_load). Needs make_room or reserve_keys first.
+  void extend(index_t n_new) noexcept {
+    size_ += n_new;
+    keys_.resize(static_cast<std::size_t>(size_ * n_words_));  // within capacity: cannot throw
+  }
+  // Adds new patterns per region (one count per region); entries left 0 are not
+  // written, so threads owning disjoint regions can call it at once.
+  void add_region_load(const index_t* added) noexcept {
+    for (std::size_t r = 0; r < region_load_.size(); ++r)
+      if (added[r]) region_load_[r] += added[r];
+  }
+
  private:
-  static constexpr index_t kMaxPatterns = 0xfffffffeLL;   // id + 1 fits a uint32
   static constexpr index_t kLowSpan = index_t{1} << 31;  // a slot's count stays below this
 
-  struct Slot {
-    std::uint64_t tag;   // the key itself when n_words == 1, else its hash
-    std::uint32_t id1;   // id + 1; 0 marks a free slot
-    std::uint32_t count; // modulo 2^31; see high_counts_
-  };
+
+  std::uint64_t home(std::uint64_t h) const noexcept { return geo_.home(h); }
+  std::uint64_t next(std::uint64_t pos) const noexcept { return geo_.next(pos); }
+  index_t region_slots() const noexcept { return geo_.region_slots(); }
+
+  // Whether a multi-word key equals slot s's (see add_provisional for where the key
+  // of a provisional id is).
+  bool same_key(const Slot& s, const std::uint64_t* key, const std::uint64_t* fresh_keys, index_t stride) const noexcept {
+    const index_t id = static_cast<index_t>(s.id1) - 1;
+    const std::uint64_t* other =
+        id < size_ ? keys_.data() + id * n_words_ : fresh_keys + (id - size_) / stride * n_words_;
+    for (index_t w = 0; w < n_words_; ++w)
+      if (key[w] != other[w]) return false;
+    return true;
+  }
 
   bool matches(const Slot& s, const std::uint64_t* key, std::uint64_t h) const noexcept {
     if (n_words_ == 1) return s.tag == key[0];
@@ -397,21 +617,41 @@ class PatternIndex {
 
   // Puts an id known to be absent into a free slot.
   void place(index_t id, std::uint64_t h, index_t count) {
-    std::uint64_t pos = h & mask_;
-    while (slots_[pos].id1 != 0) pos = (pos + 1) & mask_;
+    std::uint64_t pos = home(h);
+    while (slots_[pos].id1 != 0) pos = next(pos);
     Slot& s = slots_[pos];
     s = Slot{n_words_ == 1 ? key(id)[0] : h, static_cast<std::uint32_t>(id + 1), 0};
+    if (count > 0) low_added_ += count;
     bump(s, count);
+    if (++region_load_[region_of(h)] * 2 > region_slots()) rehash(slots_.size() * 2);
   }
 
   // Adds n (possibly negative) to the count of slot s.
+  // The hot paths (a hit's count, a probe) stay small enough to inline into the
+  // row loops; the rest is out of line (measured: once add() grew past GCC's
+  // inlining limit, C=24 grouping took 15 % longer).
   void bump(Slot& s, index_t n) {
     const index_t c = static_cast<index_t>(s.count) + n;
     if (c >= 0 && c < kLowSpan) {
       s.count = static_cast<std::uint32_t>(c);
       return;
     }
-    // Rare: move whole multiples of 2^31 to (or borrow them from) high_counts_.
+    carry(s, c);
+  }
+  // A new pattern in free slot s.
+  COBALANCE_NOINLINE index_t insert_at(Slot& s, const std::uint64_t* key, std::uint64_t h, index_t n) {
+    if (size_ >= kMaxPatterns) throw std::length_error("a pattern table holds at most 2^32 - 2 distinct patterns");
+    keys_.insert(keys_.end(), key, key + n_words_);
+    s.tag = n_words_ == 1 ? key[0] : h;
+    s.id1 = static_cast<std::uint32_t>(++size_);
+    s.count = 0;
+    bump(s, n);
+    if (++region_load_[region_of(h)] * 2 > region_slots()) rehash(slots_.size() * 2);
+    return size_ - 1;
+  }
+  // Rare: moves whole multiples of 2^31 of count c to (or borrows them from)
+  // high_counts_.
+  COBALANCE_NOINLINE void carry(Slot& s, index_t c) {
     const std::size_t id = s.id1 - 1;
     if (high_counts_.size() <= id) high_counts_.resize(id + 1, 0);
     const index_t low = ((c % kLowSpan) + kLowSpan) % kLowSpan;
@@ -419,16 +659,36 @@ class PatternIndex {
     s.count = static_cast<std::uint32_t>(low);
   }
 
-  void rehash(std::size_t capacity) {
-    TableArray<Slot> old(std::move(slots_));
-    slots_ = TableArray<Slot>(capacity);
-    mask_ = capacity - 1;
-    for (const Slot& s : old) {
-      if (s.id1 == 0) continue;
-      const std::uint64_t h = n_words_ == 1 ? mix64(s.tag) : s.tag;
-      std::uint64_t pos = h & mask_;
-      while (slots_[pos].id1 != 0) pos = (pos + 1) & mask_;
-      slots_[pos] = s;
+  void rehash(std::size_t capacity) { rebuild(capacity, geo_.bits); }
+
+  // Moves the slots into a table of `capacity` slots in 2^bits regions, doubling it
+  // until no region is more than half full. The old table stays intact until the
+  // new one is complete, so a failed allocation changes nothing.
+  void rebuild(std::size_t capacity, int bits) {
+    while (true) {
+      TableArray<Slot> fresh(capacity);
+      std::vector<index_t> load(std::size_t{1} << bits, 0);
+      const Geometry geometry(capacity, bits);
+      bool fits = true;
+      for (const Slot& s : slots_) {
+        if (s.id1 == 0) continue;
+        const std::uint64_t h = n_words_ == 1 ? mix64(s.tag) : s.tag;
+        if (++load[geometry.region_of(h)] * 2 > static_cast<index_t>(geometry.region_slots())) {
+          fits = false;
+          break;
+        }
+        std::uint64_t pos = geometry.home(h);
+        while (fresh[pos].id1 != 0) pos = geometry.next(pos);
+        fresh[pos] = s;
+      }
+      if (!fits) {
+        capacity *= 2;
+        continue;
+      }
+      slots_ = std::move(fresh);
+      region_load_ = std::move(load);
+      geo_ = geometry;
+      return;
     }
   }
 
@@ -438,7 +698,9 @@ class PatternIndex {
   TableArray<std::int32_t> direct_slots_;  // id + 1 by key; 0 = absent
   std::vector<index_t> direct_counts_;
   TableArray<Slot> slots_;
-  std::uint64_t mask_ = 0;
+  Geometry geo_;
+  std::vector<index_t> region_load_ = std::vector<index_t>(1, 0);  // patterns per region
+  index_t low_added_ = 0;           // samples added to slot counts since they last carried
   std::vector<std::uint64_t> keys_;
   std::vector<index_t> high_counts_;     // by id: multiples of 2^31 not held in the slots
   std::vector<index_t> pending_counts_;  // counts of the last ids, not yet in the slots
@@ -582,8 +844,11 @@ struct PatternTableBuilder::State {
   //    lacks block-local ids; the block-local patterns are then numbered block by
   //    block in local first-occurrence order (add_blocks), which is the order of
   //    first occurrence over the batch, and only those rows are rewritten;
-  //  - many new patterns: one thread inserts every row in order while the others
-  //    pack and hash rows ahead of it (insert_rows_pipelined).
+  //  - many new patterns, keys of one word: one thread inserts every row in order
+  //    while the others pack and hash rows ahead of it (insert_rows_pipelined);
+  //  - many new patterns, wider keys: the threads insert in parallel, each into its
+  //    own regions of the index, chunk by chunk in lockstep, new patterns numbered
+  //    by first row at the end of each chunk (insert_rows_partitioned).
   // Nothing depends on timing or on the number of threads.
   template <class Pack>
   void add_rows(index_t n_rows, const Pack& pack) {
@@ -607,13 +872,14 @@ struct PatternTableBuilder::State {
       insert_rows(0, probe / 2, pack, inv, done);
       const index_t k_half = index.size();
       insert_rows(probe / 2, probe, pack, inv, done);
-      if (probe < n_rows) presize(k0, k_half, probe, n_rows);
+      const index_t expected = probe < n_rows ? presize(k0, k_half, probe, n_rows) : 0;
       // The inverse's pages past the prefix are populated ahead of the rows that
       // write them (see populate_pages): here, or in add_blocks by one of its threads.
       const auto populate_from = [&](index_t row) {
         if (inv) populate_pages(inv + row, static_cast<std::size_t>(n_rows - row) * sizeof(index_t));
       };
       if (parts == 1) {
+        index.reserve(slots_for(expected));
         populate_from(probe);
         insert_rows(probe, n_rows, pack, inv, done);
       }
@@ -622,13 +888,24 @@ struct PatternTableBuilder::State {
         // many new patterns (as with many classes), merging the blocks' tables
         // would cost about as much as building them, and when the index already
         // holds many more patterns than a block has rows (a late chunk of a long
-        // stream), the blocks' per-pattern counters would outweigh their rows; then
-        // one thread builds the table while the others pack and hash rows ahead of it.
+        // stream), the blocks' per-pattern counters would outweigh their rows. Then
+        // the table is built directly: for keys of one word by one thread while the
+        // others pack (measured here, splitting the insertion gained nothing at
+        // C = 64 and lost 25 % at C = 24: the probes compare the key held in the
+        // slot, and exchanging rows between threads costs as much), for wider keys
+        // by all threads (probes also fetch the stored key; measured 5-22 % faster
+        // at C = 128-1000). The partitioned path needs ids and counts that cannot
+        // overflow within the batch.
         const index_t new_in_prefix = index.size() - k0;
         const index_t block_rows = (n_rows - prefix) / parts;
         if (!index.direct() && (new_in_prefix * 32 > prefix || index.size() > block_rows / 4)) {
-          populate_from(prefix);
-          insert_rows_pipelined(prefix, n_rows, parts, pack, inv, done);
+          if (index.n_words() > 1 && index.size() + (n_rows - prefix) <= kMaxPatterns && index.make_count_room(n_rows - prefix)) {
+            insert_rows_partitioned(prefix, n_rows, parts, expected, pack, inv, done);
+          } else {
+            index.reserve(slots_for(expected));
+            populate_from(prefix);
+            insert_rows_pipelined(prefix, n_rows, parts, pack, inv, done);
+          }
         } else {
           add_blocks(prefix, n_rows, parts, pack, inv);
         }
@@ -647,15 +924,19 @@ struct PatternTableBuilder::State {
   // half): new patterns taken to grow like rows^b (b from the two halves, at most
   // 1), capped by one per row; the table is sized so that the estimate fills at
   // most 60 % of it. Only speed depends on the estimate.
-  void presize(index_t k0, index_t k_half, index_t probe, index_t n_rows) {
+  index_t presize(index_t k0, index_t k_half, index_t probe, index_t n_rows) {
     const index_t new1 = k_half - k0, new2 = index.size() - k0;
-    if (index.direct() || new2 * 32 <= probe) return;  // few new patterns: nothing to gain
+    if (index.direct() || new2 * 32 <= probe) return 0;  // few new patterns: nothing to gain
     double b = 1.0;
     if (new1 > 0 && new2 > new1) b = std::min(1.0, std::log2(static_cast<double>(new2) / static_cast<double>(new1)));
     const double grown = static_cast<double>(new2) * std::pow(static_cast<double>(n_rows) / static_cast<double>(probe), b);
     const double expected = static_cast<double>(k0) + std::min(grown, static_cast<double>(n_rows));
-    index.reserve(static_cast<index_t>(expected / 1.2));  // capacity >= 2 x that = expected / 0.6
+    return static_cast<index_t>(expected);
   }
+
+  // The patterns to reserve slots for when `expected` are expected: the table then
+  // has at least expected / 0.6 slots.
+  static index_t slots_for(index_t expected) noexcept { return static_cast<index_t>(static_cast<double>(expected) / 1.2); }
 
   // Room for n_rows more inverse entries; returns where they start. Large buffers
   // are advised onto huge pages before their first touch (fewer page faults).
@@ -811,6 +1092,277 @@ struct PatternTableBuilder::State {
         consumed.store(c + 1, std::memory_order_release);
       }
     });
+  }
+
+  // Rows [begin, end) into the global index on `parts` threads, each inserting the
+  // rows whose hash falls in the index regions it owns, chunk after chunk in
+  // lockstep. Per chunk: every thread packs and hashes a share of the rows and
+  // hands each row (its number, hash and key) to its owner's list; each thread then
+  // inserts its rows in order, giving a pattern new in the chunk a provisional id
+  // (see PatternIndex::add_provisional) and marking its first row in a bitmap.
+  // After a barrier the bitmaps give every new pattern its id, the number of first
+  // rows before its own, so ids are those of one sequential pass; each thread
+  // writes the final ids into its slots, and for the rows of its share the keys of
+  // the patterns first seen there (consecutive ids) and the inverse entries; a
+  // second barrier makes those keys visible before the next chunk's probes. The
+  // threads' writes go to separate arrays or separate runs of one (measured here:
+  // writing the inverse or a shared flag array row by row from both threads made
+  // the path slower than one thread), and all scratch is sized for one chunk and
+  // reused. The error reported is that of the first bad row: chunks are checked in
+  // order and a chunk's shares in row order.
+  template <class Pack>
+  void insert_rows_partitioned(index_t begin, index_t end, int parts, index_t expected, const Pack& pack,
+                               index_t* inv, index_t& done) {
+    const index_t nw = index.n_words();
+    const std::size_t P = static_cast<std::size_t>(parts);
+    const std::size_t NW = static_cast<std::size_t>(nw);
+    int bits = 0;
+    while ((1 << bits) < 8 * parts && bits < 10) ++bits;
+    const std::size_t regions = std::size_t{1} << bits;
+    // The table for the patterns expected, in regions, filled before the first chunk.
+    PatternIndex::Regrid regrid = index.begin_regrid(slots_for(expected), expected, bits);
+    // Rows per chunk: a multiple of 64 (one bitmap word), fewer for wide rows.
+    const index_t chunk =
+        std::max<index_t>(64 * parts, std::min<index_t>(2048 * parts, (index_t{1} << 16) * parts / nw)) / 64 * 64;
+    const std::size_t share = static_cast<std::size_t>((chunk + parts - 1) / parts);  // rows per packer, at most
+    const std::size_t words = static_cast<std::size_t>(chunk / 64);
+    const index_t n_chunks = (end - begin + chunk - 1) / chunk;
+    const auto rows_in = [&](index_t c) { return std::min(chunk, end - begin - c * chunk); };
+    const auto owner_of = [&](std::uint64_t h) {
+      return static_cast<std::size_t>((regrid.geometry.region_of(h) * P) >> bits);
+    };
+
+    // One chunk's rows as lists (packer p, owner o), list q = p * P + o holding up to
+    // `share` rows from offset q * share: row number in the chunk, hash, key, and
+    // the id the owner found.
+    struct Buffer {
+      std::vector<std::uint32_t> rows;
+      std::vector<std::uint64_t> hash, keys;
+      std::vector<index_t> ids;
+      std::vector<std::size_t> length;         // by list
+      std::vector<std::exception_ptr> errors;  // by packer: the first bad row of its share
+    };
+    Buffer buffers[3];  // chunk c's is read until every thread is past chunk c + 1's barrier
+    for (Buffer& b : buffers) {
+      b.rows.resize(P * P * share);
+      b.hash.resize(P * P * share);
+      b.keys.resize(P * P * share * NW);
+      if (inv) b.ids.resize(P * P * share);
+      b.length.resize(P * P);
+      b.errors.resize(P);
+    }
+    struct alignas(64) Own {  // one thread's
+      std::vector<std::uint64_t> batch;        // keys of rows being packed
+      std::vector<std::uint32_t> fresh_rows[2];  // rows that created a slot, in order, by chunk parity
+      std::vector<std::uint64_t> fresh_slots;  // that slot
+      std::vector<std::uint64_t> fresh_keys;   // and the key
+      std::size_t n_fresh = 0;
+      std::vector<std::uint64_t> marks[2];     // bitmap of fresh_rows, by chunk parity
+      std::vector<std::uint64_t> any;          // all threads' marks
+      std::vector<index_t> before;             // and their running count, by word
+      std::vector<std::size_t> listed;         // by owner
+      std::vector<index_t> load;               // new patterns by region
+    };
+    std::vector<Own> own(P);
+    for (Own& o : own) {
+      o.batch.resize(static_cast<std::size_t>(kDirectBatch) * NW);
+      for (auto& f : o.fresh_rows) f.resize(static_cast<std::size_t>(chunk));
+      o.fresh_slots.resize(static_cast<std::size_t>(chunk));
+      o.fresh_keys.resize(static_cast<std::size_t>(chunk) * NW);
+      for (auto& m : o.marks) m.assign(words, 0);
+      o.any.resize(words);
+      o.before.resize(words);
+      o.listed.resize(P);
+      o.load.resize(regions);
+    }
+
+    // Packer p's share of chunk c into its lists.
+    const auto pack_share = [&](index_t c, std::size_t p) {
+      Buffer& b = buffers[c % 3];
+      const index_t n = rows_in(c), r0 = begin + c * chunk;
+      const index_t lo = n * static_cast<index_t>(p) / parts, hi = n * static_cast<index_t>(p + 1) / parts;
+      std::size_t* cnt = own[p].listed.data();
+      std::fill(cnt, cnt + P, std::size_t{0});
+      b.errors[p] = nullptr;
+      std::uint64_t* keys = own[p].batch.data();
+      try {
+        for (index_t r = lo; r < hi; r += kDirectBatch) {
+          const int m = static_cast<int>(std::min<index_t>(kDirectBatch, hi - r));
+          pack(r0 + r, m, keys);
+          for (int i = 0; i < m; ++i) {
+            const std::uint64_t* key = keys + static_cast<std::size_t>(i) * NW;
+            const std::uint64_t h = index.hash(key);
+            const std::size_t o = owner_of(h);
+            const std::size_t at = (p * P + o) * share + cnt[o]++;
+            b.rows[at] = static_cast<std::uint32_t>(r + i);
+            b.hash[at] = h;
+            std::copy(key, key + NW, b.keys.data() + at * NW);
+          }
+        }
+      } catch (...) {
+        b.errors[p] = std::current_exception();
+      }
+      for (std::size_t o = 0; o < P; ++o) b.length[p * P + o] = cnt[o];
+    };
+
+    // Thread t's rows of chunk c (k0 = patterns before it). A new pattern's
+    // provisional id is k0 + f * P + t, f its number among the thread's new ones.
+    // Two prefetches run ahead of the probes: the slot, then the stored key it
+    // points to.
+    const auto insert_own = [&](index_t c, std::size_t t, index_t k0) {
+      Buffer& b = buffers[c % 3];
+      Own& mine = own[t];
+      std::uint64_t* marks = mine.marks[c & 1].data();
+      std::fill(marks, marks + words, std::uint64_t{0});
+      std::fill(mine.load.begin(), mine.load.end(), 0);
+      std::size_t n_fresh = 0;
+      constexpr std::size_t kAhead = 16;
+      for (std::size_t p = 0; p < P; ++p) {
+        const std::size_t at = (p * P + t) * share, n = b.length[p * P + t];
+        const std::uint64_t* hash = b.hash.data() + at;
+        const std::uint64_t* keys = b.keys.data() + at * NW;
+        for (std::size_t j = 0; j < std::min(n, kAhead); ++j) index.prefetch(hash[j]);
+        for (std::size_t j = 0; j < std::min(n, kAhead / 2); ++j) index.prefetch_key(hash[j]);
+        for (std::size_t j = 0; j < n; ++j) {
+          if (j + kAhead < n) index.prefetch(hash[j + kAhead]);
+          if (j + kAhead / 2 < n) index.prefetch_key(hash[j + kAhead / 2]);
+          const std::uint64_t* key = keys + j * NW;
+          const index_t provisional = k0 + static_cast<index_t>(n_fresh * P + t);
+          std::uint64_t slot = 0;
+          const index_t id = index.add_provisional(key, hash[j], provisional, mine.fresh_keys.data(), parts, slot);
+          if (id == provisional) {
+            const std::uint32_t i = b.rows[at + j];
+            marks[i >> 6] |= std::uint64_t{1} << (i & 63);
+            mine.fresh_rows[c & 1][n_fresh] = i;
+            mine.fresh_slots[n_fresh] = slot;
+            std::copy(key, key + NW, mine.fresh_keys.data() + n_fresh * NW);  // see same_key
+            ++mine.load[index.region_of(hash[j])];
+            ++n_fresh;
+          }
+          if (inv) b.ids[at + j] = id;
+        }
+      }
+      mine.n_fresh = n_fresh;
+    };
+
+    // After chunk c's barrier (k0 = patterns before the chunk): thread t's new
+    // patterns get their ids and keys, and its share of the chunk its inverse entries.
+    const auto finish_own = [&](index_t c, std::size_t t, index_t k0, std::uint64_t* keys_out) {
+      const Buffer& b = buffers[c % 3];
+      Own& mine = own[t];
+      index_t running = 0;
+      for (std::size_t w = 0; w < words; ++w) {
+        std::uint64_t m = 0;
+        for (std::size_t u = 0; u < P; ++u) m |= own[u].marks[c & 1][w];
+        mine.any[w] = m;
+        mine.before[w] = running;
+        running += __builtin_popcountll(m);
+      }
+      const auto id_of_first = [&](std::uint32_t i) {
+        const std::size_t w = i >> 6;
+        return k0 + mine.before[w] + __builtin_popcountll(mine.any[w] & ((std::uint64_t{1} << (i & 63)) - 1));
+      };
+      for (std::size_t f = 0; f < mine.n_fresh; ++f)
+        index.set_slot_id(mine.fresh_slots[f], id_of_first(mine.fresh_rows[c & 1][f]));
+      index.add_region_load(mine.load.data());
+      // The keys of the new patterns first seen in this thread's share: their ids
+      // are consecutive, so no other thread writes near them.
+      index_t* out = inv ? inv + begin + c * chunk : nullptr;
+      for (std::size_t o = 0; o < P; ++o) {
+        const std::size_t at = (t * P + o) * share, n = b.length[t * P + o];
+        const std::uint32_t* rows = b.rows.data() + at;
+        const std::uint64_t* keys = b.keys.data() + at * NW;
+        const index_t* ids = inv ? b.ids.data() + at : nullptr;
+        const Own& owner = own[o];
+        for (std::size_t j = 0; j < n; ++j) {
+          const std::uint32_t i = rows[j];
+          if ((mine.any[i >> 6] >> (i & 63)) & 1) {
+            const index_t id = id_of_first(i);
+            std::copy(keys + j * NW, keys + (j + 1) * NW, keys_out + static_cast<std::size_t>(id) * NW);
+            if (out) store_inverse(out + i, id);
+          } else if (out) {
+            const index_t id = ids[j];
+            store_inverse(out + i, id < k0 ? id : id_of_first(owner.fresh_rows[c & 1][static_cast<std::size_t>(id - k0) / P]));
+          }
+        }
+      }
+    };
+
+    SpinBarrier barrier(parts);
+    // Written by the last thread at a barrier, read by all after it.
+    std::exception_ptr failure;  // every thread stops once set
+    bool grow = false;           // the slots must grow before the next chunk
+    index_t k0 = index.size();   // patterns before the chunk being inserted
+    index_t base = k0;           // the same for the chunk being finished
+    std::uint64_t* keys_out = nullptr;
+    const auto check_packed = [&](index_t c) {  // stop at chunk c's first bad row
+      if (c >= n_chunks || failure) return;
+      for (const std::exception_ptr& e : buffers[c % 3].errors)
+        if (e) {
+          failure = e;
+          return;
+        }
+    };
+    const auto make_room = [&] {
+      try {
+        index.make_room(chunk);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    };
+    run_parts(parts, [&](int thread) {
+      const std::size_t t = static_cast<std::size_t>(thread);
+      // Thread 0 moves the index's patterns into the new table and populates the
+      // inverse's pages (see SpinBarrier for why thread 0) while the others pack.
+      if (t == 0) {
+        index.fill_regrid(regrid);
+        if (inv) populate_pages(inv + begin, static_cast<std::size_t>(end - begin) * sizeof(index_t));
+      }
+      pack_share(0, t);
+      barrier.arrive_and_wait(thread, [&] {
+        try {
+          index.end_regrid(regrid);
+        } catch (...) {
+          failure = std::current_exception();
+          return;
+        }
+        check_packed(0);
+        if (!failure) make_room();
+      });
+      for (index_t c = 0; c < n_chunks && !failure; ++c) {
+        insert_own(c, t, k0);
+        if (c + 1 < n_chunks) pack_share(c + 1, t);
+        barrier.arrive_and_wait(thread, [&] {
+          index_t n_new = 0;
+          for (const Own& o : own) n_new += static_cast<index_t>(o.n_fresh);
+          base = k0;
+          index.extend(n_new);  // within the room made: cannot throw
+          k0 = index.size();
+          done = begin + c * chunk + rows_in(c);
+          check_packed(c + 1);
+          // Room for the next chunk: for its keys now; for its slots, if they must
+          // move, once this chunk's ids are final (below).
+          grow = false;
+          if (!failure) {
+            try {
+              index.reserve_keys(chunk);
+            } catch (...) {
+              failure = std::current_exception();
+            }
+            grow = !index.slots_have_room(chunk);
+          }
+          keys_out = index.keys().data();
+        });
+        finish_own(c, t, base, keys_out);
+        // The next chunk's probes compare keys with the stored keys, which all
+        // threads have just written.
+        barrier.arrive_and_wait(thread, [&] {
+          if (grow) make_room();
+        });
+      }
+    });
+    index.note_added(done - begin);
+    if (failure) std::rethrow_exception(failure);
   }
 
   // Undoes the counts and patterns of the first `done` rows (their keys are valid,

@@ -1,6 +1,8 @@
 #include <cobalance/pattern_table.hpp>
 
+#include <algorithm>
 #include <map>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -144,6 +146,80 @@ int main() {
       PatternTable t = b.finish();
       CHECK(t.inverse().size() == 1000);
       CHECK(t.counts() == std::vector<index_t>(1000, 1));
+    }
+  }
+  // Wide keys with many new patterns take the partitioned path (threads insert into
+  // their own regions of the index, chunk by chunk): every thread count gives the
+  // sequential table, batch after batch, and reports the first bad row wherever it
+  // falls (first chunk, a chunk or share edge, the last row).
+  {
+    const index_t n = 150000, c = 200;
+    auto y = random_labels(n, c, 11);
+    for (index_t r = 0; r < n; r += 7) std::copy(y.begin(), y.begin() + c, y.begin() + r * c);  // a frequent pattern
+    PatternTableBuilder one(c, true, 1);
+    one.add_dense(y.data(), n);
+    const PatternTable reference = one.finish();
+    check_against_reference(y, n, c, reference);
+    for (int threads : {2, 3, 4}) {
+      PatternTableBuilder b(c, true, threads);
+      b.add_dense(y.data(), n / 3);
+      b.add_dense(y.data() + n / 3 * c, n - n / 3);  // into an index that already holds many
+      const PatternTable t = b.finish();
+      CHECK(t.packed() == reference.packed());
+      CHECK(t.counts() == reference.counts());
+      CHECK(t.inverse() == reference.inverse());
+      PatternTableBuilder counts_only(c, false, threads);
+      counts_only.add_dense(y.data(), n);
+      const PatternTable tc = counts_only.finish();
+      CHECK(tc.packed() == reference.packed());
+      CHECK(tc.counts() == reference.counts());
+    }
+    // With 2 threads the batch after row 1000 has a prefix of 4656 rows, then chunks
+    // of 4096 rows in shares of 2048: rows 7704 (a share edge), 17943 / 17944 (a
+    // chunk edge).
+    for (const index_t bad_row : {index_t{3000}, index_t{7704}, index_t{17943}, index_t{17944}, index_t{60000}, n - 1}) {
+      std::vector<std::uint8_t> yb = y;
+      yb[static_cast<std::size_t>(bad_row * c + 3)] = 7;
+      if (bad_row < n - 1) yb[static_cast<std::size_t>((n - 1) * c + 4)] = 8;  // later: not the one reported
+      for (int threads : {2, 3}) {
+        PatternTableBuilder b(c, true, threads);
+        b.add_dense(yb.data(), 1000);
+        CHECK_INVALID(b.add_dense(yb.data() + 1000 * c, n - 1000), "got 7 at row " + std::to_string(bad_row) + ", column 3");
+        CHECK(b.n_samples() == 1000);
+        PatternTable t = b.finish();
+        PatternTableBuilder first(c, true, 1);
+        first.add_dense(y.data(), 1000);
+        const PatternTable f = first.finish();
+        CHECK(t.packed() == f.packed());
+        CHECK(t.counts() == f.counts());
+        CHECK(t.inverse() == f.inverse());
+      }
+    }
+  }
+  // The partitioned path counts in 31-bit slot fields: a pattern merged in with a
+  // count near 2^31 keeps its exact count when rows add to it.
+  {
+    const index_t n = 100000, c = 130;
+    auto y = random_labels(n, c, 12);
+    for (index_t r = 0; r < n; r += 3) std::fill(y.begin() + r * c, y.begin() + (r + 1) * c, std::uint8_t{0});
+    const index_t big = (index_t{1} << 31) - 100;
+    std::vector<std::uint64_t> zero_key(static_cast<std::size_t>(cobalance::words_for(c)), 0);
+    PatternTable seed = PatternTable::from_parts(c, zero_key, {big}, {}, false);
+    PatternTableBuilder plain(c, false, 1);
+    plain.add_dense(y.data(), n);
+    const PatternTable ref = plain.finish();
+    const PatternTable expected = cobalance::merge_tables({&seed, &ref});
+    index_t zero_rows = 0;
+    for (index_t r = 0; r < n; ++r)
+      zero_rows += std::all_of(y.begin() + r * c, y.begin() + (r + 1) * c, [](std::uint8_t v) { return v == 0; });
+    for (int threads : {1, 2}) {
+      PatternTableBuilder b(c, false, threads);
+      b.add_table(seed);
+      b.add_dense(y.data(), n);
+      const PatternTable t = b.finish();
+      CHECK(t.packed() == expected.packed());
+      CHECK(t.counts() == expected.counts());
+      CHECK(t.counts()[0] == big + zero_rows);
     }
   }
   // Empty input.

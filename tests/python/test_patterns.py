@@ -262,6 +262,31 @@ def test_few_patterns_of_many_classes_in_parallel(c):
     assert_same_table(PatternTable.from_labels(y), PatternTable.from_chunks(chunks, n_threads=2))
 
 
+@pytest.mark.parametrize("c", [65, 128, 200])
+def test_wide_keys_inserted_by_all_threads_equal_reference(c):
+    # Many patterns over more than 64 classes: the threads insert in parallel, each
+    # into its own regions of the index, chunk by chunk. Against the reference, for
+    # every thread count, input kind and stream split, with a pattern first seen
+    # in the last row and rows that repeat patterns first seen chunks earlier.
+    n = PARALLEL_ROWS * 2 + 101
+    y = long_tailed(n, c, seed=200 + c)
+    y[n - 1] = 1
+    y[n // 3 :: 97] = y[5000]
+    reference = fast_reference_table(y)
+    for n_threads in (1, 2, 3, 4):
+        t = PatternTable.from_labels(y, n_threads=n_threads)
+        assert_matches(t, y, reference=lambda _: reference)
+    packed = PatternTable.from_packed(to_packed(y), c, n_threads=2)
+    assert_matches(packed, y, reference=lambda _: reference)
+    indptr, indices = to_lists(y)
+    assert_matches(PatternTable.from_lists(indptr, indices, c, n_threads=3), y, reference=lambda _: reference)
+    streamed = PatternTable.from_chunks([y[:20_000], y[20_000:90_000], y[90_000:]], n_threads=2)
+    assert_matches(streamed, y, reference=lambda _: reference)
+    counts_only = PatternTable.from_labels(y, keep_inverse=False, n_threads=2)
+    np.testing.assert_array_equal(counts_only.counts, reference[1])
+    np.testing.assert_array_equal(counts_only.patterns, reference[0])
+
+
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_every_row_distinct_in_parallel(n_threads):
     n = PARALLEL_ROWS * 2
@@ -495,10 +520,11 @@ def test_bad_dense_labels(labels, match):
         PatternTable.from_labels(labels)
 
 
-@pytest.mark.parametrize("c, kind", [(9, "long_tailed"), (64, "long_tailed"), (64, "uniform")])
+@pytest.mark.parametrize("c, kind", [(9, "long_tailed"), (64, "long_tailed"), (64, "uniform"), (130, "uniform")])
 def test_bad_dense_value_is_reported_at_its_row_whatever_the_threads(c, kind):
-    # Few patterns (parallel blocks) and many patterns (one thread inserting while
-    # the others pack ahead) report the same first bad value.
+    # Few patterns (parallel blocks), many patterns of one word (one thread
+    # inserting while the others pack ahead) and of wider keys (threads inserting
+    # into their own regions) report the same first bad value.
     if kind == "uniform":
         y = (np.random.default_rng(7).random((PARALLEL_ROWS * 3, c)) < 0.5).view(np.uint8)
     else:
@@ -525,7 +551,7 @@ def test_first_bad_block_is_reported_whatever_thread_ran_it():
                 PatternTable.from_labels(y, n_threads=n_threads)
 
 
-@pytest.mark.parametrize("c, kind", [(9, "long_tailed"), (64, "uniform")])
+@pytest.mark.parametrize("c, kind", [(9, "long_tailed"), (64, "uniform"), (200, "uniform")])
 def test_failed_batch_leaves_the_builder_unchanged(c, kind):
     from cobalance import _core
 
