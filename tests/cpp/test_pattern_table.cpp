@@ -174,10 +174,10 @@ int main() {
       CHECK(tc.packed() == reference.packed());
       CHECK(tc.counts() == reference.counts());
     }
-    // With 2 threads the batch after row 1000 has a prefix of 4656 rows, then chunks
-    // of 4096 rows in shares of 2048: rows 7704 (a share edge), 17943 / 17944 (a
-    // chunk edge).
-    for (const index_t bad_row : {index_t{3000}, index_t{7704}, index_t{17943}, index_t{17944}, index_t{60000}, n - 1}) {
+    // With 2 threads the batch after row 1000 starts with a probe of 4096 rows (run
+    // on one thread), then chunks of 4096 rows in shares of 2048: rows 3000 (the
+    // probe), 7144 (a share edge), 17383 / 17384 (a chunk edge).
+    for (const index_t bad_row : {index_t{3000}, index_t{7144}, index_t{17383}, index_t{17384}, index_t{60000}, n - 1}) {
       std::vector<std::uint8_t> yb = y;
       yb[static_cast<std::size_t>(bad_row * c + 3)] = 7;
       if (bad_row < n - 1) yb[static_cast<std::size_t>((n - 1) * c + 4)] = 8;  // later: not the one reported
