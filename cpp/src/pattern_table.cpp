@@ -900,7 +900,7 @@ struct PatternTableBuilder::State {
         // stream), the blocks' per-pattern counters would outweigh their rows. Then
         // the table is built directly: for keys of one word by one thread while the
         // others pack (measured here, splitting the insertion gained nothing at
-        // C = 64 and lost 25 % at C = 24: the probes compare the key held in the
+        // C = 64 and lost 29 % at C = 24: the probes compare the key held in the
         // slot, and exchanging rows between threads costs as much), for wider keys
         // by all threads (probes also fetch the stored key; measured 5-22 % faster
         // at C = 128-1000). The partitioned path needs ids and counts that cannot
@@ -1114,9 +1114,8 @@ struct PatternTableBuilder::State {
   // writes the final ids into its slots, and for the rows of its share the keys of
   // the patterns first seen there (consecutive ids) and the inverse entries; a
   // second barrier makes those keys visible before the next chunk's probes. The
-  // threads' writes go to separate arrays or separate runs of one (measured here:
-  // writing the inverse or a shared flag array row by row from both threads made
-  // the path slower than one thread), and all scratch is sized for one chunk and
+  // threads' writes go to separate arrays or separate runs of one, so that no
+  // cache line passes back and forth, and all scratch is sized for one chunk and
   // reused. The error reported is that of the first bad row: chunks are checked in
   // order and a chunk's shares in row order.
   template <class Pack>
