@@ -908,7 +908,11 @@ struct PatternTableBuilder::State {
         const index_t new_in_prefix = index.size() - k0;
         const index_t block_rows = (n_rows - prefix) / parts;
         if (!index.direct() && (new_in_prefix * 32 > prefix || index.size() > block_rows / 4)) {
-          if (index.n_words() > 1 && index.size() + (n_rows - prefix) <= kMaxPatterns && index.make_count_room(n_rows - prefix)) {
+          // Provisional ids reach past the final ones by at most a chunk's rows
+          // times the threads (see insert_rows_partitioned).
+          const index_t margin = 2048 * index_t{parts} * parts;
+          if (index.n_words() > 1 && index.size() + (n_rows - prefix) + margin <= kMaxPatterns &&
+              index.make_count_room(n_rows - prefix)) {
             insert_rows_partitioned(prefix, n_rows, parts, expected, pack, inv, done);
           } else {
             index.reserve(slots_for(expected));
