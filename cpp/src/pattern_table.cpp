@@ -486,7 +486,7 @@ class PatternIndex {
       keys_.reserve(key_words);
       advise_huge_pages(keys_.data() + keys_.size(), (keys_.capacity() - keys_.size()) * sizeof(std::uint64_t));
     }
-    return Regrid{TableArray<Slot>(capacity), Geometry(capacity, bits), std::vector<index_t>(std::size_t{1} << bits, 0)};
+    return regrid_of(capacity, bits);
   }
   // Stops early (fits = false) where a region would pass half full, which only a
   // badly skewed hash can do; end_regrid then rebuilds from the old table.
@@ -590,7 +590,6 @@ class PatternIndex {
  private:
   static constexpr index_t kLowSpan = index_t{1} << 31;  // a slot's count stays below this
 
-
   std::uint64_t home(std::uint64_t h) const noexcept { return geo_.home(h); }
   std::uint64_t next(std::uint64_t pos) const noexcept { return geo_.next(pos); }
   index_t region_slots() const noexcept { return geo_.region_slots(); }
@@ -626,10 +625,11 @@ class PatternIndex {
     if (++region_load_[region_of(h)] * 2 > region_slots()) rehash(slots_.size() * 2);
   }
 
-  // Adds n (possibly negative) to the count of slot s.
-  // The hot paths (a hit's count, a probe) stay small enough to inline into the
+  // The hot paths (a probe, a hit's count) stay small enough to inline into the
   // row loops; the rest is out of line (measured: once add() grew past GCC's
   // inlining limit, C=24 grouping took 15 % longer).
+
+  // Adds n (possibly negative) to the count of slot s.
   void bump(Slot& s, index_t n) {
     const index_t c = static_cast<index_t>(s.count) + n;
     if (c >= 0 && c < kLowSpan) {
@@ -666,30 +666,17 @@ class PatternIndex {
   // new one is complete, so a failed allocation changes nothing.
   void rebuild(std::size_t capacity, int bits) {
     while (true) {
-      TableArray<Slot> fresh(capacity);
-      std::vector<index_t> load(std::size_t{1} << bits, 0);
-      const Geometry geometry(capacity, bits);
-      bool fits = true;
-      for (const Slot& s : slots_) {
-        if (s.id1 == 0) continue;
-        const std::uint64_t h = n_words_ == 1 ? mix64(s.tag) : s.tag;
-        if (++load[geometry.region_of(h)] * 2 > static_cast<index_t>(geometry.region_slots())) {
-          fits = false;
-          break;
-        }
-        std::uint64_t pos = geometry.home(h);
-        while (fresh[pos].id1 != 0) pos = geometry.next(pos);
-        fresh[pos] = s;
+      Regrid r = regrid_of(capacity, bits);
+      fill_regrid(r);
+      if (r.fits) {
+        end_regrid(r);
+        return;
       }
-      if (!fits) {
-        capacity *= 2;
-        continue;
-      }
-      slots_ = std::move(fresh);
-      region_load_ = std::move(load);
-      geo_ = geometry;
-      return;
+      capacity *= 2;
     }
+  }
+  static Regrid regrid_of(std::size_t capacity, int bits) {
+    return Regrid{TableArray<Slot>(capacity), Geometry(capacity, bits), std::vector<index_t>(std::size_t{1} << bits, 0)};
   }
 
   index_t n_words_;
