@@ -919,11 +919,12 @@ struct PatternTableBuilder::State {
   }
 
  private:
-  // Reserves the hash table for the patterns expected in a batch of n_rows rows,
-  // from those found in its first `probe` rows (k0 before, k_half after the first
-  // half): new patterns taken to grow like rows^b (b from the two halves, at most
-  // 1), capped by one per row; the table is sized so that the estimate fills at
-  // most 60 % of it. Only speed depends on the estimate.
+  // The patterns expected after a batch of n_rows rows (0: too few new ones to
+  // size the table for), from those found in its first `probe` rows (k0 before,
+  // k_half after the first half): new patterns taken to grow like rows^b (b from
+  // the two halves, at most 1), capped by one per row. The callers reserve
+  // slots_for(it), so that the estimate fills at most 60 % of the table. Only speed
+  // depends on the estimate.
   index_t presize(index_t k0, index_t k_half, index_t probe, index_t n_rows) {
     const index_t new1 = k_half - k0, new2 = index.size() - k0;
     if (index.direct() || new2 * 32 <= probe) return 0;  // few new patterns: nothing to gain
