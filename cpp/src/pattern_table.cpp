@@ -87,6 +87,16 @@ class SpinBarrier {
   std::atomic<unsigned> generation_{0};
 };
 
+inline int popcount64(std::uint64_t x) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  return __builtin_popcountll(x);
+#else
+  int n = 0;
+  for (; x; x &= x - 1) ++n;
+  return n;
+#endif
+}
+
 inline std::uint64_t mix64(std::uint64_t x) noexcept {  // splitmix64 finaliser
   x ^= x >> 30;
   x *= 0xbf58476d1ce4e5b9ULL;
@@ -1256,11 +1266,11 @@ struct PatternTableBuilder::State {
         for (std::size_t u = 0; u < P; ++u) m |= own[u].marks[c & 1][w];
         mine.any[w] = m;
         mine.before[w] = running;
-        running += __builtin_popcountll(m);
+        running += popcount64(m);
       }
       const auto id_of_first = [&](std::uint32_t i) {
         const std::size_t w = i >> 6;
-        return k0 + mine.before[w] + __builtin_popcountll(mine.any[w] & ((std::uint64_t{1} << (i & 63)) - 1));
+        return k0 + mine.before[w] + popcount64(mine.any[w] & ((std::uint64_t{1} << (i & 63)) - 1));
       };
       for (std::size_t f = 0; f < mine.n_fresh; ++f)
         index.set_slot_id(mine.fresh_slots[f], id_of_first(mine.fresh_rows[c & 1][f]));
