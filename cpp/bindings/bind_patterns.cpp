@@ -2,6 +2,8 @@
 
 #include "cobalance/pattern_table.hpp"
 
+#include <limits>
+
 namespace cobalance::bindings {
 
 namespace {
@@ -9,6 +11,23 @@ namespace {
 using Dense = py::array_t<std::uint8_t, py::array::c_style>;
 using Words = py::array_t<std::uint64_t, py::array::c_style>;
 using Index = py::array_t<index_t, py::array::c_style>;
+using AnyIndex = py::array_t<index_t, py::array::c_style | py::array::forcecast>;
+
+// The inverse of a table from 64-bit entries: each must fit a pattern_id_t (from_parts
+// then checks that it names one of the table's patterns).
+template <int Flags>
+InverseVector inverse_from(const py::array_t<index_t, Flags>& a) {
+  require_ndim(a, 1, "inverse");
+  InverseVector inv(static_cast<std::size_t>(a.size()));
+  const index_t* v = a.data();
+  for (py::ssize_t r = 0; r < a.size(); ++r) {
+    if (v[r] < 0 || v[r] > std::numeric_limits<pattern_id_t>::max())
+      throw std::invalid_argument("inverse[" + std::to_string(r) + "] = " + std::to_string(v[r]) +
+                                  " is not a pattern index (0 <= index < 2^31 - 1)");
+    inv[static_cast<std::size_t>(r)] = static_cast<pattern_id_t>(v[r]);
+  }
+  return inv;
+}
 
 }  // namespace
 
@@ -55,11 +74,7 @@ void bind_patterns(py::module_& m) {
             std::vector<index_t> c(counts.data(), counts.data() + counts.size());
             InverseVector inv;
             const bool has_inverse = !inverse.is_none();
-            if (has_inverse) {
-              auto a = inverse.cast<Index>();
-              require_ndim(a, 1, "inverse");
-              inv.assign(a.data(), a.data() + a.size());
-            }
+            if (has_inverse) inv = inverse_from(inverse.cast<Index>());
             if (packed.shape(0) != counts.shape(0))
               throw std::invalid_argument("packed has " + std::to_string(packed.shape(0)) +
                                           " rows but counts has " + std::to_string(counts.shape(0)));
@@ -72,7 +87,7 @@ void bind_patterns(py::module_& m) {
           [](py::object self) {
             const auto& t = self.cast<const PatternTable&>();
             py::object inv = py::none();
-            if (t.has_inverse()) inv = py::array_t<index_t>(view_of(t.inverse(), {static_cast<py::ssize_t>(t.inverse().size())}, self));
+            if (t.has_inverse()) inv = py::array_t<pattern_id_t>(view_of(t.inverse(), {static_cast<py::ssize_t>(t.inverse().size())}, self));
             return py::make_tuple(t.n_classes(),
                                   py::array_t<std::uint64_t>(view_of(t.packed(), {t.n_patterns(), t.n_words()}, self)),
                                   py::array_t<index_t>(view_of(t.counts(), {t.n_patterns()}, self)), inv);
@@ -82,10 +97,7 @@ void bind_patterns(py::module_& m) {
             const bool has_inverse = !s[3].is_none();
             auto packed = s[1].cast<Words>();
             auto counts = s[2].cast<Index>();
-            if (has_inverse) {
-              auto a = s[3].cast<Index>();
-              inv.assign(a.data(), a.data() + a.size());
-            }
+            if (has_inverse) inv = inverse_from(s[3].cast<AnyIndex>());
             return PatternTable::from_parts(
                 s[0].cast<index_t>(), std::vector<std::uint64_t>(packed.data(), packed.data() + packed.size()),
                 std::vector<index_t>(counts.data(), counts.data() + counts.size()), std::move(inv), has_inverse);

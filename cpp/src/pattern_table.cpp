@@ -44,7 +44,7 @@ constexpr index_t kEmpty = -1;
 #else
 #define COBALANCE_NOINLINE
 #endif
-constexpr index_t kMaxPatterns = 0xfffffffeLL;  // a pattern id + 1 fits a uint32
+constexpr index_t kMaxPatterns = 0x7fffffffLL;  // a pattern id fits a pattern_id_t
 
 inline void cpu_relax() noexcept {
 #if defined(__SSE2__)
@@ -241,7 +241,7 @@ class TableArray {
 // skip reading the line) were slower on pages faulted in by the stores themselves,
 // and on the pages populated beforehand (populate_pages) no better overall (faster
 // with one thread at C=9, on par with two, slower at C=300).
-inline void store_inverse(index_t* p, index_t v) noexcept { *p = v; }
+inline void store_inverse(pattern_id_t* p, index_t v) noexcept { *p = static_cast<pattern_id_t>(v); }
 
 }  // namespace
 
@@ -381,7 +381,7 @@ class PatternIndex {
   // costs nothing when the table is finished without further lookups.
   std::pair<std::uint64_t*, index_t*> append_unindexed(index_t n) {
     if (size_ + n > kMaxPatterns)
-      throw std::length_error("a pattern table holds at most 2^32 - 2 distinct patterns");
+      throw std::length_error("a pattern table holds at most 2^31 - 1 distinct patterns");
     pending_counts_.reserve(pending_counts_.size() + static_cast<std::size_t>(n));
     keys_.resize(keys_.size() + static_cast<std::size_t>(n * n_words_));
     pending_counts_.resize(pending_counts_.size() + static_cast<std::size_t>(n), 0);
@@ -650,7 +650,7 @@ class PatternIndex {
   }
   // A new pattern in free slot s.
   COBALANCE_NOINLINE index_t insert_at(Slot& s, const std::uint64_t* key, std::uint64_t h, index_t n) {
-    if (size_ >= kMaxPatterns) throw std::length_error("a pattern table holds at most 2^32 - 2 distinct patterns");
+    if (size_ >= kMaxPatterns) throw std::length_error("a pattern table holds at most 2^31 - 1 distinct patterns");
     keys_.insert(keys_.end(), key, key + n_words_);
     s.tag = n_words_ == 1 ? key[0] : h;
     s.id1 = static_cast<std::uint32_t>(++size_);
@@ -858,7 +858,7 @@ struct PatternTableBuilder::State {
     index_t prefix =
         parts == 1 ? n_rows : std::min(n_rows, std::max<index_t>(4096, n_rows / (16 * static_cast<index_t>(parts))));
     const std::size_t old_size = inverse.size();
-    index_t* inv = keep_inverse ? grow_inverse(n_rows) : nullptr;
+    pattern_id_t* inv = keep_inverse ? grow_inverse(n_rows) : nullptr;
     const index_t k0 = index.size();
     index_t done = 0;  // rows of the prefix counted in `index`
     try {
@@ -882,7 +882,7 @@ struct PatternTableBuilder::State {
       // The inverse's pages past the prefix are populated ahead of the rows that
       // write them (see populate_pages): here, or in add_blocks by one of its threads.
       const auto populate_from = [&](index_t row) {
-        if (inv) populate_pages(inv + row, static_cast<std::size_t>(n_rows - row) * sizeof(index_t));
+        if (inv) populate_pages(inv + row, static_cast<std::size_t>(n_rows - row) * sizeof(pattern_id_t));
       };
       if (parts == 1) {
         index.reserve(slots_for(expected));
@@ -951,11 +951,11 @@ struct PatternTableBuilder::State {
 
   // Room for n_rows more inverse entries; returns where they start. Large buffers
   // are advised onto huge pages before their first touch (fewer page faults).
-  index_t* grow_inverse(index_t n_rows) {
+  pattern_id_t* grow_inverse(index_t n_rows) {
     const std::size_t old_size = inverse.size(), need = old_size + static_cast<std::size_t>(n_rows);
     if (need > inverse.capacity()) {
       inverse.reserve(std::max(need, 2 * old_size));
-      advise_huge_pages(inverse.data() + old_size, (inverse.capacity() - old_size) * sizeof(index_t));
+      advise_huge_pages(inverse.data() + old_size, (inverse.capacity() - old_size) * sizeof(pattern_id_t));
     }
     inverse.resize(need);
     return inverse.data() + old_size;
@@ -975,7 +975,7 @@ struct PatternTableBuilder::State {
   // Rows [begin, end) straight into the global index; `done` follows the rows counted.
   // Packing the next batch while probing this one overlaps their cache misses.
   template <class Pack>
-  void insert_rows(index_t begin, index_t end, const Pack& pack, index_t* inv, index_t& done) {
+  void insert_rows(index_t begin, index_t end, const Pack& pack, pattern_id_t* inv, index_t& done) {
     const index_t nw = index.n_words();
     if (index.direct()) {
       // A direct table has no misses worth prefetching: pack a batch, resolve it.
@@ -1024,7 +1024,7 @@ struct PatternTableBuilder::State {
   // packer that is not scheduled delays nothing). Rows are inserted strictly in
   // order, so ids are those of one pass.
   template <class Pack>
-  void insert_rows_pipelined(index_t begin, index_t end, int parts, const Pack& pack, index_t* inv,
+  void insert_rows_pipelined(index_t begin, index_t end, int parts, const Pack& pack, pattern_id_t* inv,
                              index_t& done) {
     const index_t nw = index.n_words();
     // Rows per chunk: 2048, fewer for very wide rows so that a buffer stays ~0.5 MiB.
@@ -1122,7 +1122,7 @@ struct PatternTableBuilder::State {
   // order and a chunk's shares in row order.
   template <class Pack>
   void insert_rows_partitioned(index_t begin, index_t end, int parts, index_t expected, const Pack& pack,
-                               index_t* inv, index_t& done) {
+                               pattern_id_t* inv, index_t& done) {
     const index_t nw = index.n_words();
     const std::size_t P = static_cast<std::size_t>(parts);
     const std::size_t NW = static_cast<std::size_t>(nw);
@@ -1148,7 +1148,7 @@ struct PatternTableBuilder::State {
     struct Buffer {
       std::vector<std::uint32_t> rows;
       std::vector<std::uint64_t> hash, keys;
-      std::vector<index_t> ids;
+      std::vector<pattern_id_t> ids;
       std::vector<std::size_t> length;         // by list
       std::vector<std::exception_ptr> errors;  // by packer: the first bad row of its share
     };
@@ -1249,7 +1249,7 @@ struct PatternTableBuilder::State {
             ++mine.load[index.region_of(hash[j])];
             ++n_fresh;
           }
-          if (inv) b.ids[at + j] = id;
+          if (inv) b.ids[at + j] = static_cast<pattern_id_t>(id);
         }
       }
       mine.n_fresh = n_fresh;
@@ -1277,12 +1277,12 @@ struct PatternTableBuilder::State {
       index.add_region_load(mine.load.data());
       // The keys of the new patterns first seen in this thread's share: their ids
       // are consecutive, so no other thread writes near them.
-      index_t* out = inv ? inv + begin + c * chunk : nullptr;
+      pattern_id_t* out = inv ? inv + begin + c * chunk : nullptr;
       for (std::size_t o = 0; o < P; ++o) {
         const std::size_t at = (t * P + o) * share, n = b.length[t * P + o];
         const std::uint32_t* rows = b.rows.data() + at;
         const std::uint64_t* keys = b.keys.data() + at * NW;
-        const index_t* ids = inv ? b.ids.data() + at : nullptr;
+        const pattern_id_t* ids = inv ? b.ids.data() + at : nullptr;
         const Own& owner = own[o];
         for (std::size_t j = 0; j < n; ++j) {
           const std::uint32_t i = rows[j];
@@ -1326,7 +1326,7 @@ struct PatternTableBuilder::State {
       // inverse's pages (see SpinBarrier for why thread 0) while the others pack.
       if (t == 0) {
         index.fill_regrid(regrid);
-        if (inv) populate_pages(inv + begin, static_cast<std::size_t>(end - begin) * sizeof(index_t));
+        if (inv) populate_pages(inv + begin, static_cast<std::size_t>(end - begin) * sizeof(pattern_id_t));
       }
       pack_share(0, t);
       barrier.arrive_and_wait(thread, [&] {
@@ -1402,7 +1402,7 @@ struct PatternTableBuilder::State {
   };
 
   template <class Pack>
-  void add_blocks(index_t begin, index_t end, int parts, const Pack& pack, index_t* inv) {
+  void add_blocks(index_t begin, index_t end, int parts, const Pack& pack, pattern_id_t* inv) {
     const index_t nw = index.n_words();
     const index_t known = index.size();
     // More blocks than threads, taken from a counter: one thread first populates the
@@ -1491,7 +1491,7 @@ struct PatternTableBuilder::State {
     std::vector<std::exception_ptr> errors(n_blocks);
     run_parts(parts, [&](int t) {
       if (inv && t == parts - 1 && parts > 1)
-        populate_pages(inv + begin, static_cast<std::size_t>(end - begin) * sizeof(index_t));
+        populate_pages(inv + begin, static_cast<std::size_t>(end - begin) * sizeof(pattern_id_t));
       for (std::size_t b; (b = next_block.fetch_add(1, std::memory_order_relaxed)) < n_blocks;) {
         try {
           group_block(b);
@@ -1590,9 +1590,9 @@ struct PatternTableBuilder::State {
         const index_t* map = blk.to_global.data();
         if (blk.rescan) {
           for (index_t r = bounds[t]; r < bounds[t + 1]; ++r)
-            if (inv[r] < 0) inv[r] = map[-1 - inv[r]];
+            if (inv[r] < 0) store_inverse(inv + r, map[-1 - inv[r]]);
         } else {
-          for (const index_t r : blk.unresolved) inv[r] = map[-1 - inv[r]];
+          for (const index_t r : blk.unresolved) store_inverse(inv + r, map[-1 - inv[r]]);
         }
       }
     });
@@ -1894,12 +1894,12 @@ void PatternTableBuilder::add_table(const PatternTable& table) {
     map[static_cast<std::size_t>(j)] = s.index.add(keys + j * nw, table.counts()[static_cast<std::size_t>(j)]);
   }
   if (s.keep_inverse) {
-    index_t* out = s.inverse.data() + old_size;
-    const index_t* in = table.inverse().data();
+    pattern_id_t* out = s.inverse.data() + old_size;
+    const pattern_id_t* in = table.inverse().data();
     const int parts = parts_for(n, s.n_threads, kRowsPerPart);
     const auto bounds = split_range(n, parts);
     run_parts(parts, [&](int t) {
-      for (index_t r = bounds[t]; r < bounds[t + 1]; ++r) out[r] = map[static_cast<std::size_t>(in[r])];
+      for (index_t r = bounds[t]; r < bounds[t + 1]; ++r) store_inverse(out + r, map[static_cast<std::size_t>(in[r])]);
     });
   }
   s.n_samples += table.n_samples();

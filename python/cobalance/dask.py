@@ -113,11 +113,11 @@ def _child_final_map(parent_final: Optional[np.ndarray], node, k: int) -> np.nda
 
 
 def _identity_map(summary) -> np.ndarray:
-    return np.arange(len(summary[0]), dtype=np.int64)
+    return np.arange(len(summary[0]), dtype=np.int32)
 
 
 def _block_inverse(final_map: np.ndarray, table: PatternTable) -> np.ndarray:
-    return final_map[table.inverse] if table.n_samples else np.zeros(0, dtype=np.int64)
+    return final_map[table.inverse] if table.n_samples else np.zeros(0, dtype=np.int32)
 
 
 def _final_table(summary, n_classes: int, class_names) -> PatternTable:
@@ -145,7 +145,7 @@ class DaskPatternTable:
     table : dask.delayed.Delayed
         Computes to a :class:`~cobalance.PatternTable` with patterns and counts but no
         inverse (small: its size depends on the number of patterns, not samples).
-    inverse : dask.array.Array of int64, shape (n_samples,)
+    inverse : dask.array.Array of int32, shape (n_samples,)
         Each sample's pattern index in ``table``, one chunk per input partition (chunk
         sizes are unknown, ``nan``, when the input's partition lengths are unknown, as
         for most dask dataframes).
@@ -286,7 +286,7 @@ def pattern_table(labels, *, class_names: Optional[Sequence[str]] = None, keep_i
     if finals == [None]:  # a single partition: nothing was merged
         finals = [delayed(_identity_map, pure=True)(root_summary)]
 
-    parts = [da.from_delayed(delayed(_block_inverse, pure=True)(f, t), shape=(n,), dtype=np.int64)
+    parts = [da.from_delayed(delayed(_block_inverse, pure=True)(f, t), shape=(n,), dtype=np.int32)
              for f, t, n in zip(finals, leaves, row_chunks)]
     inverse = da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
     return DaskPatternTable(table, inverse, names)

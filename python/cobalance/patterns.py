@@ -75,8 +75,9 @@ class PatternTable:
     packed : ndarray of uint64, shape (n_patterns, ceil(n_classes / 64))
         The patterns bit-packed: class ``i`` is bit ``i % 64`` of word ``i // 64``.
     counts : ndarray of int64, shape (n_patterns,)
-    inverse : ndarray of int64, shape (n_samples,)
+    inverse : ndarray of int32, shape (n_samples,)
         Pattern index of every sample (absent when built with ``keep_inverse=False``).
+        32-bit: a table holds at most 2^31 - 1 patterns; counts are int64.
     class_names : list of str
     """
 
@@ -347,7 +348,12 @@ class PatternTable:
                 n_classes = _check_n_classes(int(z["n_classes"]))
                 packed = np.ascontiguousarray(z["packed"], dtype=np.uint64).reshape(-1, (n_classes + 63) // 64)
                 counts = np.ascontiguousarray(z["counts"], dtype=np.int64)
-                inverse = np.ascontiguousarray(z["inverse"], dtype=np.int64) if "inverse" in z else None
+                inverse = None
+                if "inverse" in z:
+                    inverse = z["inverse"]
+                    if inverse.dtype.kind not in "iu":
+                        raise ValueError(f"{where}: inverse must hold integers, got dtype {inverse.dtype}")
+                    inverse = np.ascontiguousarray(inverse, dtype=np.int64)
                 names = [str(s) for s in z["class_names"]]
             except (KeyError, OSError, zipfile.BadZipFile, EOFError, TypeError) as e:
                 raise ValueError(f"{where} is not a cobalance pattern-table file ({e})") from None

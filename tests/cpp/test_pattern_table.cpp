@@ -29,7 +29,7 @@ void check_against_reference(const std::vector<std::uint8_t>& y, index_t n, inde
       order.push_back(row);
     }
     ++counts[it->second];
-    inverse.push_back(it->second);
+    inverse.push_back(static_cast<cobalance::pattern_id_t>(it->second));
   }
   CHECK(t.n_patterns() == static_cast<index_t>(counts.size()));
   CHECK(t.counts() == counts);

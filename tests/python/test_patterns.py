@@ -60,7 +60,7 @@ def assert_matches(table, labels, reference=reference_table):
     np.testing.assert_array_equal(table.counts, counts)
     np.testing.assert_array_equal(table.inverse, inverse)
     assert table.patterns.dtype == np.bool_ and table.patterns.shape == (len(counts), c)
-    assert table.counts.dtype == np.int64 and table.inverse.dtype == np.int64
+    assert table.counts.dtype == np.int64 and table.inverse.dtype == np.int32
     # The packed form: class i is bit i % 64 of word i // 64.
     np.testing.assert_array_equal(table.packed, to_packed(patterns))
     np.testing.assert_array_equal(table.class_counts(), (np.asarray(labels) != 0).sum(axis=0, dtype=np.int64))
@@ -446,6 +446,33 @@ def test_load_rejects_foreign_and_corrupted_files(tmp_path):
         np.savez(bad, **{**arrays, key: value})
         with pytest.raises(ValueError):
             PatternTable.load(bad)
+
+
+def test_load_reads_64_bit_inverse_and_rejects_entries_beyond_32_bits(tmp_path):
+    # Files whose inverse is int64 (as written before the inverse became int32) load
+    # to the same table; an entry that int32 cannot hold is named, not wrapped.
+    t = PatternTable.from_labels(long_tailed(300, 12, seed=4))
+    with np.load(_saved(t, tmp_path / "t.npz")) as z:
+        arrays = dict(z)
+    assert arrays["inverse"].dtype == np.int32
+    wide = tmp_path / "wide.npz"
+    np.savez(wide, **{**arrays, "inverse": arrays["inverse"].astype(np.int64)})
+    assert PatternTable.load(wide) == t
+    beyond = arrays["inverse"].astype(np.int64)
+    beyond[7] += 2**32  # wraps to a valid index if narrowed without a check
+    bad = tmp_path / "beyond.npz"
+    np.savez(bad, **{**arrays, "inverse": beyond})
+    with pytest.raises(ValueError, match=r"inverse\[7\] = 42949"):
+        PatternTable.load(bad)
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, **{**arrays, "inverse": arrays["inverse"].astype(np.float64)})
+    with pytest.raises(ValueError, match="inverse must hold integers"):
+        PatternTable.load(floats)
+
+
+def _saved(t, path):
+    t.save(path)
+    return path
 
 
 @FAST

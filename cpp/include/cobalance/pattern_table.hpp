@@ -20,6 +20,9 @@
 namespace cobalance {
 
 using index_t = std::int64_t;
+// A pattern's number in its table (the inverse's entries): 32 bits, since a table
+// holds at most 2^31 - 1 patterns. Counts and sample indices are index_t.
+using pattern_id_t = std::int32_t;
 
 // Number of 64-bit words that hold `n_classes` bits.
 constexpr index_t words_for(index_t n_classes) noexcept { return (n_classes + 63) / 64; }
@@ -69,9 +72,9 @@ class UninitializedAllocator {
   static constexpr std::size_t kAlign = std::size_t{2} << 20;
 };
 
-// The sample -> pattern index of a table: a std::vector of index_t whose growth
-// skips the zero fill (see UninitializedAllocator).
-using InverseVector = std::vector<index_t, UninitializedAllocator<index_t>>;
+// The sample -> pattern index of a table: a std::vector of pattern_id_t whose
+// growth skips the zero fill (see UninitializedAllocator).
+using InverseVector = std::vector<pattern_id_t, UninitializedAllocator<pattern_id_t>>;
 
 class PatternTable {
  public:
@@ -127,8 +130,8 @@ class PatternTable {
 // Builds a PatternTable from one or more batches of samples, added in order. The
 // result equals that of one pass over the concatenated batches, whatever the batch
 // boundaries and thread counts. A batch that throws leaves the builder as it was.
-// A table holds at most 2^32 - 2 distinct patterns (std::length_error beyond);
-// counts and sample indices are 64-bit.
+// A table holds at most 2^31 - 1 distinct patterns (std::length_error beyond), so
+// that the inverse's entries are 32-bit; counts and sample indices are 64-bit.
 class PatternTableBuilder {
  public:
   // keep_inverse=false skips the sample -> pattern index (counts only, O(K) memory).
