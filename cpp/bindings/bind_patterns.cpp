@@ -70,7 +70,7 @@ void bind_patterns(py::module_& m) {
           [](index_t n_classes, Words packed, Index counts, py::object inverse) {
             require_ndim(packed, 2, "packed");
             require_ndim(counts, 1, "counts");
-            std::vector<std::uint64_t> p(packed.data(), packed.data() + packed.size());
+            PackedVector p(packed.data(), packed.data() + packed.size());
             std::vector<index_t> c(counts.data(), counts.data() + counts.size());
             InverseVector inv;
             const bool has_inverse = !inverse.is_none();
@@ -99,7 +99,7 @@ void bind_patterns(py::module_& m) {
             auto counts = s[2].cast<Index>();
             if (has_inverse) inv = inverse_from(s[3].cast<AnyIndex>());
             return PatternTable::from_parts(
-                s[0].cast<index_t>(), std::vector<std::uint64_t>(packed.data(), packed.data() + packed.size()),
+                s[0].cast<index_t>(), PackedVector(packed.data(), packed.data() + packed.size()),
                 std::vector<index_t>(counts.data(), counts.data() + counts.size()), std::move(inv), has_inverse);
           }));
 

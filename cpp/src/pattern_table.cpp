@@ -63,9 +63,19 @@ class SpinBarrier {
   explicit SpinBarrier(int n) : n_(n) {}
   template <class F>
   void arrive_and_wait(int thread, F&& then) {
+    arrive_and_wait(thread, std::forward<F>(then), [] { return false; });
+  }
+  // The same; while thread 0 waits for the others it calls idle(), a short step of
+  // optional work, until that returns false (nothing left to do).
+  template <class F, class Idle>
+  void arrive_and_wait(int thread, F&& then, Idle&& idle) {
     const unsigned gen = generation_.load(std::memory_order_acquire);
     if (thread == 0) {
-      for (int spin = 0; arrived_.load(std::memory_order_acquire) != n_ - 1; ++spin) relax(spin);
+      bool busy = true;
+      for (int spin = 0; arrived_.load(std::memory_order_acquire) != n_ - 1;) {
+        if (busy) busy = idle();
+        if (!busy) relax(spin++);
+      }
       then();
       arrived_.store(0, std::memory_order_relaxed);
       generation_.store(gen + 1, std::memory_order_release);
@@ -157,6 +167,17 @@ inline void advise_huge_pages(void* p, std::size_t bytes) noexcept {
 inline void populate_pages(void* p, std::size_t bytes) noexcept {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
   if (bytes >= (std::size_t{1} << 22)) advise_within(p, bytes, 4096, MADV_POPULATE_WRITE);  // small: faults cost little
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// Populates the 2 MiB units inside [p, p + bytes) (see populate_pages); for steps of
+// a buffer being filled in order.
+inline void populate_huge_units(void* p, std::size_t bytes) noexcept {
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  advise_within(p, bytes, std::uintptr_t{1} << 21, MADV_POPULATE_WRITE);
 #else
   (void)p;
   (void)bytes;
@@ -302,7 +323,7 @@ class PatternIndex {
   bool direct() const noexcept { return direct_; }
   index_t n_words() const noexcept { return n_words_; }
   const std::uint64_t* key(index_t id) const noexcept { return keys_.data() + id * n_words_; }
-  std::vector<std::uint64_t>& keys() noexcept { return keys_; }
+  PackedVector& keys() noexcept { return keys_; }
 
   std::uint64_t hash(const std::uint64_t* key) const noexcept {
     return direct_ ? key[0] : hash_words(key, n_words_);
@@ -700,7 +721,7 @@ class PatternIndex {
   Geometry geo_;
   std::vector<index_t> region_load_ = std::vector<index_t>(1, 0);  // patterns per region
   index_t low_added_ = 0;           // samples added to slot counts since they last carried
-  std::vector<std::uint64_t> keys_;
+  PackedVector keys_;  // grows without a zero fill: every new key is written
   std::vector<index_t> high_counts_;     // by id: multiples of 2^31 not held in the slots
   std::vector<index_t> pending_counts_;  // counts of the last ids, not yet in the slots
 };
@@ -769,7 +790,7 @@ inline std::uint64_t tail_mask(index_t n_classes) noexcept {
 
 }  // namespace
 
-PatternTable PatternTable::from_parts(index_t n_classes, std::vector<std::uint64_t> packed,
+PatternTable PatternTable::from_parts(index_t n_classes, PackedVector packed,
                                       std::vector<index_t> counts, InverseVector inverse,
                                       bool has_inverse) {
   PatternTable t(n_classes);
@@ -1315,6 +1336,26 @@ struct PatternTableBuilder::State {
           return;
         }
     };
+    // While thread 0 waits for the others at a barrier, it populates the keys' pages
+    // ahead of the chunks, 2 MiB at a time, up to the capacity reserved for them.
+    // Faulted in as the threads wrote them, those pages cost the other threads
+    // several times what they cost thread 0 (see SpinBarrier).
+    const std::uint64_t* keys_seen = nullptr;
+    std::uintptr_t keys_ready = 0;  // populated below this address
+    const auto populate_keys_step = [&]() -> bool {
+      constexpr std::uintptr_t kStep = std::uintptr_t{1} << 21;
+      const PackedVector& k = index.keys();
+      const std::uintptr_t used = reinterpret_cast<std::uintptr_t>(k.data() + k.size());
+      const std::uintptr_t cap = reinterpret_cast<std::uintptr_t>(k.data() + k.capacity());
+      if (k.data() != keys_seen) {
+        keys_seen = k.data();
+        keys_ready = (used + kStep - 1) & ~(kStep - 1);
+      }
+      if (keys_ready + kStep > cap) return false;
+      populate_huge_units(reinterpret_cast<void*>(keys_ready), kStep);
+      keys_ready += kStep;
+      return true;
+    };
     const auto make_room = [&] {
       try {
         index.make_room(chunk);
@@ -1364,13 +1405,13 @@ struct PatternTableBuilder::State {
             grow = !index.slots_have_room(chunk);
           }
           keys_out = index.keys().data();
-        });
+        }, populate_keys_step);
         finish_own(c, t, base, keys_out);
         // The next chunk's probes compare keys with the stored keys, which all
         // threads have just written.
         barrier.arrive_and_wait(thread, [&] {
           if (grow) make_room();
-        });
+        }, populate_keys_step);
       }
     });
     index.note_added(done - begin);

@@ -99,7 +99,7 @@ class PatternTable:
             float dtypes are checked for 0/1 and converted (a copy).
         class_names : sequence of str, optional
         keep_inverse : bool
-            Keep the sample -> pattern index (8 bytes per sample).
+            Keep the sample -> pattern index (4 bytes per sample).
         n_threads : int, optional
             Threads to use; default all cores. The result is the same for any value.
 

@@ -203,7 +203,7 @@ int main() {
     auto y = random_labels(n, c, 12);
     for (index_t r = 0; r < n; r += 3) std::fill(y.begin() + r * c, y.begin() + (r + 1) * c, std::uint8_t{0});
     const index_t big = (index_t{1} << 31) - 100;
-    std::vector<std::uint64_t> zero_key(static_cast<std::size_t>(cobalance::words_for(c)), 0);
+    cobalance::PackedVector zero_key(static_cast<std::size_t>(cobalance::words_for(c)), 0);
     PatternTable seed = PatternTable::from_parts(c, zero_key, {big}, {}, false);
     PatternTableBuilder plain(c, false, 1);
     plain.add_dense(y.data(), n);

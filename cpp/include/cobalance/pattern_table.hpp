@@ -75,6 +75,9 @@ class UninitializedAllocator {
 // The sample -> pattern index of a table: a std::vector of pattern_id_t whose
 // growth skips the zero fill (see UninitializedAllocator).
 using InverseVector = std::vector<pattern_id_t, UninitializedAllocator<pattern_id_t>>;
+// The packed patterns of a table: a std::vector of 64-bit words whose growth skips
+// the zero fill (see UninitializedAllocator).
+using PackedVector = std::vector<std::uint64_t, UninitializedAllocator<std::uint64_t>>;
 
 class PatternTable {
  public:
@@ -90,7 +93,7 @@ class PatternTable {
   // at or beyond n_classes, counts positive, and (when given) every inverse entry a
   // valid pattern index with bincount(inverse) == counts. Throws
   // std::invalid_argument naming the first offending value.
-  static PatternTable from_parts(index_t n_classes, std::vector<std::uint64_t> packed,
+  static PatternTable from_parts(index_t n_classes, PackedVector packed,
                                  std::vector<index_t> counts, InverseVector inverse,
                                  bool has_inverse);
 
@@ -101,7 +104,7 @@ class PatternTable {
   bool has_inverse() const noexcept { return has_inverse_; }
 
   // n_patterns x n_words, row-major.
-  const std::vector<std::uint64_t>& packed() const noexcept { return packed_; }
+  const PackedVector& packed() const noexcept { return packed_; }
   // Samples per pattern.
   const std::vector<index_t>& counts() const noexcept { return counts_; }
   // Pattern index of every sample (empty when the table was built without it).
@@ -122,7 +125,7 @@ class PatternTable {
   index_t n_classes_ = 0;
   index_t n_samples_ = 0;
   bool has_inverse_ = true;
-  std::vector<std::uint64_t> packed_;
+  PackedVector packed_;
   std::vector<index_t> counts_;
   InverseVector inverse_;
 };
