@@ -96,13 +96,16 @@ class SpinBarrier {
   std::atomic<unsigned> generation_{0};
 };
 
+// The builtin where the target has the instruction; otherwise the builtin is a call
+// into the compiler's runtime, and the bit-parallel sum below is cheaper.
 inline int popcount64(std::uint64_t x) noexcept {
-#if defined(__GNUC__) || defined(__clang__)
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__POPCNT__)
   return __builtin_popcountll(x);
 #else
-  int n = 0;
-  for (; x; x &= x - 1) ++n;
-  return n;
+  x = x - ((x >> 1) & 0x5555555555555555ULL);
+  x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+  x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+  return static_cast<int>((x * 0x0101010101010101ULL) >> 56);
 #endif
 }
 
