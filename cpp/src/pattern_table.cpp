@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -288,6 +289,40 @@ class TableArray {
 // with one thread at C=9, on par with two, slower at C=300).
 inline void store_inverse(pattern_id_t* p, index_t v) noexcept { *p = static_cast<pattern_id_t>(v); }
 
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define COBALANCE_X86_AVX512 1
+// COBALANCE_NO_AVX512 (any value) selects the portable paths on an AVX-512 machine, so
+// that the tests also cover what CPUs without it run.
+bool cpu_has_avx512bw() noexcept {
+  static const bool yes = std::getenv("COBALANCE_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw");
+  return yes;
+}
+
+// For hash slots of 16 bytes laid out as (64-bit tag, 32-bit id + 1, 32-bit count):
+// calls f(j) for each of the n slots at `slots` that is used and holds a count other
+// than 1, four slots per 64-byte compare. Called only where the CPU has AVX-512BW.
+template <class F>
+__attribute__((target("avx512f,avx512bw"))) void for_each_other_count_avx512(const void* slots, std::size_t n,
+                                                                                F&& f) {
+  const unsigned char* p = static_cast<const unsigned char*>(slots);
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi32(1);
+  std::size_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const __m512i v = _mm512_loadu_si512(p + 16 * j);
+    const unsigned used = _mm512_mask_cmpneq_epi32_mask(0x4444, v, zero);  // id + 1 lanes
+    const unsigned other = _mm512_mask_cmpneq_epi32_mask(0x8888, v, one);  // count lanes
+    for (unsigned m = (used << 1) & other; m; m &= m - 1) f(j + static_cast<std::size_t>(__builtin_ctz(m)) / 4);
+  }
+  for (; j < n; ++j) {
+    std::uint32_t id1, count;
+    std::memcpy(&id1, p + 16 * j + 8, 4);
+    std::memcpy(&count, p + 16 * j + 12, 4);
+    if (id1 != 0 && count != 1) f(j);
+  }
+}
+#endif
+
 }  // namespace
 
 // Open-addressing index from packed pattern to pattern id (order of insertion)
@@ -482,6 +517,17 @@ class PatternIndex {
         const auto other_count = [](const Slot& s) { return (s.id1 != 0) & (s.count != 1); };
         const index_t i1 = bounds[static_cast<std::size_t>(t) + 1];
         index_t i = bounds[static_cast<std::size_t>(t)];
+#if defined(COBALANCE_X86_AVX512)
+        static_assert(sizeof(Slot) == 16 && offsetof(Slot, id1) == 8 && offsetof(Slot, count) == 12,
+                      "for_each_other_count_avx512 reads this layout");
+        if (cpu_has_avx512bw()) {  // C=300, N=1e7, 2 threads: the call 0.574-0.581 -> 0.555-0.568 s
+          const Slot* first = slots + i;
+          for_each_other_count_avx512(first, static_cast<std::size_t>(i1 - i), [&](std::size_t j) {
+            counts[first[j].id1 - 1] = first[j].count;
+          });
+          return;
+        }
+#endif
         for (; i + 4 <= i1; i += 4) {
           if (!(other_count(slots[i]) | other_count(slots[i + 1]) | other_count(slots[i + 2]) |
                 other_count(slots[i + 3])))
@@ -1871,13 +1917,6 @@ __attribute__((target("avx512f,avx512bw"))) std::uint64_t pack_small_rows_avx512
   return bad;
 }
 
-// COBALANCE_NO_AVX512 (any value) selects the portable path on an AVX-512 machine, so
-// that the tests also cover what CPUs without it run.
-bool cpu_has_avx512bw() noexcept {
-  static const bool yes = std::getenv("COBALANCE_NO_AVX512") == nullptr && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw");
-  return yes;
-}
 #endif
 
 }  // namespace
