@@ -234,6 +234,20 @@ def test_bad_value_at_a_pack_batch_edge(c, row):
             PatternTable.from_labels(y, n_threads=n_threads)
 
 
+@pytest.mark.parametrize("c", [5, 9, 130])
+@pytest.mark.parametrize("row", [0, 255, 256, PARALLEL_ROWS * 2 + 3])
+def test_bad_packed_row_at_a_batch_edge(c, row):
+    # Packed rows are tested for bits past n_classes once per batch of 256 rows; the
+    # first bad row is still the one named, whatever the threads.
+    words = to_packed(long_tailed(PARALLEL_ROWS * 3, c, seed=c))
+    past = np.uint64(1) << np.uint64(c % 64)  # the first bit past n_classes
+    words[row, -1] |= past
+    words[-1, -1] |= past  # and a later bad row
+    for n_threads in (1, 2, 3):
+        with pytest.raises(ValueError, match=f"packed row {row} has bits set at or beyond n_classes = {c}"):
+            PatternTable.from_packed(words, c, n_threads=n_threads)
+
+
 @pytest.mark.parametrize("c", [40, 300])
 def test_few_patterns_of_many_classes_in_parallel(c):
     # Few distinct patterns over many classes: the blocks of rows are grouped in
