@@ -610,12 +610,12 @@ class PatternIndex {
     }
     return regrid_of(capacity, bits);
   }
-  // Stops early (fits = false) where a region would pass half full, which only a
-  // badly skewed hash can do; end_regrid then rebuilds from the old table.
-  // Populates part `part` of `parts` of the regrid's slots (see populate_pages).
+  // Populates part `part` of `parts` of the regrid's slots (see populate_part).
   static void populate_regrid(Regrid& r, std::size_t part, std::size_t parts) noexcept {
     populate_part(r.slots.data(), r.slots.size() * sizeof(Slot), part, parts);
   }
+  // Stops early (fits = false) where a region would pass half full, which only a
+  // badly skewed hash can do; end_regrid then rebuilds from the old table.
   void fill_regrid(Regrid& r) const noexcept {
     for (const Slot& s : slots_) {
       if (s.id1 == 0) continue;
