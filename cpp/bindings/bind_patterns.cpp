@@ -23,7 +23,7 @@ InverseVector inverse_from(const py::array_t<index_t, Flags>& a) {
   for (py::ssize_t r = 0; r < a.size(); ++r) {
     if (v[r] < 0 || v[r] > std::numeric_limits<pattern_id_t>::max())
       throw std::invalid_argument("inverse[" + std::to_string(r) + "] = " + std::to_string(v[r]) +
-                                  " is not a pattern index (0 <= index < 2^31 - 1)");
+                                  " is not a pattern index (0 <= index < 2^31)");
     inv[static_cast<std::size_t>(r)] = static_cast<pattern_id_t>(v[r]);
   }
   return inv;
