@@ -148,6 +148,28 @@ int main() {
       CHECK(t.counts() == std::vector<index_t>(1000, 1));
     }
   }
+  // One-word keys, many new patterns: one thread inserts every row, inline while the
+  // table has room. The opening rows repeat 512 patterns, so the table is sized for
+  // few, and then every row is new: the table grows many times during the batch.
+  {
+    const index_t n = 120000, c = 40;
+    std::mt19937_64 rng(21);
+    std::vector<std::uint8_t> y(static_cast<std::size_t>(n * c));
+    for (index_t r = 0; r < n; ++r) {
+      const std::uint64_t code = r < 4096 ? (r * 2654435761u) % 512 : rng();
+      for (index_t i = 0; i < c; ++i) y[static_cast<std::size_t>(r * c + i)] = (code >> i) & 1;
+    }
+    for (index_t r = n / 2; r < n; r += 50) std::copy(y.begin() + 5000 * c, y.begin() + 5001 * c, y.begin() + r * c);
+    for (int threads : {1, 2, 3}) {
+      PatternTableBuilder b(c, true, threads);
+      b.add_dense(y.data(), n);
+      check_against_reference(y, n, c, b.finish());
+      PatternTableBuilder chunked(c, true, threads);
+      chunked.add_dense(y.data(), 3000);
+      chunked.add_dense(y.data() + 3000 * c, n - 3000);
+      check_against_reference(y, n, c, chunked.finish());
+    }
+  }
   // Wide keys with many new patterns take the partitioned path (threads insert into
   // their own regions of the index, chunk by chunk): every thread count gives the
   // sequential table, batch after batch, and reports the first bad row wherever it

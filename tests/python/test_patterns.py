@@ -301,6 +301,36 @@ def test_wide_keys_inserted_by_all_threads_equal_reference(c):
     np.testing.assert_array_equal(counts_only.patterns, reference[0])
 
 
+@pytest.mark.parametrize("c", [24, 64])
+def test_one_word_keys_whose_table_outgrows_its_estimate(c):
+    # Keys of one word, many new patterns: one thread inserts every row (inline
+    # while the table has room). The opening rows draw from 512 patterns, so the
+    # table is sized for few, and every later row is new: the table grows many
+    # times during the batch. Some late rows repeat patterns of both parts.
+    rng = np.random.default_rng(c)
+    n = PARALLEL_ROWS * 3
+    if c < 64:
+        codes = rng.choice(1 << c, size=n, replace=False).astype(np.uint64)
+    else:  # 64-bit draws: a repeat is possible but unlikely, and the reference counts it
+        codes = rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True)
+    codes[:4096] = codes[:512][rng.integers(0, 512, 4096)]
+    codes[n // 2 :: 50] = codes[4096 + 7]
+    codes[n // 2 + 1 :: 70] = codes[3]
+    bits = (codes[:, None] >> np.arange(c, dtype=np.uint64)) & np.uint64(1)
+    y = bits.astype(np.uint8)
+    reference = fast_reference_table(y)
+    for n_threads in (1, 2, 3):
+        for keep_inverse in (True, False):
+            t = PatternTable.from_labels(y, n_threads=n_threads, keep_inverse=keep_inverse)
+            if keep_inverse:
+                assert_matches(t, y, reference=lambda _: reference)
+            else:
+                np.testing.assert_array_equal(t.counts, reference[1])
+                np.testing.assert_array_equal(t.patterns, reference[0])
+    streamed = PatternTable.from_chunks([y[:5000], y[5000:100_000], y[100_000:]], n_threads=2)
+    assert_matches(streamed, y, reference=lambda _: reference)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_every_row_distinct_in_parallel(n_threads):
     n = PARALLEL_ROWS * 2
