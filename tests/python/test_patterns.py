@@ -248,6 +248,18 @@ def test_bad_packed_row_at_a_batch_edge(c, row):
             PatternTable.from_packed(words, c, n_threads=n_threads)
 
 
+def assert_matches_with_and_without_inverse(y, reference, thread_counts):
+    """from_labels(y) equals the reference for each thread count, inverse kept or not."""
+    for n_threads in thread_counts:
+        for keep_inverse in (True, False):
+            t = PatternTable.from_labels(y, n_threads=n_threads, keep_inverse=keep_inverse)
+            if keep_inverse:
+                assert_matches(t, y, reference=lambda _: reference)
+            else:
+                np.testing.assert_array_equal(t.counts, reference[1])
+                np.testing.assert_array_equal(t.patterns, reference[0])
+
+
 @pytest.mark.parametrize("c", [40, 300])
 def test_few_patterns_of_many_classes_in_parallel(c):
     # Few distinct patterns over many classes: the blocks of rows are grouped in
@@ -264,14 +276,7 @@ def test_few_patterns_of_many_classes_in_parallel(c):
         y[r] = rng.random(c) < 0.5
     y = y.view(np.uint8)
     reference = fast_reference_table(y)
-    for n_threads in (1, 2, 3, 4):
-        for keep_inverse in (True, False):
-            t = PatternTable.from_labels(y, n_threads=n_threads, keep_inverse=keep_inverse)
-            if keep_inverse:
-                assert_matches(t, y, reference=lambda _: reference)
-            else:
-                np.testing.assert_array_equal(t.counts, reference[1])
-                np.testing.assert_array_equal(t.patterns, reference[0])
+    assert_matches_with_and_without_inverse(y, reference, (1, 2, 3, 4))
     chunks = [y[:n // 3], y[n // 3:]]
     assert_same_table(PatternTable.from_labels(y), PatternTable.from_chunks(chunks, n_threads=2))
 
@@ -319,14 +324,7 @@ def test_one_word_keys_whose_table_outgrows_its_estimate(c):
     bits = (codes[:, None] >> np.arange(c, dtype=np.uint64)) & np.uint64(1)
     y = bits.astype(np.uint8)
     reference = fast_reference_table(y)
-    for n_threads in (1, 2, 3):
-        for keep_inverse in (True, False):
-            t = PatternTable.from_labels(y, n_threads=n_threads, keep_inverse=keep_inverse)
-            if keep_inverse:
-                assert_matches(t, y, reference=lambda _: reference)
-            else:
-                np.testing.assert_array_equal(t.counts, reference[1])
-                np.testing.assert_array_equal(t.patterns, reference[0])
+    assert_matches_with_and_without_inverse(y, reference, (1, 2, 3))
     streamed = PatternTable.from_chunks([y[:5000], y[5000:100_000], y[100_000:]], n_threads=2)
     assert_matches(streamed, y, reference=lambda _: reference)
 
