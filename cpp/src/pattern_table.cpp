@@ -139,6 +139,21 @@ inline void prefetch_slot(const void* p) noexcept {
 #endif
 }
 
+// Asks for the `bytes` bytes 4 KiB past `row` to be brought into L2 (prefetcht1),
+// for the loops that pack dense labels: their reads are sequential, yet alternate
+// with other work (probes, list writes) that keeps the hardware prefetchers from
+// running ahead. Prefetches never fault, so the addresses may lie past the input.
+// Measured (N = 1e7, dense + inverse, 2 threads unless said): AVX-512 packing, C=300
+// packing 0.135 -> 0.107 s per thread and the call 0.570-0.581 -> 0.547-0.553 s,
+// C=64 on one thread 0.214 -> 0.198 s, C=24 0.056 -> 0.044 s; the portable packing
+// (COBALANCE_NO_AVX512), C=9 0.024-0.026 -> 0.015 s, C=64 0.28 -> 0.139 s, C=300
+// 0.97 -> 0.645 s. Prefetching into L1 instead was on par, non-temporal
+// prefetches 1.5-2x slower.
+inline void prefetch_row_ahead(const std::uint8_t* row, index_t bytes) noexcept {
+  constexpr index_t kAhead = 4096;
+  for (index_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + kAhead + off, 0, 2);
+}
+
 #if defined(__linux__)
 // madvise(advice) over the whole `align`-byte units inside [p, p + bytes). Only a
 // hint: failure changes nothing but speed.
@@ -1943,6 +1958,7 @@ __attribute__((target("avx512f,avx512bw"))) std::uint64_t pack_rows_avx512(const
   for (int i = 0; i < n; ++i) {
     const std::uint8_t* row = rows + i * c;
     std::uint64_t* key = keys + i * nw;
+    prefetch_row_ahead(row, c);
     for (index_t w = 0; w + 1 < nw; ++w) {
       const __m512i v = _mm512_loadu_si512(row + 64 * w);
       key[w] = _mm512_test_epi8_mask(v, one);
@@ -2051,6 +2067,7 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
     s.add_rows(n_rows, [&report, data, c, wide_rows, high, zero, mask](index_t r, int n, std::uint64_t* keys) {
       unsigned bad = 0;
       std::uint64_t bad_exact = 0;
+      prefetch_row_ahead(data + r * c, n * c);  // the batch's rows, 4 KiB ahead
       for (int i = 0; i < n; ++i) {
         const std::uint8_t* row = data + (r + i) * c;
         if (r + i < wide_rows) {
@@ -2080,6 +2097,7 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
     std::uint64_t bad = 0;
     for (int i = 0; i < n; ++i) {
       const std::uint8_t* row = data + (r + i) * c;
+      prefetch_row_ahead(row, c);
 #if defined(__SSE2__)
       if (r + i < wide_rows) {
         bad |= pack_row_wide(row, n_chunks, valid.data(), keys + i * nw);
