@@ -1537,13 +1537,20 @@ struct PatternTableBuilder::State {
           return;
         }
     };
-    // While thread 0 waits for the others at a barrier, it populates the keys' pages
-    // ahead of the chunks, 2 MiB at a time, up to the capacity reserved for them.
-    // Faulted in as the threads write them, each new 2 MiB page is touched by all
-    // threads at once (their runs of new keys are adjacent), and measured at C=300
-    // that cost the thread reaching it first 0.46 s in all, against 0.08 s.
-    const std::uint64_t* keys_seen = nullptr;
-    std::uintptr_t keys_ready = 0;  // populated below this address
+    // The keys' pages are populated ahead of the threads that write them. Faulted in
+    // as they are written, each new 2 MiB page is touched by all threads at once
+    // (their runs of new keys are adjacent), and measured at C=300 that cost the
+    // thread reaching it first 0.46 s in all, against 0.08 s. The capacity reserved
+    // for the estimate is populated by all threads with the table (below); should
+    // the keys move to a larger reserve, thread 0 populates the new pages while it
+    // waits for the others at a barrier, 2 MiB at a time (populate_keys_step). That
+    // was the only way until measured at C=300 (2 threads, with the rows
+    // prefetched while packing): populating all of the keys that way, 0.520-0.533 s,
+    // the threads waiting 42-50 ms each at the barriers, as a step blocks the thread
+    // that arrives meanwhile; up front on all threads, 0.505-0.509 s, waits 8-15 ms.
+    const std::uint64_t* keys_seen = index.keys().data();
+    std::uintptr_t keys_ready =  // populated below this address
+        reinterpret_cast<std::uintptr_t>(index.keys().data() + index.keys().capacity());
     const auto populate_keys_step = [&]() -> bool {
       constexpr std::uintptr_t kStep = std::uintptr_t{1} << 21;
       const PackedVector& k = index.keys();
@@ -1567,12 +1574,17 @@ struct PatternTableBuilder::State {
     };
     run_parts(parts, [&](int thread) {
       const std::size_t t = static_cast<std::size_t>(thread);
-      // Each thread populates its part of the new table's pages and of the
-      // inverse's, each its own 2 MiB units (C=300, 2 threads: 0.607 -> 0.587 s
-      // against thread 0 populating all while the others waited). Then thread 0
+      // Each thread populates its part of the new table's pages, of the inverse's
+      // and of the keys' (above), each its own 2 MiB units (C=300, 2 threads:
+      // 0.607 -> 0.587 s for the table and the inverse, against thread 0 populating
+      // them while the others waited). Then thread 0
       // moves the index's patterns into the table while the others pack.
       PatternIndex::populate_regrid(regrid, t, P);
       if (inv) populate_part(inv + begin, static_cast<std::size_t>(end - begin) * sizeof(pattern_id_t), t, P);
+      {
+        const PackedVector& k = index.keys();
+        populate_part(const_cast<std::uint64_t*>(k.data() + k.size()), (k.capacity() - k.size()) * sizeof(std::uint64_t), t, P);
+      }
       barrier.arrive_and_wait(thread, [] {});
       if (t == 0) index.fill_regrid(regrid);
       pack_share(0, t);
