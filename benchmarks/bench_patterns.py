@@ -39,8 +39,8 @@ FAST_SHAPES = {9}
 FAST_ROUNDS = 15
 SLOW_ROUNDS = 1 if FULL else 3   # sort-based alternatives, seconds each at N = 1e7
 # The N = 1e8 memmap cases are compared per row with the N = 1e7 ones, so they get a
-# warm-up round and a minimum too: a single cold round at C=64 took 2.5-2.9 s on this
-# VM against 1.35-1.37 s for the next one in the same process (fresh pages).
+# warm-up round and a minimum too: a single cold round at C=64 took 2.53 s on this VM,
+# the warm rounds 1.30-1.36 s (the kernel zeroing fresh pages).
 OUT_OF_CORE_ROUNDS = 3
 
 
