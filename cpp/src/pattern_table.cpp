@@ -1577,14 +1577,12 @@ struct PatternTableBuilder::State {
       // Each thread populates its part of the new table's pages, of the inverse's
       // and of the keys' (above), each its own 2 MiB units (C=300, 2 threads:
       // 0.607 -> 0.587 s for the table and the inverse, against thread 0 populating
-      // them while the others waited). Then thread 0
-      // moves the index's patterns into the table while the others pack.
+      // them while the others waited). Then thread 0 moves the index's patterns
+      // into the table while the others pack.
       PatternIndex::populate_regrid(regrid, t, P);
       if (inv) populate_part(inv + begin, static_cast<std::size_t>(end - begin) * sizeof(pattern_id_t), t, P);
-      {
-        const PackedVector& k = index.keys();
-        populate_part(const_cast<std::uint64_t*>(k.data() + k.size()), (k.capacity() - k.size()) * sizeof(std::uint64_t), t, P);
-      }
+      PackedVector& keys = index.keys();  // read only here: no thread writes them yet
+      populate_part(keys.data() + keys.size(), (keys.capacity() - keys.size()) * sizeof(std::uint64_t), t, P);
       barrier.arrive_and_wait(thread, [] {});
       if (t == 0) index.fill_regrid(regrid);
       pack_share(0, t);
