@@ -313,6 +313,11 @@ bool cpu_has_avx512bw() noexcept {
                           __builtin_cpu_supports("avx512bw");
   return yes;
 }
+// COBALANCE_NO_AVX2 (any value) likewise selects the SSE2 packing where AVX2 is there.
+bool cpu_has_avx2() noexcept {
+  static const bool yes = std::getenv("COBALANCE_NO_AVX2") == nullptr && __builtin_cpu_supports("avx2");
+  return yes;
+}
 
 // For hash slots of 16 bytes laid out as (64-bit tag, 32-bit id + 1, 32-bit count):
 // calls f(j) for each slot j of the first n / 4 * 4 at `slots` that is used and holds
@@ -1954,6 +1959,32 @@ inline unsigned pack_row_wide(const std::uint8_t* row, index_t n_chunks, const u
 }
 #endif
 
+#if defined(COBALANCE_X86_AVX512)
+// pack_row_wide with 32-byte chunks (chunk k: classes [32k, 32k + 32), `valid[k]`
+// its bytes of the row): half the loads of SSE2, for CPUs with AVX2 but not
+// AVX-512BW. Reads up to 31 bytes past the row (the caller guarantees they exist).
+__attribute__((target("avx2"))) unsigned pack_row_avx2(const std::uint8_t* row, index_t n_chunks,
+                                                       const std::uint32_t* valid, std::uint64_t* key) noexcept {
+  const __m256i high = _mm256_set1_epi8(static_cast<char>(0xfe));
+  const __m256i zero = _mm256_setzero_si256();
+  std::uint32_t bad = 0;
+  std::uint64_t word = 0;
+  for (index_t k = 0; k < n_chunks; ++k) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * k));
+    const std::uint32_t bits = static_cast<std::uint32_t>(_mm256_movemask_epi8(_mm256_slli_epi64(v, 7)));
+    const std::uint32_t ok =
+        static_cast<std::uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_and_si256(v, high), zero)));
+    bad |= ~ok & valid[k];
+    word |= static_cast<std::uint64_t>(bits & valid[k]) << (32 * (k & 1));
+    if ((k & 1) == 1 || k + 1 == n_chunks) {
+      key[k >> 1] = word;
+      word = 0;
+    }
+  }
+  return bad;
+}
+#endif
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define COBALANCE_PACK_AVX512 1
 // Packs n rows of c 0/1 bytes, one 64-byte (masked) load per 64 classes; masked-off
@@ -2099,6 +2130,33 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
   if (cpu_has_avx512bw()) {
     s.add_rows(n_rows, [&report, data, c, nw](index_t r, int n, std::uint64_t* keys) {
       if (pack_rows_avx512(data + r * c, c, nw, n, keys)) report(r, n);
+    });
+    return;
+  }
+  if (cpu_has_avx2()) {
+    // 32-byte chunks; rows whose last chunk would read past the buffer are packed
+    // exactly. Measured here with COBALANCE_NO_AVX512 (N = 1e7, dense + inverse,
+    // 2 threads), against SSE2: C=64 0.148-0.149 -> 0.123-0.129 s, C=300
+    // 0.605-0.648 -> 0.573-0.634 s, C=24 on par.
+    const index_t n32 = (c + 31) / 32;
+    std::vector<std::uint32_t> valid32(static_cast<std::size_t>(n32));
+    for (index_t k = 0; k < n32; ++k) {
+      const index_t len = std::min<index_t>(32, c - 32 * k);
+      valid32[static_cast<std::size_t>(k)] = len == 32 ? 0xffffffffu : (std::uint32_t{1} << len) - 1u;
+    }
+    const index_t wide32_rows = std::max<index_t>(0, n_rows - (n32 * 32 - c + c - 1) / c);
+    s.add_rows(n_rows, [&report, &valid32, data, c, nw, n32, wide32_rows](index_t r, int n, std::uint64_t* keys) {
+      std::uint64_t bad = 0;
+      for (int i = 0; i < n; ++i) {
+        const std::uint8_t* row = data + (r + i) * c;
+        prefetch_row_ahead(row, c);
+        if (r + i < wide32_rows) {
+          bad |= pack_row_avx2(row, n32, valid32.data(), keys + i * nw);
+        } else {
+          bad |= pack_row_exact(row, c, nw, keys + i * nw);
+        }
+      }
+      if (bad) report(r, n);
     });
     return;
   }
