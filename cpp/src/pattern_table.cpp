@@ -1937,7 +1937,7 @@ inline std::uint64_t pack_row_exact(const std::uint8_t* row, index_t c, index_t 
 // Packs one row sixteen bytes at a time: chunk k covers classes [16k, 16k + 16),
 // `valid[k]` masks the bytes of the chunk that belong to the row. Reads up to 15
 // bytes past the row (the caller guarantees they exist) and ignores them.
-inline unsigned pack_row_wide(const std::uint8_t* row, index_t n_chunks, const unsigned* valid,
+inline unsigned pack_row_wide(const std::uint8_t* row, index_t n_chunks, const std::uint32_t* valid,
                               std::uint64_t* key) noexcept {
   const __m128i high = _mm_set1_epi8(static_cast<char>(0xfe));
   const __m128i zero = _mm_setzero_si128();
@@ -2076,19 +2076,44 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
   const index_t c = s.n_classes, nw = words_for(c);
   const index_t row0 = s.n_samples;
   if (n_rows > 0 && data == nullptr) throw std::invalid_argument("dense labels: null data pointer");
-  std::vector<unsigned> valid(static_cast<std::size_t>((c + 15) / 16));
-  for (std::size_t k = 0; k < valid.size(); ++k) {
-    const index_t len = std::min<index_t>(16, c - 16 * static_cast<index_t>(k));
-    valid[k] = len == 16 ? 0xffffu : (1u << len) - 1u;
-  }
-  const index_t n_chunks = static_cast<index_t>(valid.size());
-  // Rows whose 16-byte loads stay inside the buffer (the last few are packed exactly).
-  const index_t overread = n_chunks * 16 - c;
-  const index_t wide_rows = std::max<index_t>(0, n_rows - (overread + c - 1) / c);
+  // The masks of the row's bytes in each of its `width`-byte chunks, and the rows
+  // whose chunk loads stay inside the buffer (the last few are packed exactly).
+  const auto chunk_masks = [c](index_t width) {
+    std::vector<std::uint32_t> masks(static_cast<std::size_t>((c + width - 1) / width));
+    for (std::size_t k = 0; k < masks.size(); ++k) {
+      const index_t len = std::min<index_t>(width, c - width * static_cast<index_t>(k));
+      masks[k] = len == 32 ? 0xffffffffu : (std::uint32_t{1} << len) - 1u;
+    }
+    return masks;
+  };
+  const auto rows_in_buffer = [c, n_rows](index_t width) {
+    const index_t overread = (c + width - 1) / width * width - c;
+    return std::max<index_t>(0, n_rows - (overread + c - 1) / c);
+  };
   auto report = [&](index_t r, int n) {
     for (index_t rr = r; rr < r + n; ++rr)
       for (index_t j = 0; j < c; ++j)
         if (data[rr * c + j] > 1) bad_dense_value(row0 + rr, j, data[rr * c + j]);
+  };
+  // Rows of more than 16 classes, `width` bytes per load by pack_row where the
+  // loads stay inside the buffer, exactly otherwise (width 0: every row exactly).
+  const auto add_wide = [&](index_t width, auto pack_row) {
+    const std::vector<std::uint32_t> valid = width > 0 ? chunk_masks(width) : std::vector<std::uint32_t>();
+    const index_t n_chunks = static_cast<index_t>(valid.size()), wide_rows = width > 0 ? rows_in_buffer(width) : 0;
+    s.add_rows(n_rows, [&report, &valid, pack_row, data, c, nw, n_chunks, wide_rows](index_t r, int n,
+                                                                                     std::uint64_t* keys) {
+      std::uint64_t bad = 0;
+      for (int i = 0; i < n; ++i) {
+        const std::uint8_t* row = data + (r + i) * c;
+        prefetch_row_ahead(row, c);
+        if (r + i < wide_rows) {
+          bad |= pack_row(row, n_chunks, valid.data(), keys + i * nw);
+        } else {
+          bad |= pack_row_exact(row, c, nw, keys + i * nw);
+        }
+      }
+      if (bad) report(r, n);
+    });
   };
 #if defined(COBALANCE_PACK_AVX512)
   if (c <= kDirectMaxClasses && cpu_has_avx512bw()) {
@@ -2103,7 +2128,8 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
     // One chunk per row: the common few-class case, kept free of loops.
     const __m128i high = _mm_set1_epi8(static_cast<char>(0xfe));
     const __m128i zero = _mm_setzero_si128();
-    const unsigned mask = valid[0];
+    const unsigned mask = chunk_masks(16)[0];
+    const index_t wide_rows = rows_in_buffer(16);
     // Captured by value: stores through `keys` (uint64) could otherwise alias them.
     s.add_rows(n_rows, [&report, data, c, wide_rows, high, zero, mask](index_t r, int n, std::uint64_t* keys) {
       unsigned bad = 0;
@@ -2134,48 +2160,18 @@ void PatternTableBuilder::add_dense(const std::uint8_t* data, index_t n_rows) {
     return;
   }
   if (cpu_has_avx2()) {
-    // 32-byte chunks; rows whose last chunk would read past the buffer are packed
-    // exactly. Measured here with COBALANCE_NO_AVX512 (N = 1e7, dense + inverse,
-    // 2 threads), against SSE2: C=64 0.148-0.149 -> 0.123-0.129 s, C=300
-    // 0.605-0.648 -> 0.573-0.634 s, C=24 on par.
-    const index_t n32 = (c + 31) / 32;
-    std::vector<std::uint32_t> valid32(static_cast<std::size_t>(n32));
-    for (index_t k = 0; k < n32; ++k) {
-      const index_t len = std::min<index_t>(32, c - 32 * k);
-      valid32[static_cast<std::size_t>(k)] = len == 32 ? 0xffffffffu : (std::uint32_t{1} << len) - 1u;
-    }
-    const index_t wide32_rows = std::max<index_t>(0, n_rows - (n32 * 32 - c + c - 1) / c);
-    s.add_rows(n_rows, [&report, &valid32, data, c, nw, n32, wide32_rows](index_t r, int n, std::uint64_t* keys) {
-      std::uint64_t bad = 0;
-      for (int i = 0; i < n; ++i) {
-        const std::uint8_t* row = data + (r + i) * c;
-        prefetch_row_ahead(row, c);
-        if (r + i < wide32_rows) {
-          bad |= pack_row_avx2(row, n32, valid32.data(), keys + i * nw);
-        } else {
-          bad |= pack_row_exact(row, c, nw, keys + i * nw);
-        }
-      }
-      if (bad) report(r, n);
-    });
+    // Measured here with COBALANCE_NO_AVX512 (N = 1e7, dense + inverse, 2 threads),
+    // against SSE2: C=64 0.148-0.149 -> 0.123-0.129 s, C=300 0.605-0.648 ->
+    // 0.573-0.634 s, C=24 on par.
+    add_wide(32, [](auto... a) { return pack_row_avx2(a...); });
     return;
   }
 #endif
-  s.add_rows(n_rows, [&](index_t r, int n, std::uint64_t* keys) {
-    std::uint64_t bad = 0;
-    for (int i = 0; i < n; ++i) {
-      const std::uint8_t* row = data + (r + i) * c;
-      prefetch_row_ahead(row, c);
 #if defined(__SSE2__)
-      if (r + i < wide_rows) {
-        bad |= pack_row_wide(row, n_chunks, valid.data(), keys + i * nw);
-        continue;
-      }
+  add_wide(16, [](auto... a) { return pack_row_wide(a...); });
+#else
+  add_wide(0, [](auto...) { return 0u; });
 #endif
-      bad |= pack_row_exact(row, c, nw, keys + i * nw);
-    }
-    if (bad) report(r, n);
-  });
 }
 
 void PatternTableBuilder::add_packed(const std::uint64_t* words, index_t n_rows) {
