@@ -109,6 +109,7 @@ void bind_patterns(py::module_& m) {
       .def_property_readonly("n_classes", &PatternTableBuilder::n_classes)
       .def_property_readonly("n_samples", &PatternTableBuilder::n_samples)
       .def_property_readonly("n_patterns", &PatternTableBuilder::n_patterns)
+      .def("expect_samples", &PatternTableBuilder::expect_samples, py::arg("n_total"))
       .def(
           "add_dense",
           [](PatternTableBuilder& b, Dense labels) {

@@ -693,19 +693,41 @@ class PatternIndex {
   }
   // Stops early (fits = false) where a region would pass half full, which only a
   // badly skewed hash can do; end_regrid then rebuilds from the old table.
+  //
+  // The old slots are read in order and placed in that order, each kAhead live
+  // slots after its new home was prefetched: the new table is the same as without
+  // the prefetch. C=64, a stream of 1e8 rows in batches of 1e7 (10.1M patterns,
+  // the table rebuilt 3 times): without it the rebuilds took about 0.3 s of 1.32 s.
   void fill_regrid(Regrid& r) const noexcept {
-    for (const Slot& s : slots_) {
-      if (s.id1 == 0) continue;
-      const std::uint64_t h = n_words_ == 1 ? mix64(s.tag) : s.tag;
+    constexpr std::size_t kAhead = 16;  // a power of two
+    const Slot* queued[kAhead];
+    std::uint64_t queued_hash[kAhead];
+    std::size_t n_queued = 0;  // slots taken from the old table; n_placed of them placed
+    std::size_t n_placed = 0;
+    const auto place_next = [&]() -> bool {
+      const std::size_t q = n_placed++ & (kAhead - 1);
+      const std::uint64_t h = queued_hash[q];
       index_t& load = r.load[r.geometry.region_of(h)];
       if (2 * ++load > r.geometry.region_slots()) {
         r.fits = false;
-        return;
+        return false;
       }
       std::uint64_t pos = r.geometry.home(h);
       while (r.slots[pos].id1 != 0) pos = r.geometry.next(pos);
-      r.slots[pos] = s;
+      r.slots[pos] = *queued[q];
+      return true;
+    };
+    for (const Slot& s : slots_) {
+      if (s.id1 == 0) continue;
+      if (n_queued - n_placed == kAhead && !place_next()) return;
+      const std::uint64_t h = n_words_ == 1 ? mix64(s.tag) : s.tag;
+      prefetch_slot(r.slots.data() + r.geometry.home(h));
+      const std::size_t q = n_queued++ & (kAhead - 1);
+      queued[q] = &s;
+      queued_hash[q] = h;
     }
+    while (n_placed < n_queued)
+      if (!place_next()) return;
   }
   void end_regrid(Regrid& r) {
     if (!r.fits) {
@@ -1023,6 +1045,7 @@ struct PatternTableBuilder::State {
   bool keep_inverse;
   int n_threads;
   index_t n_samples = 0;
+  index_t expected_samples = 0;  // expect_samples(): 0 = not known
   PatternIndex index;  // patterns so far, with their counts
   InverseVector inverse;
 
@@ -1070,7 +1093,11 @@ struct PatternTableBuilder::State {
       insert_rows(0, probe / 2, pack, inv, done);
       const index_t k_half = index.size();
       insert_rows(probe / 2, probe, pack, inv, done);
-      const index_t expected = probe < n_rows ? presize(k0, k_half, probe, n_rows) : 0;
+      // With expect_samples(), the estimate reaches over the rows still to come, so
+      // that a stream's table is sized once (C=64, 1e8 rows in batches of 1e7, 10.1M
+      // patterns: 1.24 s with the table growing three times, 0.93 s so).
+      const index_t horizon = std::max(n_rows, expected_samples - n_samples);
+      const index_t expected = probe < n_rows ? presize(k0, k_half, probe, horizon) : 0;
       if (parts > 1 && probe < prefix) {
         if (!index.direct() && (index.size() - k0) * 32 > probe)
           prefix = probe;
@@ -1126,10 +1153,11 @@ struct PatternTableBuilder::State {
   }
 
  private:
-  // The patterns expected after a batch of n_rows rows (0: too few new ones to
-  // size the table for), from those found in its first `probe` rows (k0 before,
-  // k_half after the first half): new patterns taken to grow like rows^b (b from
-  // the two halves, at most 1), capped by one per row. The callers reserve
+  // The patterns expected after the next n_rows rows (this batch, or all the rows
+  // still expected; 0: too few new ones to size the table for), from those found in
+  // the batch's first `probe` rows (k0 before, k_half after the first half): new
+  // patterns taken to grow like rows^b (b from the two halves, at most 1), capped
+  // by one per row. The callers reserve
   // slots_for(it), so that the estimate fills at most 60 % of the table. Only speed
   // depends on the estimate.
   index_t presize(index_t k0, index_t k_half, index_t probe, index_t n_rows) {
@@ -1901,6 +1929,11 @@ PatternTableBuilder::~PatternTableBuilder() = default;
 index_t PatternTableBuilder::n_classes() const noexcept { return state_->n_classes; }
 index_t PatternTableBuilder::n_samples() const noexcept { return state_->n_samples; }
 index_t PatternTableBuilder::n_patterns() const noexcept { return state_->index.size(); }
+
+void PatternTableBuilder::expect_samples(index_t n_total) {
+  if (n_total < 0) throw std::invalid_argument("expect_samples: n_total must be >= 0, got " + std::to_string(n_total));
+  state_->expected_samples = n_total;
+}
 
 namespace {
 

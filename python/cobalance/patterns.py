@@ -179,12 +179,21 @@ class PatternTable:
 
     @classmethod
     def from_chunks(cls, chunks: Iterable, n_classes: Optional[int] = None, *, class_names=None,
-                    keep_inverse: bool = True, n_threads: Optional[int] = None) -> "PatternTable":
+                    keep_inverse: bool = True, n_threads: Optional[int] = None,
+                    n_samples: Optional[int] = None) -> "PatternTable":
         """Group dense label chunks added one after another (out-of-core input).
 
         Each chunk is an (n_i, n_classes) 0/1 array, e.g. slices of a ``numpy.memmap``.
         The result equals :meth:`from_labels` on the concatenation.
+
+        ``n_samples``, when known (the memmap's length), is a speed hint: the first
+        chunk then sizes the hash table for the patterns expected over all the rows,
+        instead of growing it as later chunks bring new patterns. The result does not
+        depend on it.
         """
+        if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer))
+                                      or n_samples < 0):
+            raise ValueError(f"n_samples must be a non-negative integer or None (not known), got {n_samples!r}")
         builder = None
         for i, chunk in enumerate(chunks):
             y = _as_dense_labels(chunk, f"chunk {i}")
@@ -193,6 +202,8 @@ class PatternTable:
             if builder is None:
                 n_classes = _check_n_classes(n_classes if n_classes is not None else y.shape[1])
                 builder = _core.PatternTableBuilder(n_classes, keep_inverse, _threads(n_threads))
+                if n_samples is not None:
+                    builder.expect_samples(n_samples)
             builder.add_dense(y)
         if builder is None:
             if n_classes is None:

@@ -168,7 +168,18 @@ int main() {
       chunked.add_dense(y.data(), 3000);
       chunked.add_dense(y.data() + 3000 * c, n - 3000);
       check_against_reference(y, n, c, chunked.finish());
+      // The expected total sizes the table from the first batch: right, too high
+      // or too low, the table is the same.
+      for (index_t hint : {n, 4 * n, n / 10}) {
+        PatternTableBuilder hinted(c, true, threads);
+        hinted.expect_samples(hint);
+        hinted.add_dense(y.data(), 3000);
+        hinted.add_dense(y.data() + 3000 * c, n - 3000);
+        check_against_reference(y, n, c, hinted.finish());
+      }
     }
+    PatternTableBuilder b(c);
+    CHECK_INVALID(b.expect_samples(-1), "n_total must be >= 0, got -1");
   }
   // Wide keys with many new patterns take the partitioned path (threads insert into
   // their own regions of the index, chunk by chunk): every thread count gives the
@@ -195,6 +206,14 @@ int main() {
       const PatternTable tc = counts_only.finish();
       CHECK(tc.packed() == reference.packed());
       CHECK(tc.counts() == reference.counts());
+      PatternTableBuilder hinted(c, true, threads);
+      hinted.expect_samples(3 * n);
+      hinted.add_dense(y.data(), n / 3);
+      hinted.add_dense(y.data() + n / 3 * c, n - n / 3);
+      const PatternTable th = hinted.finish();
+      CHECK(th.packed() == reference.packed());
+      CHECK(th.counts() == reference.counts());
+      CHECK(th.inverse() == reference.inverse());
     }
     // With 2 threads the batch after row 1000 starts with a probe of 4096 rows (run
     // on one thread), then chunks of 4096 rows in shares of 2048: rows 3000 (the

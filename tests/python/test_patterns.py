@@ -301,6 +301,9 @@ def test_wide_keys_inserted_by_all_threads_equal_reference(c):
     assert_matches(PatternTable.from_lists(indptr, indices, c, n_threads=3), y, reference=lambda _: reference)
     streamed = PatternTable.from_chunks([y[:20_000], y[20_000:90_000], y[90_000:]], n_threads=2)
     assert_matches(streamed, y, reference=lambda _: reference)
+    for hint in (n, 3 * n, n // 10):  # the table sized from the first chunk for `hint` rows
+        streamed = PatternTable.from_chunks([y[:20_000], y[20_000:90_000], y[90_000:]], n_threads=2, n_samples=hint)
+        assert_matches(streamed, y, reference=lambda _: reference)
     counts_only = PatternTable.from_labels(y, keep_inverse=False, n_threads=2)
     np.testing.assert_array_equal(counts_only.counts, reference[1])
     np.testing.assert_array_equal(counts_only.patterns, reference[0])
@@ -327,6 +330,15 @@ def test_one_word_keys_whose_table_outgrows_its_estimate(c):
     assert_matches_with_and_without_inverse(y, reference, (1, 2, 3))
     streamed = PatternTable.from_chunks([y[:5000], y[5000:100_000], y[100_000:]], n_threads=2)
     assert_matches(streamed, y, reference=lambda _: reference)
+    for hint in (n, 4 * n, n // 10):  # the table sized from the first chunk for `hint` rows
+        for keep in (True, False):
+            streamed = PatternTable.from_chunks([y[:5000], y[5000:100_000], y[100_000:]], n_threads=2,
+                                                n_samples=hint, keep_inverse=keep)
+            if keep:
+                assert_matches(streamed, y, reference=lambda _: reference)
+            else:
+                np.testing.assert_array_equal(streamed.counts, reference[1])
+                np.testing.assert_array_equal(streamed.patterns, reference[0])
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
@@ -439,6 +451,10 @@ def test_from_chunks_over_memmap(tmp_path):
         PatternTable.from_chunks(iter([]))
     empty = PatternTable.from_chunks(iter([]), n_classes=4)
     assert empty.n_samples == 0 and empty.n_classes == 4
+    assert_same_table(t, PatternTable.from_chunks((ro[i:i + 777] for i in range(0, len(ro), 777)), n_samples=len(ro)))
+    for bad in (-1, 2.5, "5000", True):
+        with pytest.raises(ValueError, match="n_samples must be a non-negative integer"):
+            PatternTable.from_chunks([y], n_samples=bad)
 
 
 # -- persistence ---------------------------------------------------------------------

@@ -155,6 +155,13 @@ class PatternTableBuilder {
   // Appends the samples of a table built separately (the next partition in order).
   void add_table(const PatternTable& table);
 
+  // Speed hint: about n_total samples in all (those added so far included) will be
+  // added; 0, the default, means not known. The first batches then size the hash
+  // table for the patterns expected over all of them (extrapolated from how their
+  // first rows bring new patterns) instead of growing it as later batches bring
+  // more. The result does not depend on it. n_total < 0 is std::invalid_argument.
+  void expect_samples(index_t n_total);
+
   index_t n_classes() const noexcept;
   index_t n_samples() const noexcept;
   index_t n_patterns() const noexcept;
