@@ -9,6 +9,7 @@ int main() {
   // 5 samples, 3 classes; rows 0, 2 and 4 share a pattern.
   const std::vector<std::uint8_t> labels{1, 0, 1,  0, 1, 0,  1, 0, 1,  0, 0, 0,  1, 0, 1};
   cobalance::PatternTableBuilder builder(3);
+  builder.expect_samples(5);
   builder.add_dense(labels.data(), 5);
   const cobalance::PatternTable table = builder.finish();
   const std::vector<cobalance::index_t> counts{3, 1, 1};
