@@ -169,8 +169,9 @@ int main() {
       chunked.add_dense(y.data() + 3000 * c, n - 3000);
       check_against_reference(y, n, c, chunked.finish());
       // The expected total sizes the table from the first batch: right, too high
-      // or too low, the table is the same.
-      for (index_t hint : {n, 4 * n, n / 10}) {
+      // or too low, the table is the same (and 10^12, far too high, reserves at
+      // most 8x the first batch's own estimate).
+      for (index_t hint : {n, 4 * n, n / 10, index_t{1000000000000}}) {
         PatternTableBuilder hinted(c, true, threads);
         hinted.expect_samples(hint);
         hinted.add_dense(y.data(), 3000);

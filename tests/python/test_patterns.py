@@ -333,7 +333,9 @@ def test_one_word_keys_whose_table_outgrows_its_estimate(c):
     assert_matches_with_and_without_inverse(y, reference, (1, 2, 3))
     streamed = PatternTable.from_chunks([y[:5000], y[5000:100_000], y[100_000:]], n_threads=2)
     assert_matches(streamed, y, reference=lambda _: reference)
-    for hint in (n, 4 * n, n // 10):  # the table sized from the first chunk for `hint` rows
+    # The table sized from the first chunk for `hint` rows; 10**12 checks that its
+    # growth past the first chunk's own estimate is capped (2^41 slots otherwise).
+    for hint in (n, 4 * n, n // 10, 10**12):
         for keep in (True, False):
             streamed = PatternTable.from_chunks([y[:5000], y[5000:100_000], y[100_000:]], n_threads=2,
                                                 n_samples=hint, keep_inverse=keep)
