@@ -848,10 +848,7 @@ class PatternIndex {
   }
   // Whether `key` is the stored key of final id `id`.
   bool same_as_stored(const std::uint64_t* key, index_t id) const noexcept {
-    const std::uint64_t* other = keys_.data() + id * n_words_;
-    for (index_t w = 0; w < n_words_; ++w)
-      if (key[w] != other[w]) return false;
-    return true;
+    return same_words(key, keys_.data() + id * n_words_);
   }
   // Takes back the sample that add_provisional_by_hash gave to final id `id` (hash h)
   // for a key that is not its own.
@@ -892,7 +889,9 @@ class PatternIndex {
   bool same_key(const Slot& s, const std::uint64_t* key, const std::uint64_t* const* fresh_keys,
                 index_t stride) const noexcept {
     const index_t id = static_cast<index_t>(s.id1) - 1;
-    const std::uint64_t* other = id < size_ ? keys_.data() + id * n_words_ : fresh_keys[(id - size_) / stride];
+    return same_words(key, id < size_ ? keys_.data() + id * n_words_ : fresh_keys[(id - size_) / stride]);
+  }
+  bool same_words(const std::uint64_t* key, const std::uint64_t* other) const noexcept {
     for (index_t w = 0; w < n_words_; ++w)
       if (key[w] != other[w]) return false;
     return true;
@@ -900,11 +899,7 @@ class PatternIndex {
 
   bool matches(const Slot& s, const std::uint64_t* key, std::uint64_t h) const noexcept {
     if (n_words_ == 1) return s.tag == key[0];
-    if (s.tag != h) return false;
-    const std::uint64_t* other = keys_.data() + (static_cast<index_t>(s.id1) - 1) * n_words_;
-    for (index_t w = 0; w < n_words_; ++w)
-      if (key[w] != other[w]) return false;
-    return true;
+    return s.tag == h && same_as_stored(key, static_cast<index_t>(s.id1) - 1);
   }
 
   // Puts an id known to be absent into a free slot.
@@ -1229,9 +1224,8 @@ struct PatternTableBuilder::State {
   // still expected; 0: too few new ones to size the table for), from those found in
   // the batch's first `probe` rows (k0 before, k_half after the first half): new
   // patterns taken to grow like rows^b (b from the two halves, at most 1), capped
-  // by one per row. The callers reserve
-  // slots_for(it), so that the estimate fills at most 60 % of the table. Only speed
-  // depends on the estimate.
+  // by one per row. The callers reserve slots_for(it), so that the estimate fills
+  // at most 60 % of the table. Only speed depends on the estimate.
   index_t presize(index_t k0, index_t k_half, index_t probe, index_t n_rows) {
     const index_t new1 = k_half - k0, new2 = index.size() - k0;
     if (index.direct() || new2 * 32 <= probe) return 0;  // few new patterns: nothing to gain
