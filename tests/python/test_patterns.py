@@ -251,16 +251,21 @@ def test_bad_packed_row_at_a_batch_edge(c, row):
             PatternTable.from_packed(words, c, n_threads=n_threads)
 
 
+def assert_matches_kept_or_not(t, y, reference, keep_inverse):
+    """t (built with or without the inverse) equals the reference table of y."""
+    if keep_inverse:
+        assert_matches(t, y, reference=lambda _: reference)
+    else:
+        np.testing.assert_array_equal(t.counts, reference[1])
+        np.testing.assert_array_equal(t.patterns, reference[0])
+
+
 def assert_matches_with_and_without_inverse(y, reference, thread_counts):
     """from_labels(y) equals the reference for each thread count, inverse kept or not."""
     for n_threads in thread_counts:
         for keep_inverse in (True, False):
             t = PatternTable.from_labels(y, n_threads=n_threads, keep_inverse=keep_inverse)
-            if keep_inverse:
-                assert_matches(t, y, reference=lambda _: reference)
-            else:
-                np.testing.assert_array_equal(t.counts, reference[1])
-                np.testing.assert_array_equal(t.patterns, reference[0])
+            assert_matches_kept_or_not(t, y, reference, keep_inverse)
 
 
 @pytest.mark.parametrize("c", [40, 300])
@@ -339,11 +344,7 @@ def test_one_word_keys_whose_table_outgrows_its_estimate(c):
         for keep in (True, False):
             streamed = PatternTable.from_chunks([y[:5000], y[5000:100_000], y[100_000:]], n_threads=2,
                                                 n_samples=hint, keep_inverse=keep)
-            if keep:
-                assert_matches(streamed, y, reference=lambda _: reference)
-            else:
-                np.testing.assert_array_equal(streamed.counts, reference[1])
-                np.testing.assert_array_equal(streamed.patterns, reference[0])
+            assert_matches_kept_or_not(streamed, y, reference, keep)
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
