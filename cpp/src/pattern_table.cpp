@@ -133,7 +133,8 @@ const std::uint64_t kTestHashMask = test_hash_mask();
 // The low and high halves of the 128-bit product a * b, xored.
 inline std::uint64_t fold_multiply(std::uint64_t a, std::uint64_t b) noexcept {
 #if defined(__SIZEOF_INT128__)
-  const unsigned __int128 p = static_cast<unsigned __int128>(a) * b;
+  __extension__ typedef unsigned __int128 u128;  // __extension__: no -Wpedantic note
+  const u128 p = static_cast<u128>(a) * b;
   return static_cast<std::uint64_t>(p) ^ static_cast<std::uint64_t>(p >> 64);
 #else
   const std::uint64_t a0 = a & 0xffffffffu, a1 = a >> 32, b0 = b & 0xffffffffu, b1 = b >> 32;
