@@ -1526,6 +1526,7 @@ struct PatternTableBuilder::State {
       std::vector<std::uint32_t> matched;      // rows matched to a final id by hash (list positions)
       std::vector<pattern_id_t> matched_ids;   // and that id
       std::size_t n_fresh = 0;
+      bool out_of_order = false;               // see finish_own
       std::vector<std::uint64_t> marks[2];     // bitmap of fresh_rows, by chunk parity
       std::vector<std::uint64_t> any;          // all threads' marks
       std::vector<index_t> before;             // and their running count, by word
@@ -1650,7 +1651,10 @@ struct PatternTableBuilder::State {
         const index_t provisional = k0 + static_cast<index_t>(n_fresh * P + t);
         std::uint64_t slot = 0;
         const index_t id = index.add_provisional(key, b.hash[at], provisional, mine.fresh_keys.data(), parts, slot);
-        if (id == provisional) fresh(at, b.hash[at], key, slot);
+        if (id == provisional) {
+          fresh(at, b.hash[at], key, slot);
+          mine.out_of_order = true;  // a new pattern after later rows' new ones
+        }
         if (inv) b.ids[at] = static_cast<pattern_id_t>(id);
       }
       mine.n_fresh = n_fresh;
@@ -1661,6 +1665,19 @@ struct PatternTableBuilder::State {
     const auto finish_own = [&](index_t c, std::size_t t, index_t k0, std::uint64_t* keys_out) {
       const Buffer& b = buffers[c % 3];
       Own& mine = own[t];
+      if (P == 1 && !mine.out_of_order) {
+        // One thread met the chunk's rows in order, so its provisional ids k0 + f
+        // are the final ones (and already in the slots), unless a false match
+        // added a pattern late: the inverse is the ids as found, the keys are
+        // the fresh ones in order. C=300, 1e7 rows, 1 thread: this step 0.097 ->
+        // 0.037 s, the call 0.79-0.80 -> 0.725-0.73 s.
+        index.add_region_load(mine.load.data());
+        for (std::size_t f = 0; f < mine.n_fresh; ++f)
+          copy_key(mine.fresh_keys[f], NW, keys_out + (static_cast<std::size_t>(k0) + f) * NW);
+        if (inv) std::copy(b.ids.data(), b.ids.data() + b.length[0], inv + begin + c * chunk);
+        return;
+      }
+      mine.out_of_order = false;
       index_t running = 0;
       for (std::size_t w = 0; w < words; ++w) {
         std::uint64_t m = 0;
