@@ -1569,18 +1569,19 @@ struct PatternTableBuilder::State {
             }
           }
           cnt[0] = static_cast<std::size_t>(hi - lo);
-        }
-        for (index_t r = lo; r < hi && P > 1; r += kDirectBatch) {
-          const int m = static_cast<int>(std::min<index_t>(kDirectBatch, hi - r));
-          pack(r0 + r, m, keys);
-          for (int i = 0; i < m; ++i) {
-            const std::uint64_t* key = keys + static_cast<std::size_t>(i) * NW;
-            const std::uint64_t h = index.hash(key);
-            const std::size_t o = owner_of(h);
-            const std::size_t at = (p * P + o) * share + cnt[o]++;
-            b.rows[at] = static_cast<std::uint32_t>(r + i);
-            b.hash[at] = h;
-            copy_key(key, NW, b.keys.data() + at * NW);
+        } else {
+          for (index_t r = lo; r < hi; r += kDirectBatch) {
+            const int m = static_cast<int>(std::min<index_t>(kDirectBatch, hi - r));
+            pack(r0 + r, m, keys);
+            for (int i = 0; i < m; ++i) {
+              const std::uint64_t* key = keys + static_cast<std::size_t>(i) * NW;
+              const std::uint64_t h = index.hash(key);
+              const std::size_t o = owner_of(h);
+              const std::size_t at = (p * P + o) * share + cnt[o]++;
+              b.rows[at] = static_cast<std::uint32_t>(r + i);
+              b.hash[at] = h;
+              copy_key(key, NW, b.keys.data() + at * NW);
+            }
           }
         }
       } catch (...) {
