@@ -3,6 +3,7 @@
 #include "cobalance/adam.hpp"
 #include "cobalance/balance_problem.hpp"
 #include "cobalance/exact_solver.hpp"
+#include "cobalance/projected_gradient.hpp"
 
 #include <optional>
 
@@ -169,6 +170,39 @@ Returns dict(alpha, history, n_iter, converged): history[0] is the loss at (proj
 alpha0 and history[t] the loss after step t; the run stops (converged=True) when
 |L_{t-1} - L_t| <= tol * max(|L_{t-1}|, DBL_MIN); tol <= 0 runs max_iter steps. Raises
 ValueError for invalid arguments (named in the message).
+)doc");
+
+  m.def(
+      "projected_gradient",
+      [](const BalanceProblem& problem, Doubles alpha0, Doubles lower, Doubles upper, const std::string& objective,
+         const std::string& regularizer, double gamma, double total, index_t max_iter, double tol, int n_threads) {
+        const LossKind kind = loss_kind(objective, regularizer);
+        GradientOptions options;
+        options.max_iter = max_iter;
+        options.tol = tol;
+        options.n_threads = n_threads;
+        auto a0 = vector_of(alpha0, "alpha0");
+        const auto lo = vector_of(lower, "lower"), hi = vector_of(upper, "upper");
+        GradientResult result = without_gil([&] {
+          return projected_gradient(problem, std::move(a0), lo, hi, kind.objective, kind.regularizer, gamma, total,
+                                    options);
+        });
+        py::dict out;
+        out["alpha"] = array_1d(std::move(result.alpha));
+        out["history"] = array_1d(std::move(result.history));
+        out["n_iter"] = result.n_iter;
+        out["converged"] = result.converged;
+        return out;
+      },
+      py::arg("problem"), py::arg("alpha0"), py::arg("lower"), py::arg("upper"), py::arg("objective"),
+      py::arg("regularizer"), py::arg("gamma"), py::arg("total"), py::arg("max_iter") = 5000, py::arg("tol") = 1e-9,
+      py::arg("n_threads") = 0,
+      R"doc(
+Projected gradient descent with Barzilai-Borwein steps and Armijo backtracking on
+{lower <= alpha <= upper, sum(alpha) = total}, for any objective and regularizer
+(projected_gradient.hpp). alpha0 is copied and projected onto the set first. Returns
+dict(alpha, history, n_iter, converged). Raises ValueError for invalid arguments or a
+loss undefined at the start.
 )doc");
 
   m.def(

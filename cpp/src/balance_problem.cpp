@@ -18,6 +18,10 @@ constexpr index_t kMinBlock = 2048;         // patterns per block at least
 constexpr index_t kWorkPerPart = 1 << 16;   // below this much work (nnz + K), a thread costs more than it saves
 constexpr double kHundredSquared = 1.0e4;   // the `proportions` regularizer's (100 (p - p0))^2
 constexpr index_t kChunk = 4096;            // entries per chunk of a class's gather
+// Exponent of the `imbalance` objective's smooth maximum. (sum r^P)^(1/P) exceeds
+// max r by at most C^(1/P) (1.5x at C = 1000), a factor that barely moves the
+// minimiser, while a larger P makes the loss nearly as kinked as the max itself.
+constexpr double kSoftMaxPower = 16.0;
 
 using detail::bad;
 using detail::show;
@@ -33,6 +37,7 @@ void over_blocks(index_t n_blocks, int parts, Fn&& fn) {
 // gradient() is d R / d alpha_j given sum_k q_k p_k. `none` has no terms.
 template <Regularizer R>
 struct RegTerms {
+  const double* n;
   const double* inv_n;
   const double* p0;
   const double* inv_p0;
@@ -51,8 +56,15 @@ struct RegTerms {
       const double p = a * inv_total, t = p * inv_p0[j] - 1.0;
       v += t * t;
       q += 2.0 * t * inv_p0[j] * p;
+    } else if constexpr (R == Regularizer::ess) {
+      // sum of c^2 over the pattern's samples once alpha_j copies are spread evenly
+      const double copies = ess_floor(a / n[j]);
+      v += n[j] * copies * copies + (a - copies * n[j]) * (2.0 * copies + 1.0);
     }
   }
+
+  // floor(x), with x a hair below an integer (from a / n rounding) counted as on it
+  static double ess_floor(double x) { return std::floor(x * (1.0 + 1e-12) + 1e-12); }
 
   double gradient([[maybe_unused]] double a, [[maybe_unused]] index_t j, [[maybe_unused]] double qp) const {
     if constexpr (R == Regularizer::counts) {
@@ -61,6 +73,9 @@ struct RegTerms {
       return (2.0 * kHundredSquared * (a * inv_total - p0[j]) - qp) * inv_total;
     } else if constexpr (R == Regularizer::ratio) {
       return (2.0 * (a * inv_total * inv_p0[j] - 1.0) * inv_p0[j] - qp) * inv_total;
+    } else if constexpr (R == Regularizer::ess) {
+      // qp carries Q here: d log(N Q / S^2) / d alpha_j = (2 q_j + 1) / Q - 2 / S
+      return (2.0 * ess_floor(a / n[j]) + 1.0) / qp - 2.0 * inv_total;
     } else {
       return 0.0;
     }
@@ -79,7 +94,8 @@ Objective objective_from_name(const std::string& name) {
   if (name == "fraction") return Objective::fraction;
   if (name == "fraction_l2") return Objective::fraction_l2;
   if (name == "geo") return Objective::geo;
-  bad("objective must be one of 'fraction', 'fraction_l2', 'geo', got '" + name + "'");
+  if (name == "imbalance") return Objective::imbalance;
+  bad("objective must be one of 'fraction', 'fraction_l2', 'geo', 'imbalance', got '" + name + "'");
 }
 
 Regularizer regularizer_from_name(const std::string& name) {
@@ -87,7 +103,8 @@ Regularizer regularizer_from_name(const std::string& name) {
   if (name == "counts") return Regularizer::counts;
   if (name == "proportions") return Regularizer::proportions;
   if (name == "ratio") return Regularizer::ratio;
-  bad("regularizer must be one of 'none', 'counts', 'proportions', 'ratio', got '" + name + "'");
+  if (name == "ess") return Regularizer::ess;
+  bad("regularizer must be one of 'none', 'counts', 'proportions', 'ratio', 'ess', got '" + name + "'");
 }
 
 const char* objective_name(Objective objective) noexcept {
@@ -95,6 +112,7 @@ const char* objective_name(Objective objective) noexcept {
     case Objective::fraction: return "fraction";
     case Objective::fraction_l2: return "fraction_l2";
     case Objective::geo: return "geo";
+    case Objective::imbalance: return "imbalance";
   }
   return "?";
 }
@@ -105,6 +123,7 @@ const char* regularizer_name(Regularizer regularizer) noexcept {
     case Regularizer::counts: return "counts";
     case Regularizer::proportions: return "proportions";
     case Regularizer::ratio: return "ratio";
+    case Regularizer::ess: return "ess";
   }
   return "?";
 }
@@ -404,7 +423,9 @@ double BalanceProblem::evaluate(const double* alpha, Objective objective, Regula
   std::vector<double> z(static_cast<std::size_t>(c));
   double z0 = 0.0;
   double objective_value = 0.0;
-  if (objective == Objective::geo) {
+  if (objective == Objective::imbalance) {
+    objective_value = imbalance_terms(g.data(), z.data());
+  } else if (objective == Objective::geo) {
     double gg = 0.0, dd = 0.0;
     for (index_t i = 0; i < c; ++i) {
       gg += g[i] * g[i];
@@ -451,7 +472,7 @@ double BalanceProblem::evaluate(const double* alpha, Objective objective, Regula
   double reg_value = 0.0;
   auto run = [&](auto kind) {
     constexpr Regularizer R = decltype(kind)::value;
-    const RegTerms<R> terms{inv_n_.data(), p0_.data(), inv_p0_.data(), inv_total};
+    const RegTerms<R> terms{counts_.data(), inv_n_.data(), p0_.data(), inv_p0_.data(), inv_total};
     double qp = 0.0;
     if (R != Regularizer::none) {
       std::vector<double> value_part(static_cast<std::size_t>(n_blocks_), 0.0);
@@ -467,6 +488,10 @@ double BalanceProblem::evaluate(const double* alpha, Objective objective, Regula
       });
       reg_value = sum_in_order(value_part);
       qp = sum_in_order(qp_part);
+      if constexpr (R == Regularizer::ess) {
+        qp = reg_value;  // Q, which the gradient needs
+        reg_value = std::log(n_total_ * reg_value * inv_total * inv_total);
+      }
     }
     if (grad == nullptr) return;
     pattern_sums(z.data(), grad, n_threads);
@@ -486,10 +511,49 @@ double BalanceProblem::evaluate(const double* alpha, Objective objective, Regula
     run(std::integral_constant<Regularizer, Regularizer::counts>{});
   } else if (regularizer == Regularizer::proportions) {
     run(std::integral_constant<Regularizer, Regularizer::proportions>{});
-  } else {
+  } else if (regularizer == Regularizer::ratio) {
     run(std::integral_constant<Regularizer, Regularizer::ratio>{});
+  } else {
+    run(std::integral_constant<Regularizer, Regularizer::ess>{});
   }
   return objective_value + (regularized ? gamma * reg_value : 0.0);
+}
+
+double BalanceProblem::imbalance_terms(const double* g, double* z) const {
+  // Active classes: weighted, targeted and present in some pattern. In logs, so that
+  // presences of very different sizes neither overflow nor lose the small ones:
+  // l_i = log(g_i / d_i) (the common 1 / S cancels in M / r_i).
+  const index_t c = n_classes_;
+  std::vector<double> l(static_cast<std::size_t>(c), 0.0);
+  double l_max = -HUGE_VAL, weight_sum = 0.0;
+  for (index_t i = 0; i < c; ++i) {
+    z[i] = 0.0;
+    if (!imbalance_active(i)) continue;
+    if (!(g[i] > 0.0))
+      bad("the 'imbalance' objective is undefined where class " + std::to_string(i) +
+          " has presence 0 (every class it weighs must stay present)");
+    l[i] = std::log(g[i]) - std::log(target_[i]);
+    l_max = std::max(l_max, l[i]);
+    weight_sum += weights_[i];
+  }
+  if (!(weight_sum > 0.0))
+    bad("the 'imbalance' objective needs a class with weight > 0, target > 0 and present in some pattern");
+  // log M = l_max + log(sum exp(P (l_i - l_max))) / P; s_i = softmax weights of P l.
+  double e_sum = 0.0;
+  for (index_t i = 0; i < c; ++i)
+    if (imbalance_active(i)) e_sum += std::exp(kSoftMaxPower * (l[i] - l_max));
+  const double log_m = l_max + std::log(e_sum) / kSoftMaxPower;
+  double t = 0.0;  // T = sum_i w_i M / r_i / sum w
+  for (index_t i = 0; i < c; ++i)
+    if (imbalance_active(i)) t += weights_[i] * std::exp(log_m - l[i]);
+  t /= weight_sum;
+  // d log T / d g_i = (s_i - w_i (M / r_i) / (W T)) / g_i
+  for (index_t i = 0; i < c; ++i) {
+    if (!imbalance_active(i)) continue;
+    const double s_i = std::exp(kSoftMaxPower * (l[i] - l_max)) / e_sum;
+    z[i] = (s_i - weights_[i] * std::exp(log_m - l[i]) / (weight_sum * t)) / g[i];
+  }
+  return std::log(t);
 }
 
 }  // namespace cobalance

@@ -56,6 +56,7 @@ class ConvexQP {
           hess_[j] = 2.0 * kHundredSquared, lin_[j] = -2.0 * kHundredSquared * p0[j];
           break;
         case Regularizer::ratio: hess_[j] = 2.0 / (p0[j] * p0[j]), lin_[j] = -2.0 / p0[j]; break;
+        case Regularizer::ess: break;  // refused by solve_exact before a QP is built
       }
     }
   }
@@ -478,8 +479,13 @@ InnerResult solve_qp(const ConvexQP& qp, double mu, std::vector<double>& x, doub
 ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regularizer regularizer, double gamma,
                         double total, const std::vector<double>& lower, const std::vector<double>& upper,
                         const ExactOptions& options) {
-  if (objective == Objective::geo)
-    bad("objective 'geo' is not convex in p; the exact solver accepts 'fraction' or 'fraction_l2'");
+  if (objective == Objective::geo || objective == Objective::imbalance)
+    bad(std::string("objective '") + objective_name(objective) +
+        "' is not a convex quadratic in p; the exact solver accepts 'fraction' or 'fraction_l2' "
+        "(projected_gradient solves the others)");
+  if (regularizer == Regularizer::ess)
+    bad("regularizer 'ess' is piecewise linear, not quadratic; the exact solver accepts 'none', 'counts', "
+        "'proportions' or 'ratio' (projected_gradient solves it)");
   if (!std::isfinite(gamma) || gamma < 0.0) bad("gamma must be finite and >= 0, got " + show(gamma));
   if (std::isnan(options.tol) || options.tol < 0.0) bad("tol must be >= 0, got " + show(options.tol));
   if (options.max_iter < 0) bad("max_iter must be >= 0, got " + std::to_string(options.max_iter));

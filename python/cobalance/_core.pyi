@@ -119,6 +119,19 @@ def adam(
     n_threads: int = 0,
     total: Optional[float] = None,
 ) -> dict: ...
+def projected_gradient(
+    problem: BalanceProblem,
+    alpha0: npt.ArrayLike,
+    lower: npt.ArrayLike,
+    upper: npt.ArrayLike,
+    objective: str,
+    regularizer: str,
+    gamma: float,
+    total: float,
+    max_iter: int = 5000,
+    tol: float = 1e-9,
+    n_threads: int = 0,
+) -> dict: ...
 def solve_exact(
     problem: BalanceProblem,
     objective: str,

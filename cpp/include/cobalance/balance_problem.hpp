@@ -13,13 +13,35 @@
 //   fraction_l2   sqrt(F); its gradient is taken as 0 where F == 0 (a subgradient)
 //   geo           sum_i w_i (h_i - e_i)^2 with h = U^T alpha / ||U^T alpha||,
 //                 e = d / ||d||: the weights multiply the squared terms
+//   imbalance     log( sum_i w_i M / r_i / sum_i w_i ), over the active classes A
+//                 (w_i > 0, d_i > 0 and present in some pattern), with r_i = f_i / d_i
+//                 each class's presence relative to its target and
+//                 M = (sum_{i in A} r_i^P)^(1/P), P = 16, a smooth maximum of r. With
+//                 equal targets this is the log of the mean imbalance ratio (MeanIR) of
+//                 Charte et al. (2015), max_k g_k / g_i averaged over the labels, with
+//                 the max smoothed; with other targets, that of the presence relative
+//                 to the target. Only the shape of d matters (a common factor cancels),
+//                 and a class at half its target costs as much as one at twice it. It
+//                 is undefined (std::invalid_argument from evaluate) where an active
+//                 class has presence 0, so a solver keeps every such class present.
 // Regularizers (multiplied by gamma >= 0):
 //   counts        sum_j (alpha_j / n_j - 1)^2
 //   proportions   sum_j (100 (p_j - p0_j))^2
 //   ratio         sum_j (p_j / p0_j - 1)^2
+//   ess           log(N Q / S^2), Q = sum_j (n_j q_j^2 + (alpha_j - q_j n_j)(2 q_j + 1)),
+//                 q_j = floor(alpha_j / n_j): N over the Kish effective sample size
+//                 (sum c)^2 / sum c^2 of the per-sample copies c that the plan gives
+//                 (pattern j's alpha_j copies spread evenly over its n_j samples, each
+//                 q_j or q_j + 1 copies). Q is piecewise linear and convex in alpha
+//                 (the integer points of n_j (alpha_j / n_j)^2 joined by chords), so
+//                 a copy's cost is what it costs once rounded: 2 q_j + 1. Its gradient
+//                 at a kink is the right derivative. Scale-free: with the `imbalance`
+//                 objective, gamma is the relative loss of effective sample size worth
+//                 a relative gain in the imbalance measure.
 //   none          0
 //
-// `geo` needs d != 0 and U^T alpha != 0; every loss needs sum alpha > 0.
+// `geo` needs d != 0 and U^T alpha != 0; `imbalance` at least one active class and
+// each active class present; every loss needs sum alpha > 0.
 //
 // Every evaluation costs O(nnz + K + C). Determinism: sums over patterns are taken
 // over fixed blocks of patterns (the block size depends only on the problem's shape),
@@ -38,13 +60,13 @@ namespace cobalance {
 
 using index_t = std::int64_t;
 
-enum class Objective { fraction, fraction_l2, geo };
-enum class Regularizer { none, counts, proportions, ratio };
+enum class Objective { fraction, fraction_l2, geo, imbalance };
+enum class Regularizer { none, counts, proportions, ratio, ess };
 
-// Parses a name ("fraction", "fraction_l2", "geo"); throws std::invalid_argument
+// Parses a name ("fraction", "fraction_l2", "geo", "imbalance"); throws std::invalid_argument
 // listing the valid names otherwise.
 Objective objective_from_name(const std::string& name);
-// Parses a name ("none", "counts", "proportions", "ratio"); throws likewise.
+// Parses a name ("none", "counts", "proportions", "ratio", "ess"); throws likewise.
 Regularizer regularizer_from_name(const std::string& name);
 const char* objective_name(Objective objective) noexcept;
 const char* regularizer_name(Regularizer regularizer) noexcept;
@@ -107,6 +129,14 @@ class BalanceProblem {
   int parts(int n_threads) const noexcept;
 
  private:
+  // The `imbalance` objective's value at class sums g, and its gradient with respect to
+  // g into z (C entries; 0 for inactive classes).
+  double imbalance_terms(const double* g, double* z) const;
+  bool imbalance_active(index_t i) const noexcept {
+    return weights_[static_cast<std::size_t>(i)] > 0.0 && target_[static_cast<std::size_t>(i)] > 0.0 &&
+           class_ptr_[static_cast<std::size_t>(i) + 1] > class_ptr_[static_cast<std::size_t>(i)];
+  }
+
   index_t n_classes_;
   std::vector<index_t> indptr_;
   std::vector<index_t> indices_;
