@@ -6,7 +6,7 @@ imported lazily by the parts that use them (``cobalance.segmentation``,
 """
 
 from ._version import __version__
-from .balancer import Balancer, SizeWarning
+from .balancer import Balancer, ConvergenceWarning, LabelLossWarning, SizeWarning
 from .masks import MaskScan, scan_masks, scan_masks_iter
 from .metrics import DiceMeter, dice_per_class, vdice
 from .patterns import PatternTable
@@ -18,7 +18,7 @@ __all__ = [
     "__version__",
     "PatternTable",
     "MaskScan", "scan_masks", "scan_masks_iter",
-    "Balancer", "SizeWarning", "FeasibilityWarning", "resolve_target",
+    "Balancer", "SizeWarning", "ConvergenceWarning", "LabelLossWarning", "FeasibilityWarning", "resolve_target",
     "Plan", "Report",
     "DiceMeter", "dice_per_class", "vdice",
 ]

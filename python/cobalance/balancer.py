@@ -22,9 +22,9 @@ from . import _core
 from .patterns import PatternTable, _threads
 from .plan import Plan, round_counts, scale_to_total
 from .report import Report
-from .targets import check_feasibility, resolve_target
+from .targets import FeasibilityWarning, check_feasibility, reachable_presence, resolve_target
 
-__all__ = ["Balancer", "SizeWarning"]
+__all__ = ["Balancer", "SizeWarning", "ConvergenceWarning", "LabelLossWarning"]
 
 
 class SizeWarning(UserWarning):
@@ -36,9 +36,17 @@ class SizeWarning(UserWarning):
     """
 
 
-OBJECTIVES = ("fraction", "fraction_l2", "geo")
-REGULARIZERS = ("counts", "proportions", "ratio", "none")
-SOLVERS = ("adam", "exact")
+class ConvergenceWarning(UserWarning):
+    """The solver stopped before meeting its tolerance (scikit-learn's name and meaning)."""
+
+
+class LabelLossWarning(UserWarning):
+    """A class present in the data is absent from the balanced set."""
+
+
+OBJECTIVES = ("imbalance", "fraction", "fraction_l2", "geo")
+REGULARIZERS = ("ess", "counts", "proportions", "ratio", "none")
+SOLVERS = ("auto", "pg", "adam", "exact")
 INITS = ("counts", "constant", "class_weighted")
 
 #: Default weight of the regularizer. With the ``proportions`` regularizer,
@@ -49,6 +57,21 @@ INITS = ("counts", "constant", "class_weighted")
 #: class moves by more than 4 points; the paper found +10-15 points reachable
 #: without excess duplicates.
 DEFAULT_GAMMA = 1e-3
+#: Default weight of the ``ess`` regularizer. Both the ``imbalance`` objective and
+#: ``ess`` are logarithms, so gamma is an exchange rate: a plan may give up 1 % of its
+#: effective sample size for a mean imbalance ratio lower by about ``gamma`` %. 1.2 was
+#: chosen on the six shared MULAN label sets at +25 % (benchmarks/bench_quality.py):
+#: the range 1.2-1.25 beats ML-ROS, LP-ROS and repeat-factor sampling on all six, 1.0
+#: loses on enron (ESS too low), 1.4 on medical and genbase (MeanIR too high).
+DEFAULT_GAMMA_ESS = 1.2
+#: Default added size when nothing is dropped: the balanced set has ``(1 + budget) N``
+#: samples.
+DEFAULT_BUDGET = 0.25
+#: Default iteration cap of the projected-gradient solver (it typically stops after
+#: 50-200 steps).
+DEFAULT_PG_MAX_ITER = 5000
+#: A balanced set below this share of the original size draws a SizeWarning.
+COLLAPSE_SHARE = 0.5
 #: Default Adam step, in units of the mean count per pattern (see the Balancer's
 #: Notes). Adam moves each alpha_j by at most about ``lr`` units per step. On the
 #: paper's setting and the six MULAN label sets, 0.2 with the default 2000 steps and
@@ -64,36 +87,67 @@ class Balancer:
     """Balance a multi-label dataset by repeating (or dropping) class-presence patterns.
 
     All parameters are keyword-only and stored as given; they are validated in
-    :meth:`fit` (the scikit-learn convention).
+    :meth:`fit` (the scikit-learn convention). ``Balancer()`` with no argument is the
+    recommended setting: every class towards an equal presence, measured as the mean
+    imbalance ratio, against the plan's effective sample size, at +25 % samples with
+    none dropped, at most 10 copies of one sample.
 
     Parameters
     ----------
-    target : array-like, dict, "uniform" or "rare_boost"
-        Wanted share of samples containing each class; see
-        :func:`cobalance.resolve_target`.
-    objective : {"fraction", "fraction_l2", "geo"}
-        ``fraction``: ``sum_i w_i (f_i - d_i)^2``; ``fraction_l2``: its square root;
-        ``geo``: ``|| U^T alpha / ||U^T alpha|| - d / ||d|| ||^2``.
-    regularizer : {"proportions", "counts", "ratio", "none"}
-        With ``p = alpha / sum(alpha)`` and ``p0 = n / N``: ``proportions``
+    target : array-like, dict or str
+        Wanted share of samples containing each class; default ``"equal"`` (every
+        present class at the same presence). See :func:`cobalance.resolve_target` for
+        ``"sqrt"``, ``"smooth=q"``, ``"max_ir=k"``, ``"rare_boost"`` (the method paper's
+        setting), ``"all"`` and explicit arrays or dicts.
+    objective : {"imbalance", "fraction", "fraction_l2", "geo"}
+        ``imbalance`` (default): the log of the mean imbalance ratio of each class's
+        presence relative to its target, ``mean_i max_k(f_k / d_k) / (f_i / d_i)``
+        with a smoothed max: scale-free and symmetric in log presence, so a class at
+        0.1 % that should be at 2 % counts as much as one at 40 % that should be at
+        2 %, and a class never falls to 0 (the loss is infinite there).
+        ``fraction``: ``sum_i w_i (f_i - d_i)^2`` (the method paper's); ``fraction_l2``:
+        its square root; ``geo``: ``|| U^T alpha / ||U^T alpha|| - d / ||d|| ||^2``.
+    regularizer : {"ess", "proportions", "counts", "ratio", "none"}
+        ``ess`` (default): ``log(N / ESS)`` with ESS the Kish effective sample size
+        ``(sum c)^2 / sum c^2`` of the per-sample copies ``c`` the plan will give
+        (pattern j's count spread evenly over its samples, so that a copy costs what it
+        costs once rounded): it spreads duplicates over many samples instead of cloning
+        a few. With ``p = alpha / sum(alpha)`` and ``p0 = n / N``: ``proportions``
         ``sum_j (100 (p_j - p0_j))^2`` (the paper's best); ``counts``
         ``sum_j (alpha_j / m_j - 1)^2`` with the reference counts ``m`` (the counts
-        ``n``, scaled to ``n_samples_out`` when given); ``ratio``
+        ``n`` scaled to the balanced size when it is known up front); ``ratio``
         ``sum_j (p_j / p0_j - 1)^2``.
-    gamma : float >= 0
-        Weight of the regularizer; default :data:`DEFAULT_GAMMA` (1e-3).
-    solver : {"adam", "exact"}
-        ``adam``: the method (Adam with the loss history kept); afterwards the exact
-        optimum at the same size and bounds is computed too and the difference is
+    gamma : float >= 0, optional
+        Weight of the regularizer. Default :data:`DEFAULT_GAMMA_ESS` (1.2) for
+        ``ess``, a scale-free exchange rate between relative imbalance and relative
+        effective size that needs no per-dataset tuning; :data:`DEFAULT_GAMMA` (1e-3,
+        the method paper's) for the other regularizers.
+    solver : {"auto", "pg", "adam", "exact"}
+        ``pg``: projected gradient with Barzilai-Borwein steps and backtracking at the
+        balanced size (any loss). ``adam``: the method paper's optimiser (with the loss
+        history kept); afterwards the exact optimum at the same size and bounds is
+        computed too where the loss is a convex quadratic, and the difference is
         ``optimality_gap_``. ``exact``: the global optimum of the convex problem
-        (not for ``geo``).
+        (``fraction`` / ``fraction_l2`` with a quadratic regularizer). ``auto``
+        (default): ``pg`` for the ``imbalance`` objective or the ``ess`` regularizer,
+        ``adam`` otherwise.
+    budget : float, optional
+        Added samples as a share of the original size N: the balanced set has
+        ``round((1 + budget) N)`` samples (default :data:`DEFAULT_BUDGET`, 0.25: at most
+        +25 % duplicates). ``0`` keeps the size (only possible with
+        ``allow_undersampling=True`` unless nothing needs to move); negative values
+        (> -1) shrink the set and need ``allow_undersampling=True``. Ignored when
+        ``n_samples_out`` is given. ``None`` restores the method paper's size rules
+        (see *Size of the balanced set*).
     lr : float > 0
         Adam step, in units of the mean reference count per pattern (see Notes);
         default :data:`DEFAULT_LR` (0.2).
-    max_iter : int > 0
-        Adam steps; default 2000.
+    max_iter : int > 0, optional
+        Steps of Adam (default 2000) or of the projected gradient (default 5000).
     tol : float >= 0
-        Relative loss change that stops Adam early; default 1e-9 (0 runs all steps).
+        Relative loss change that stops the solver early; default 1e-9 (0 runs all
+        steps). A solver that ends without meeting it draws a
+        :class:`ConvergenceWarning`.
     init : {"counts", "constant", "class_weighted"}
         Adam's start: ``counts`` alpha_j = n_j; ``constant`` alpha_j = N / K;
         ``class_weighted`` alpha_j proportional to ``1 / presence`` of the rarest
@@ -104,14 +158,14 @@ class Balancer:
         Bounds on each pattern's total count.
     max_copies : float or None
         Cap on copies per sample: pattern j gets at most ``max_copies * n_j``
-        (default 50). ``None`` removes this cap (``max_count`` may still cap).
+        (default 10). ``None`` removes this cap (``max_count`` may still cap).
     allow_undersampling : bool
-        When False a pattern's count is at least its size n_j, so no sample is
-        dropped. When True (default) counts may go down to ``min_count`` (default 0).
+        When False (default) a pattern's count is at least its size n_j, so no sample
+        is dropped. When True counts may go down to ``min_count`` (default 0); the
+        ``imbalance`` objective still keeps every class present.
     n_samples_out : int, optional
-        Size of the balanced set. Default: N, the original size, when undersampling
-        is allowed; the smallest size that drops no sample when it is not; Adam's
-        own size for ``regularizer="counts"``. See *Size of the balanced set* below.
+        Size of the balanced set; overrides ``budget``. See *Size of the balanced
+        set* below.
     class_weights : array-like of shape (C,), optional
         Weights ``w_i`` of the classes in the objective (default 1).
     compute_optimality_gap : bool
@@ -159,10 +213,13 @@ class Balancer:
 
     Notes
     -----
-    **Size of the balanced set.** The fractions depend only on ``p = alpha / sum(alpha)``,
-    and so do the ``proportions``, ``ratio`` and ``none`` regularizers: for them the
-    optimiser chooses a direction ``p``, not a size (where Adam's sum ends up is an
-    accident of its path). The size ``S`` is therefore set by a rule:
+    **Size of the balanced set.** ``S = n_samples_out`` when given, otherwise
+    ``round((1 + budget) N)``; the solvers work at that size throughout. With
+    ``budget=None`` the method paper's rules below apply. The fractions depend only on
+    ``p = alpha / sum(alpha)``, and so do the ``proportions``, ``ratio`` and ``none``
+    regularizers: for them the optimiser chooses a direction ``p``, not a size (where
+    Adam's sum ends up is an accident of its path). The size ``S`` is therefore set by
+    a rule:
 
     - ``n_samples_out`` given: ``S = n_samples_out``.
     - ``regularizer="counts"`` (the one loss anchored to a scale, through
@@ -206,11 +263,11 @@ class Balancer:
     so a size the bounds cannot hold raises ``ValueError``.
     """
 
-    def __init__(self, *, target, objective: str = "fraction", regularizer: str = "proportions",
-                 gamma: float = DEFAULT_GAMMA, solver: str = "adam", lr: float = DEFAULT_LR,
-                 max_iter: int = DEFAULT_MAX_ITER, tol: float = DEFAULT_TOL, init: str = "counts",
-                 min_count=None, max_count=None, max_copies: Optional[float] = 50,
-                 allow_undersampling: bool = True, n_samples_out: Optional[int] = None,
+    def __init__(self, *, target="equal", objective: str = "imbalance", regularizer: str = "ess",
+                 gamma: Optional[float] = None, solver: str = "auto", budget: Optional[float] = DEFAULT_BUDGET,
+                 lr: float = DEFAULT_LR, max_iter: Optional[int] = None, tol: float = DEFAULT_TOL,
+                 init: str = "counts", min_count=None, max_count=None, max_copies: Optional[float] = 10,
+                 allow_undersampling: bool = False, n_samples_out: Optional[int] = None,
                  class_weights=None, compute_optimality_gap: bool = True, exact_max_iter: int = 100_000,
                  n_threads: Optional[int] = None, random_state=None):
         self.target = target
@@ -218,6 +275,7 @@ class Balancer:
         self.regularizer = regularizer
         self.gamma = gamma
         self.solver = solver
+        self.budget = budget
         self.lr = lr
         self.max_iter = max_iter
         self.tol = tol
@@ -248,7 +306,8 @@ class Balancer:
         return self
 
     def __repr__(self) -> str:
-        return f"Balancer(target={self.target!r}, objective={self.objective!r}, regularizer={self.regularizer!r})"
+        return (f"Balancer(target={self.target!r}, objective={self.objective!r}, regularizer={self.regularizer!r}, "
+                f"budget={self.budget!r})")
 
     # -- fitting ----------------------------------------------------------------------
 
@@ -293,104 +352,132 @@ class Balancer:
         n_threads = _threads(self.n_threads)
         counts = np.asarray(table.counts, dtype=np.float64)
         n_patterns = counts.size
+        n_samples = float(counts.sum())
+        objective, regularizer, gamma, solver = self.objective, self.regularizer, self._gamma(), self._solver()
+        max_iter = self._max_iter(solver)
 
         target = resolve_target(self.target, table)
         class_weights = self._class_weights(table.n_classes)
         check_feasibility(target, table, class_weights=class_weights)
         lower, upper = self._bounds(counts)
-        sized = self.n_samples_out is not None
+        lo_int = np.ceil(lower - 1e-9)
+        hi_int = np.floor(upper + 1e-9)
+        # The balanced size: known up front unless the method paper's rules are asked for.
+        total = self._size_up_front(n_samples)
+        sized = total is not None
+        if sized:
+            what = "n_samples_out = " if self.n_samples_out is not None else f"the size for budget={self.budget!r}, "
+            _check_size(total, lo_int, hi_int, what)
         # The losses depend on alpha only through alpha / sum(alpha) and alpha / counts,
         # so the problem is posed in a unit of copies chosen for the optimiser: the
-        # reference counts (the data, scaled to n_samples_out when given) average 1
-        # per pattern. Adam's step `lr` then means the same on any dataset size.
-        scale = self.n_samples_out / counts.sum() if sized else 1.0
+        # reference counts average 1 per pattern. Adam's step `lr` then means the same on
+        # any dataset size. `ess` needs the true counts (its copies per sample are
+        # alpha_j / n_j); `counts` keeps alpha near the counts scaled to the size.
+        scale = total / n_samples if (sized and regularizer != "ess") else 1.0
         reference = counts * scale
         unit = reference.sum() / n_patterns
         lower_u, upper_u = lower / unit, upper / unit
-        alpha0 = np.clip(self._initial_alpha(table, counts) * scale / unit, lower_u, upper_u)
+        start_scale = total / n_samples if sized else 1.0
+        alpha0 = np.clip(self._initial_alpha(table, counts) * start_scale / unit, lower_u, upper_u)
 
         indptr, indices = table.sparse_patterns()
         problem = _core.BalanceProblem(indptr, indices, reference / unit, table.n_classes, target, class_weights)
-        objective, regularizer, gamma = self.objective, self.regularizer, float(self.gamma)
+        loss_of = lambda a: float(problem.loss(a / unit, objective, regularizer, gamma, n_threads))  # noqa: E731
 
-        lo_int = np.ceil(lower - 1e-9)
-        hi_int = np.floor(upper + 1e-9)
-        if sized:
-            _check_size(self.n_samples_out, lo_int, hi_int, "n_samples_out = ")
-        # Every loss but the `counts` regularizer depends on alpha only through
-        # alpha / sum(alpha): the optimiser fixes a direction, not a size, and the size
-        # follows from a rule (see the Notes) instead of where Adam's sum drifted to.
-        scale_free = regularizer != "counts"
-        if sized:
-            total = int(self.n_samples_out)
-        elif scale_free and self.allow_undersampling:
-            total = int(np.clip(counts.sum(), lo_int.sum(), hi_int.sum()))
-        else:
-            total = None  # from Adam's solution
-        adam = None
-        # With the size known up front, Adam keeps sum(alpha) at it (each step projected
-        # onto the bounds and the fixed sum), so it optimises at the plan's size.
-        adam_sized = total is not None
-        if self.solver == "adam" or total is None:
-            adam = _core.adam(problem, alpha0, lower_u, upper_u, objective, regularizer, gamma, float(self.lr),
-                              max_iter=int(self.max_iter), tol=float(self.tol), n_threads=n_threads,
-                              total=None if total is None else total / unit)
-            adam_alpha = np.asarray(adam["alpha"], dtype=np.float64) * unit
-        if total is None and not scale_free:
-            total = int(np.rint(adam_alpha.sum()))
-        elif total is None:
-            # undersampling forbidden: the smallest size at which Adam's direction keeps
-            # every pattern at or above its lower bound (its count n_j), rounded up. It is
-            # at most Adam's own sum (alpha_j >= lower_j), where the caps hold, so the caps
-            # never clip; the `min` only absorbs the rounding up.
-            minimal = _size_keeping_lower_bounds(adam_alpha, lower)
-            total = int(min(np.ceil(minimal * (1.0 - 1e-12)), hi_int.sum()))
-        if not sized:
+        adam = exact = None
+        if solver == "pg" and total is None:
+            if not self.allow_undersampling:
+                raise ValueError("solver 'pg' works at a size known up front; with budget=None and "
+                                 "allow_undersampling=False set n_samples_out or a budget")
+            total = int(np.clip(n_samples, lo_int.sum(), hi_int.sum()))
             _check_size(total, lo_int, hi_int, "the balanced size ")
-        if adam is not None and not adam_sized and scale_free:
-            # the size followed from Adam's direction: one common factor (entries
-            # clipped to their bounds) brings the solution to it
-            adam_raw = adam_alpha
-            adam_alpha = scale_to_total(adam_raw, lower, upper, float(total))
-            _warn_if_clipped(adam_raw, adam_alpha, total,
-                             lambda a: float(problem.loss(a / unit, objective, regularizer, gamma, n_threads)))
-
-        exact = None
-        if objective != "geo" and (self.solver == "exact" or self.compute_optimality_gap):
-            # the same size as the plan (Adam's real sum for the `counts` regularizer,
-            # whose loss changes with the size; rounding moves it by under one copy)
-            exact_total = float(adam_alpha.sum()) if self.solver == "adam" else float(total)
-            exact = _core.solve_exact(problem, objective, regularizer, gamma, exact_total / unit, lower_u,
-                                      upper_u, max_iter=int(self.exact_max_iter), n_threads=n_threads)
-            exact = dict(exact)
-            exact["alpha"] = np.asarray(exact["alpha"], dtype=np.float64) * unit
-        if self.solver == "exact":
-            alpha = exact["alpha"]
-            self.history_ = None
-            self.n_iter_ = int(exact["n_iter"])
-            self.converged_ = bool(exact["converged"])
+        if solver == "pg":
+            run = _core.projected_gradient(problem, alpha0 * (total / unit) / alpha0.sum() if alpha0.sum() > 0
+                                           else alpha0, lower_u, upper_u, objective, regularizer, gamma,
+                                           total / unit, max_iter=max_iter, tol=float(self.tol), n_threads=n_threads)
+            alpha = np.asarray(run["alpha"], dtype=np.float64) * unit
+            self.history_ = np.asarray(run["history"], dtype=np.float64)
+            self.n_iter_, self.converged_ = int(run["n_iter"]), bool(run["converged"])
         else:
-            alpha = adam_alpha
-            self.history_ = np.asarray(adam["history"], dtype=np.float64)
-            self.n_iter_ = int(adam["n_iter"])
-            self.converged_ = bool(adam["converged"])
+            scale_free = regularizer != "counts"
+            if not sized and scale_free and self.allow_undersampling:
+                total = int(np.clip(counts.sum(), lo_int.sum(), hi_int.sum()))
+            # With the size known up front, Adam keeps sum(alpha) at it (each step projected
+            # onto the bounds and the fixed sum), so it optimises at the plan's size.
+            adam_sized = total is not None
+            if solver == "adam" or total is None:
+                adam = _core.adam(problem, alpha0, lower_u, upper_u, objective, regularizer, gamma, float(self.lr),
+                                  max_iter=max_iter, tol=float(self.tol), n_threads=n_threads,
+                                  total=None if total is None else total / unit)
+                adam_alpha = np.asarray(adam["alpha"], dtype=np.float64) * unit
+            if total is None and not scale_free:
+                total = int(np.rint(adam_alpha.sum()))
+            elif total is None:
+                # undersampling forbidden: the smallest size at which Adam's direction keeps
+                # every pattern at or above its lower bound (its count n_j), rounded up. It
+                # is at most Adam's own sum (alpha_j >= lower_j), where the caps hold, so the
+                # caps never clip; the `min` only absorbs the rounding up.
+                minimal = _size_keeping_lower_bounds(adam_alpha, lower)
+                total = int(min(np.ceil(minimal * (1.0 - 1e-12)), hi_int.sum()))
+            if not sized:
+                _check_size(total, lo_int, hi_int, "the balanced size ")
+            if adam is not None and not adam_sized and scale_free:
+                # the size followed from Adam's direction: one common factor (entries
+                # clipped to their bounds) brings the solution to it
+                adam_raw = adam_alpha
+                adam_alpha = scale_to_total(adam_raw, lower, upper, float(total))
+                _warn_if_clipped(adam_raw, adam_alpha, total, loss_of)
+            exact_possible = objective in ("fraction", "fraction_l2") and regularizer != "ess"
+            if exact_possible and (solver == "exact" or self.compute_optimality_gap):
+                # the same size as the plan (Adam's real sum for the `counts` regularizer
+                # without a known size, whose loss changes with the size; rounding moves
+                # it by under one copy)
+                exact_total = float(adam_alpha.sum()) if solver == "adam" else float(total)
+                exact = _core.solve_exact(problem, objective, regularizer, gamma, exact_total / unit, lower_u,
+                                          upper_u, max_iter=int(self.exact_max_iter), n_threads=n_threads)
+                exact = dict(exact)
+                exact["alpha"] = np.asarray(exact["alpha"], dtype=np.float64) * unit
+            if solver == "exact":
+                alpha = exact["alpha"]
+                self.history_ = None
+                self.n_iter_ = int(exact["n_iter"])
+                self.converged_ = bool(exact["converged"])
+            else:
+                alpha = adam_alpha
+                self.history_ = np.asarray(adam["history"], dtype=np.float64)
+                self.n_iter_ = int(adam["n_iter"])
+                self.converged_ = bool(adam["converged"])
+        if not self.converged_:
+            warnings.warn(
+                f"solver {solver!r} stopped after {self.n_iter_} iterations without meeting tol={self.tol!r} "
+                f"(max_iter={max_iter}); raise max_iter"
+                + (", or use solver='exact'" if objective in ("fraction", "fraction_l2") and regularizer != "ess"
+                   else "") + " - the plan below is from the last iterate",
+                ConvergenceWarning, stacklevel=2)
 
         self.target_ = target
+        self.gamma_ = gamma
+        self.solver_ = solver
         self.lower_, self.upper_ = lower, upper
         self.alpha_ = alpha
-        self.loss_ = float(problem.loss(alpha / unit, objective, regularizer, gamma, n_threads))
+        self.loss_ = loss_of(alpha)
         self.exact_ = exact
-        self.optimality_gap_ = (self.loss_ - float(exact["loss"])) if (exact is not None and self.solver == "adam") \
+        self.optimality_gap_ = (self.loss_ - float(exact["loss"])) if (exact is not None and solver == "adam") \
             else None
-        self.pattern_counts_ = round_counts(alpha, lo_int, hi_int, total)
+        pattern_counts = round_counts(alpha, lo_int, hi_int, total)
+        if objective == "imbalance":
+            pattern_counts = _keep_classes_present(table, pattern_counts, alpha, lo_int, hi_int, target,
+                                                   class_weights)
+        self.pattern_counts_ = pattern_counts
         self.plan_ = Plan.from_pattern_counts(table, self.pattern_counts_, random_state=self.random_state)
         self.report_ = Report.from_plan(table, self.plan_, target, extra={
-            "objective": objective, "regularizer": regularizer, "gamma": gamma, "solver": self.solver,
-            "loss": self.loss_, "n_iter": self.n_iter_, "converged": self.converged_,
+            "objective": objective, "regularizer": regularizer, "gamma": gamma, "solver": solver,
+            "budget": self.budget, "loss": self.loss_, "n_iter": self.n_iter_, "converged": self.converged_,
             "optimality_gap": self.optimality_gap_,
             "exact_loss": None if exact is None else float(exact["loss"]),
         })
         self.n_patterns_ = n_patterns
+        self._warn_about_result(table, target, lower, upper, total)
         return self
 
     def fit_resample(self, labels, *, class_names=None) -> np.ndarray:
@@ -404,14 +491,29 @@ class Balancer:
         _choice(self.regularizer, "regularizer", REGULARIZERS)
         _choice(self.solver, "solver", SOLVERS)
         _choice(self.init, "init", INITS)
-        if self.solver == "exact" and self.objective == "geo":
-            raise ValueError("solver='exact' needs a convex objective ('fraction' or 'fraction_l2'), "
-                             "got objective='geo'")
-        _real(self.gamma, "gamma", low=0.0)
+        if self.solver == "exact" and self.objective not in ("fraction", "fraction_l2"):
+            raise ValueError(f"solver='exact' needs a convex quadratic objective ('fraction' or 'fraction_l2'), "
+                             f"got objective={self.objective!r}; solver='pg' solves it")
+        if self.solver == "exact" and self.regularizer == "ess":
+            raise ValueError("solver='exact' needs a quadratic regularizer, got regularizer='ess'; "
+                             "solver='pg' solves it")
+        if self.solver == "adam" and self.regularizer == "ess":
+            raise ValueError("regularizer='ess' is piecewise linear (its gradient jumps where a pattern's copies "
+                             "per sample reach an integer), which Adam's fixed steps do not settle on; use "
+                             "solver='pg' (or 'auto')")
+        if self.gamma is not None:
+            _real(self.gamma, "gamma", low=0.0)
+        if self.budget is not None:
+            _real(self.budget, "budget", low=-1.0, strict=True)
+            if self.budget < 0 and not self.allow_undersampling:
+                raise ValueError(f"budget={self.budget!r} shrinks the set, which drops samples; set "
+                                 f"allow_undersampling=True or a budget >= 0")
         _real(self.lr, "lr", low=0.0, strict=True)
         _real(self.tol, "tol", low=0.0)
         for name in ("max_iter", "exact_max_iter"):
             value = getattr(self, name)
+            if name == "max_iter" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.compute_optimality_gap, (bool, np.bool_)):
@@ -422,8 +524,61 @@ class Balancer:
                                                not isinstance(self.n_samples_out, Integral) or
                                                self.n_samples_out < 1):
             raise ValueError(f"n_samples_out must be a positive integer or None, got {self.n_samples_out!r}")
+        if self.n_samples_out is not None and self.n_samples_out > _MAX_SIZE:
+            raise ValueError(f"n_samples_out must be at most 2**53 (exact in float64), got {self.n_samples_out!r}")
         if not isinstance(self.allow_undersampling, (bool, np.bool_)):
             raise ValueError(f"allow_undersampling must be True or False, got {self.allow_undersampling!r}")
+
+    def _gamma(self) -> float:
+        if self.gamma is None:
+            return DEFAULT_GAMMA_ESS if self.regularizer == "ess" else DEFAULT_GAMMA
+        return float(self.gamma)
+
+    def _solver(self) -> str:
+        if self.solver != "auto":
+            return self.solver
+        return "pg" if (self.objective == "imbalance" or self.regularizer == "ess") else "adam"
+
+    def _max_iter(self, solver: str) -> int:
+        if self.max_iter is not None:
+            return int(self.max_iter)
+        return DEFAULT_PG_MAX_ITER if solver == "pg" else DEFAULT_MAX_ITER
+
+    def _size_up_front(self, n_samples: float) -> Optional[int]:
+        """The balanced size from ``n_samples_out`` or ``budget``; None for the paper's rules."""
+        if self.n_samples_out is not None:
+            return int(self.n_samples_out)
+        if self.budget is None:
+            return None
+        return int(round((1.0 + float(self.budget)) * n_samples))
+
+    def _warn_about_result(self, table, target, lower, upper, total) -> None:
+        """The warnings of a fitted plan: labels lost, a collapsed size, targets out of reach."""
+        report = self.report_
+        names = report.class_names
+        lost = np.flatnonzero((report.before > 0) & (report.after == 0))
+        if lost.size:
+            warnings.warn(
+                f"{lost.size} classes present in the data are absent from the balanced set: "
+                f"{_name_list(names, lost)}; set allow_undersampling=False (the default), or min_count, to keep "
+                f"every sample", LabelLossWarning, stacklevel=3)
+        if report.n_samples_out < COLLAPSE_SHARE * report.n_samples:
+            warnings.warn(
+                f"the balanced set keeps {report.n_samples_out} of {report.n_samples} samples "
+                f"({100 * report.n_samples_out / report.n_samples:.1f} %); set budget / n_samples_out for the size "
+                f"or allow_undersampling=False to drop nothing", SizeWarning, stacklevel=3)
+        if self.objective == "imbalance":
+            return  # scale-free: only the target's shape matters, and every shape is aimed at
+        low, high = reachable_presence(table, lower, upper, float(total))
+        out = np.flatnonzero((target < low - 1e-3) | (target > high + 1e-3))
+        if out.size:
+            nearest = np.clip(target, low, high)
+            listed = ", ".join(f"{names[i]!r} (target {target[i]:.4g}, nearest reachable {nearest[i]:.4g})"
+                               for i in out[:10]) + (", ..." if out.size > 10 else "")
+            warnings.warn(
+                f"{out.size} class targets are out of reach at the balanced size {total} within the per-pattern "
+                f"bounds: {listed}; raise budget / max_copies, or allow_undersampling=True, to reach further",
+                FeasibilityWarning, stacklevel=3)
 
     def _class_weights(self, n_classes: int):
         if self.class_weights is None:
@@ -467,6 +622,50 @@ class Balancer:
             rarest[nonempty] = mins
         weight = 1.0 / rarest
         return weight * (n / weight.sum())
+
+
+_MAX_SIZE = 2 ** 53
+
+
+def _name_list(names, idx, limit: int = 10) -> str:
+    shown = ", ".join(repr(names[i]) for i in idx[:limit])
+    return shown + (f", ... ({len(idx) - limit} more)" if len(idx) > limit else "")
+
+
+def _keep_classes_present(table, pattern_counts, alpha, lo_int, hi_int, target, class_weights):
+    """Give one copy back to each weighed class that rounding left with no sample.
+
+    The ``imbalance`` objective is infinite where such a class is absent, so the real
+    counts keep it present; rounding a pattern's fraction of a copy down can still
+    remove it. For each such class, its pattern with the largest real count gets one
+    copy, taken from the pattern with the most copies above its lower bound (the size
+    stays). Patterns are visited in a fixed order: deterministic.
+    """
+    counts = pattern_counts.copy()
+    indptr, indices = table.sparse_patterns()
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    rows = np.repeat(np.arange(counts.size), np.diff(indptr))
+    weights = np.ones(table.n_classes) if class_weights is None else class_weights
+    wanted = (weights > 0) & (target > 0) & (np.bincount(indices, minlength=table.n_classes) > 0)
+    for _ in range(table.n_classes):
+        present = np.bincount(indices, weights=(counts[rows] > 0).astype(np.float64), minlength=table.n_classes) > 0
+        missing = np.flatnonzero(wanted & ~present)
+        if missing.size == 0:
+            break
+        members = rows[indices == missing[0]]
+        members = members[counts[members] < hi_int[members]]
+        slack = counts - lo_int
+        donors = np.flatnonzero(slack > 0)
+        if members.size == 0 or donors.size == 0:
+            break
+        receiver = int(members[np.argmax(alpha[members])])
+        donor = int(donors[np.argmax(counts[donors] - 1e-9 * donors)])
+        if donor == receiver:
+            break
+        counts[receiver] += 1
+        counts[donor] -= 1
+    return counts
 
 
 def _size_keeping_lower_bounds(alpha, lower):

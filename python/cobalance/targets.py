@@ -8,8 +8,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["FeasibilityWarning", "resolve_target", "check_feasibility",
-           "RARE_THRESHOLD", "RARE_VALUE"]
+__all__ = ["FeasibilityWarning", "resolve_target", "check_feasibility", "reachable_presence",
+           "RARE_THRESHOLD", "RARE_VALUE", "TARGET_NAMES"]
+
+#: The named targets (see :func:`resolve_target`); "smooth=q" and "max_ir=k" take a number.
+TARGET_NAMES = ("equal", "uniform", "sqrt", "smooth=q", "max_ir=k", "rare_boost", "all")
 
 #: A class is *rare* for ``target="rare_boost"`` when it is present in fewer than this
 #: fraction of the samples (the method's paper calls its two classes below 20 % rare).
@@ -29,18 +32,30 @@ def resolve_target(target, table, *, rare_threshold: float = RARE_THRESHOLD,
 
     Parameters
     ----------
-    target : array-like, dict, "uniform" or "rare_boost"
+    target : array-like, dict or str
         - array-like of length C: the fractions themselves, each in [0, 1];
         - dict ``{class name or index: fraction}``: the listed classes get the given
           fraction, every other class keeps its current share (its presence in
           ``table``);
-        - ``"uniform"``: every class at 1 (present in every sample: the paper's first
-          suggestion; with a regularizer it means "as much of every class as the
-          regularizer allows");
-        - ``"rare_boost"``: the paper's recommendation. A class is rare when it is
-          present, but in fewer than ``rare_threshold`` of the samples
+        - ``"equal"`` (alias ``"uniform"``): every class present in the data at the same
+          presence, the mean label cardinality spread evenly (``sum_i f_i / C'`` over
+          the C' present classes), so the target keeps the average number of labels per
+          sample; absent classes 0. The equal-frequency target of multi-label
+          balancing: its imbalance ratio is 1 for every class;
+        - ``"smooth=q"`` with q in [0, 1] (``"sqrt"`` is ``"smooth=0.5"``): ``d_i``
+          proportional to ``f_i ** q``, scaled to the same mean label cardinality and
+          clipped to 1: between equal frequencies (q = 0) and the data (q = 1), like
+          repeat-factor sampling's square root;
+        - ``"max_ir=k"`` with k >= 1: every class raised to at least ``1 / k`` of the
+          most frequent one, ``d_i = max(f_i, max(f) / k)``: a target whose imbalance
+          ratio (IRLbl) is at most k for every class;
+        - ``"rare_boost"``: the method paper's recommendation. A class is rare when it
+          is present, but in fewer than ``rare_threshold`` of the samples
           (``0 < presence < rare_threshold``); rare classes get ``rare_value``, all
-          other classes (including absent ones) keep their current share.
+          other classes (including absent ones) keep their current share;
+        - ``"all"``: every class at 1, i.e. present in every sample (the method paper's
+          first suggestion; with a regularizer it means "as much of every class as the
+          regularizer allows").
     table : PatternTable
         Gives the current shares and the class names.
     rare_threshold : float in (0, 1]
@@ -58,21 +73,13 @@ def resolve_target(target, table, *, rare_threshold: float = RARE_THRESHOLD,
     ------
     ValueError
         Unknown string, wrong length, NaN, a value outside [0, 1], an unknown class
-        name or index, or a bad ``rare_threshold`` / ``rare_value``.
+        name or index, or a bad ``rare_threshold`` / ``rare_value`` / ``q`` / ``k``.
     """
     n_classes = table.n_classes
     presence = np.asarray(table.class_presence(), dtype=np.float64)
     names = list(class_names) if class_names is not None else list(getattr(table, "class_names", []))
     if isinstance(target, str):
-        if target == "uniform":
-            return np.ones(n_classes)
-        if target == "rare_boost":
-            _check_fraction(rare_value, "rare_value")
-            if not isinstance(rare_threshold, Real) or not 0 < rare_threshold <= 1:
-                raise ValueError(f"rare_threshold must be in (0, 1], got {rare_threshold!r}")
-            rare = (presence > 0) & (presence < rare_threshold)
-            return np.where(rare, float(rare_value), presence)
-        raise ValueError(f"target must be an array, a dict, 'uniform' or 'rare_boost', got {target!r}")
+        return _named_target(target, presence, rare_threshold, rare_value)
     if isinstance(target, Mapping):
         out = presence.copy()
         for key, value in target.items():
@@ -91,6 +98,100 @@ def resolve_target(target, table, *, rare_threshold: float = RARE_THRESHOLD,
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"target values must be in [0, 1], got {arr[i]!r} for class {i}")
     return arr
+
+
+def _named_target(name: str, presence: np.ndarray, rare_threshold, rare_value) -> np.ndarray:
+    present = presence > 0
+    key, _, arg = name.partition("=")
+    if key in ("equal", "uniform", "sqrt", "smooth") and not (arg and key in ("equal", "uniform", "sqrt")):
+        power = 0.0 if key in ("equal", "uniform") else 0.5 if key == "sqrt" else _number(arg, name, 0.0, 1.0)
+        shape = np.where(present, np.where(present, presence, 1.0) ** power, 0.0)
+        return _at_cardinality(shape, presence)
+    if key == "max_ir" and arg:
+        k = _number(arg, name, 1.0, np.inf)
+        return np.where(present, np.maximum(presence, presence.max(initial=0.0) / k), 0.0)
+    if name == "all":
+        return np.ones(presence.size)
+    if name == "rare_boost":
+        _check_fraction(rare_value, "rare_value")
+        if not isinstance(rare_threshold, Real) or not 0 < rare_threshold <= 1:
+            raise ValueError(f"rare_threshold must be in (0, 1], got {rare_threshold!r}")
+        rare = present & (presence < rare_threshold)
+        return np.where(rare, float(rare_value), presence)
+    raise ValueError(f"target must be an array, a dict or one of {list(TARGET_NAMES)} (q in [0, 1], k >= 1), "
+                     f"got {name!r}")
+
+
+def _number(text: str, name: str, low: float, high: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise ValueError(f"target {name!r}: the number after '=' must be in [{low:g}, {high:g}], got {text!r}")
+    return value
+
+
+def _at_cardinality(shape: np.ndarray, presence: np.ndarray) -> np.ndarray:
+    """``shape`` scaled so that its sum is the data's mean label cardinality, clipped to 1.
+
+    Clipping a class at 1 hands its excess to the others (water-filling), so the sum is
+    kept wherever it is at most the number of shaped classes.
+    """
+    cardinality = float(presence.sum())
+    out = np.zeros_like(shape)
+    free = shape > 0
+    remaining = cardinality
+    while free.any():
+        scaled = shape[free] * (remaining / shape[free].sum())
+        over = scaled > 1.0
+        if not over.any():
+            out[free] = scaled
+            break
+        idx = np.flatnonzero(free)[over]
+        out[idx] = 1.0
+        remaining -= idx.size
+        free[idx] = False
+    return out
+
+
+def reachable_presence(table, lower, upper, total: float):
+    """Per class, the lowest and highest presence any counts within the bounds reach at a size.
+
+    Parameters
+    ----------
+    table : PatternTable
+    lower, upper : ndarray (K,)
+        Per-pattern bounds on the counts.
+    total : float
+        The balanced size, within ``[sum(lower), sum(upper)]``.
+
+    Returns
+    -------
+    (low, high) : two ndarrays of float64, shape (C,)
+        Class i's presence is at least ``low[i]`` and at most ``high[i]``: its patterns
+        take as much (or as little) of the size as their bounds and the others'
+        bounds allow.
+    """
+    indptr, indices = table.sparse_patterns()
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+    n_classes = table.n_classes
+    lower = np.asarray(lower, dtype=np.float64)
+    upper = np.asarray(upper, dtype=np.float64)
+    lo_in = np.bincount(indices, weights=lower[rows], minlength=n_classes)
+    finite = np.isfinite(upper)
+    upper_finite = np.where(finite, upper, 0.0)
+    hi_in = np.bincount(indices, weights=upper_finite[rows], minlength=n_classes)
+    inf_in = np.bincount(indices, weights=(~finite)[rows].astype(np.float64), minlength=n_classes)
+    inf_out = (~finite).sum() - inf_in
+    hi_in = np.where(inf_in > 0, np.inf, hi_in)
+    high = np.minimum(hi_in, total - (float(lower.sum()) - lo_in)) / total
+    # the others' patterns can absorb at most their upper bounds (without limit if one is unbounded)
+    others_hi = np.where(inf_out > 0, np.inf, float(upper_finite.sum()) - np.where(inf_in > 0, 0.0, hi_in))
+    low = np.maximum(lo_in, total - others_hi) / total
+    return np.clip(low, 0.0, 1.0), np.clip(high, 0.0, 1.0)
 
 
 def _check_fraction(value, name: str) -> float:
