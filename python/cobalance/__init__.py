@@ -11,7 +11,8 @@ from .masks import MaskScan, scan_masks, scan_masks_iter
 from .metrics import DiceMeter, dice_per_class, vdice
 from .patterns import PatternTable
 from .plan import Plan
-from .report import Report
+from .report import Report, imbalance_measures
+from .resamplers import lp_ros, lp_rus, ml_ros, ml_rus, repeat_factor
 from .targets import FeasibilityWarning, resolve_target
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "PatternTable",
     "MaskScan", "scan_masks", "scan_masks_iter",
     "Balancer", "SizeWarning", "ConvergenceWarning", "LabelLossWarning", "FeasibilityWarning", "resolve_target",
-    "Plan", "Report",
+    "Plan", "Report", "imbalance_measures",
+    "ml_ros", "ml_rus", "lp_ros", "lp_rus", "repeat_factor",
     "DiceMeter", "dice_per_class", "vdice",
 ]

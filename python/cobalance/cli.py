@@ -505,7 +505,10 @@ def _cmd_scan(args, console: _Console) -> int:
 
 # -- fit ----------------------------------------------------------------------------------
 
-_TARGET_HELP = "uniform | rare_boost | CLASS=FRACTION,... | F1,F2,... (one per class) | FILE.json"
+_TARGET_HELP = ("equal | sqrt | smooth=Q | max_ir=K | rare_boost | all | CLASS=FRACTION,... | "
+                "F1,F2,... (one per class) | FILE.json")
+#: Named targets that carry a number after '=' (not CLASS=FRACTION lists).
+_TARGET_WITH_NUMBER = ("smooth=", "max_ir=")
 
 
 def _parse_target(text: str, table: PatternTable):
@@ -523,7 +526,9 @@ def _parse_target(text: str, table: PatternTable):
             raise UsageError(f"cannot read target file {text!r}: {_one_line(exc)}") from None
         if not isinstance(spec, (str, list, dict)):
             raise UsageError(f"target file {text!r} must hold a list of fractions, an object "
-                             "{class: fraction} or \"uniform\"/\"rare_boost\"")
+                             "{class: fraction} or a target name (equal, sqrt, rare_boost, all, ...)")
+    elif text.startswith(_TARGET_WITH_NUMBER) and "," not in text:
+        spec = text
     elif "=" in text:
         spec = {}
         for item in text.split(","):
@@ -534,7 +539,7 @@ def _parse_target(text: str, table: PatternTable):
             if name in spec:
                 raise UsageError(f"--target: class {name!r} is given twice")
             spec[name] = _fraction(value, f"--target {name}")
-    elif text not in ("uniform", "rare_boost"):
+    elif text not in ("equal", "uniform", "sqrt", "rare_boost", "all"):
         try:
             spec = [float(v) for v in text.split(",")]
         except ValueError:
@@ -595,8 +600,8 @@ def _load_plan(path):
 def _balancer_options(args) -> dict:
     options = {"objective": args.objective, "regularizer": args.regularizer, "gamma": args.gamma,
                "solver": args.solver, "lr": args.lr, "max_iter": args.max_iter, "tol": args.tol,
-               "init": args.init, "max_copies": args.max_copies,
-               "allow_undersampling": not args.no_undersampling, "n_samples_out": args.n_samples_out,
+               "init": args.init, "max_copies": args.max_copies, "budget": args.budget,
+               "allow_undersampling": args.allow_undersampling, "n_samples_out": args.n_samples_out,
                "random_state": args.seed}
     return options
 
@@ -930,15 +935,20 @@ source and the scan options.
 
 _FIT_EPILOG = """\
 examples:
-  cobalance fit table.npz --target rare_boost -o plan.npz
-  cobalance fit table.npz --target SE=0.5,OD=0.4 --gamma 0.01 -o plan.npz --markdown report.md
-  cobalance fit table.npz --target target.json --solver exact --no-undersampling -o plan.json
-  cobalance fit table.npz --target uniform --n-samples-out 1000 --json -o plan.npz
+  cobalance fit table.npz -o plan.npz                     # equal presence, +25 %, nothing dropped
+  cobalance fit table.npz --target max_ir=10 --budget 0.5 -o plan.npz
+  cobalance fit table.npz --target rare_boost --objective fraction --regularizer proportions \
+      --budget none --allow-undersampling --max-copies 50 -o plan.npz    # the method paper's setting
+  cobalance fit table.npz --target SE=0.5,OD=0.4 -o plan.npz --markdown report.md
+  cobalance fit table.npz --target target.json --objective fraction --solver exact -o plan.json
 
-Targets: 'uniform' (every class at 1), 'rare_boost' (classes under 20 % presence to
-0.9, the others kept), CLASS=FRACTION,... (the listed classes; the others kept), one
-fraction per class, or a JSON file with a list, an object {class: fraction} or one
-of the two names. Besides PLAN, a record PLAN.fit.json is written: the table's path
+Targets: 'equal' (alias 'uniform': every class at the same presence, keeping the mean
+number of labels per sample), 'sqrt' / 'smooth=Q' (between the data and equal, d
+proportional to presence**Q), 'max_ir=K' (every class at least 1/K of the most
+frequent), 'rare_boost' (classes under 20 % presence to 0.9, the others kept), 'all'
+(every class at 1), CLASS=FRACTION,... (the listed classes; the others kept), one
+fraction per class, or a JSON file with a list, an object {class: fraction} or a
+name. Besides PLAN, a record PLAN.fit.json is written: the table's path
 and SHA-256, the resolved target, the options and the report; `report` and `write`
 use it to find the table.
 """
@@ -947,7 +957,7 @@ _REPORT_EPILOG = """\
 examples:
   cobalance report plan.npz
   cobalance report plan.npz --png chart.png --markdown report.md
-  cobalance report plan.npz --table table.npz --target uniform --json
+  cobalance report plan.npz --table table.npz --target equal --json
 
 The table and the target come from PLAN.fit.json (written by `fit`) unless given.
 """
@@ -1042,7 +1052,7 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Find per-pattern repeat counts that move class presence towards a "
                     "target; write the integer plan and print the report.", epilog=_FIT_EPILOG)
     p.add_argument("table", help="pattern table (.npz from `cobalance scan`)")
-    p.add_argument("--target", required=True, metavar="TARGET", help=_TARGET_HELP)
+    p.add_argument("--target", default="equal", metavar="TARGET", help=_TARGET_HELP + " (default equal)")
     p.add_argument("-o", "--output", required=True, metavar="PLAN.npz", help="plan file (.npz or .json)")
     _add_balancer_options(p)
     _add_report_outputs(p)
@@ -1091,6 +1101,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _budget(text: str):
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > -1 or 'none', got {text!r}") from None
+    if not (value > -1.0) or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > -1 or 'none', got {text!r}")
+    return value
+
+
 def _add_balancer_options(p: argparse.ArgumentParser) -> None:
     import inspect
 
@@ -1103,20 +1125,25 @@ def _add_balancer_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--regularizer", choices=REGULARIZERS, default=default["regularizer"],
                    help="(default %(default)s)")
     g.add_argument("--gamma", type=_non_negative_float, default=default["gamma"],
-                   help="regularizer weight (default %(default)g)")
+                   help="regularizer weight (default 1.2 for ess, 1e-3 for the others)")
     g.add_argument("--solver", choices=SOLVERS, default=default["solver"], help="(default %(default)s)")
     g.add_argument("--lr", type=_positive_float, default=default["lr"], help="Adam step (default %(default)g)")
     g.add_argument("--max-iter", type=_positive_int, default=default["max_iter"],
-                   help="Adam steps (default %(default)s)")
+                   help="solver steps (default 5000 for pg, 2000 for adam)")
     g.add_argument("--tol", type=_non_negative_float, default=default["tol"],
-                   help="relative loss change that stops Adam (default %(default)g)")
+                   help="relative loss change that stops the solver (default %(default)g)")
     g.add_argument("--init", choices=INITS, default=default["init"], help="(default %(default)s)")
     g.add_argument("--max-copies", type=_max_copies, default=default["max_copies"], metavar="X",
                    help="at most X copies per sample (default %(default)s; 'none' for no cap)")
-    g.add_argument("--no-undersampling", action="store_true", help="never drop a sample")
+    g.add_argument("--budget", type=_budget, default=default["budget"], metavar="B",
+                   help="added samples as a share of the original size: the balanced set has (1 + B) N samples "
+                        "(default %(default)s; 'none' for the method paper's size rules)")
+    g.add_argument("--allow-undersampling", action="store_true",
+                   help="let patterns lose samples (default: no sample is dropped)")
+    g.add_argument("--no-undersampling", action="store_false", dest="allow_undersampling",
+                   help="never drop a sample (the default)")
     g.add_argument("--n-samples-out", type=_positive_int, metavar="N",
-                   help="size of the balanced set (default: the original size; with --no-undersampling the "
-                        "smallest size that drops no sample; Adam's own size for --regularizer counts)")
+                   help="size of the balanced set (overrides --budget)")
     g.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seeds which samples get a pattern's remainder copies (default 0)")
 

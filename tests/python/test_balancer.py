@@ -8,6 +8,16 @@ import pytest
 import cobalance
 from cobalance import Balancer, FeasibilityWarning, PatternTable, Report, SizeWarning
 
+#: The method paper's setting (squared fraction error, proportions regularizer, size N
+#: with undersampling, 50-copy cap). The library's defaults are the imbalance-aware
+#: ones (tests/python/test_balancing_defaults.py); these tests pin the paper's.
+PAPER = dict(objective="fraction", regularizer="proportions", budget=None, max_copies=50,
+             allow_undersampling=True)
+
+
+def paper_balancer(**params):
+    return Balancer(**{**PAPER, **params})
+
 DATA = Path(__file__).parents[2] / ".." / "shared" / "data" / "multilabel"
 DATASETS = ["emotions", "yeast", "scene", "enron", "medical", "genbase"]
 
@@ -52,8 +62,8 @@ def test_paper_table_is_built_exactly():
 
 def test_paper_setting_raises_rare_classes_with_fewer_duplicates_when_regularized():
     table = PatternTable.from_labels(paper_labels())
-    with_reg = Balancer(target="rare_boost", random_state=0).fit(table)
-    without = Balancer(target="rare_boost", regularizer="none", random_state=0).fit(table)
+    with_reg = paper_balancer(target="rare_boost", random_state=0).fit(table)
+    without = paper_balancer(target="rare_boost", regularizer="none", random_state=0).fit(table)
     for fitted in (with_reg, without):
         r = fitted.report_
         # classes 6 and 7 (indices 5, 6; 7 % and 10 % of the images) rise markedly
@@ -69,7 +79,7 @@ def test_paper_setting_raises_rare_classes_with_fewer_duplicates_when_regularize
 
 def test_paper_setting_without_undersampling_keeps_every_image():
     table = PatternTable.from_labels(paper_labels())
-    b = Balancer(target="rare_boost", allow_undersampling=False, random_state=0).fit(table)
+    b = paper_balancer(target="rare_boost", allow_undersampling=False, random_state=0).fit(table)
     assert b.report_.n_dropped == 0
     assert np.all(b.plan_.copies >= 1)
     assert b.report_.after[5] > b.report_.before[5] + 0.05
@@ -78,7 +88,7 @@ def test_paper_setting_without_undersampling_keeps_every_image():
 
 def test_fitted_state_matches_independent_references():
     table = PatternTable.from_labels(paper_labels())
-    b = Balancer(target="uniform", gamma=1e-3, random_state=1).fit(table)
+    b = paper_balancer(target="all", gamma=1e-3, random_state=1).fit(table)
     alpha = b.alpha_
     assert np.all(alpha >= b.lower_ - 1e-12) and np.all(alpha <= b.upper_ + 1e-12)
     assert b.loss_ == pytest.approx(reference_loss(table.patterns, table.counts, b.target_, alpha,
@@ -100,16 +110,16 @@ def test_fitted_state_matches_independent_references():
 
 def test_exact_solver_and_size_rules():
     table = PatternTable.from_labels(paper_labels())
-    adam = Balancer(target="rare_boost", random_state=0).fit(table)
-    exact = Balancer(target="rare_boost", solver="exact", random_state=0).fit(table)
+    adam = paper_balancer(target="rare_boost", random_state=0).fit(table)
+    exact = paper_balancer(target="rare_boost", solver="exact", random_state=0).fit(table)
     # without n_samples_out the exact solution is taken at Adam's size
     assert exact.plan_.n_samples_out == adam.plan_.n_samples_out
     assert exact.loss_ <= adam.loss_ + 1e-12
     assert exact.optimality_gap_ is None and exact.history_ is None
-    sized = Balancer(target="rare_boost", n_samples_out=5000, allow_undersampling=False).fit(table)
+    sized = paper_balancer(target="rare_boost", n_samples_out=5000, allow_undersampling=False).fit(table)
     assert sized.plan_.n_samples_out == 5000 and sized.report_.n_dropped == 0
     assert sized.alpha_.sum() == pytest.approx(5000)
-    sized_exact = Balancer(target="rare_boost", solver="exact", n_samples_out=5000).fit(table)
+    sized_exact = paper_balancer(target="rare_boost", solver="exact", n_samples_out=5000).fit(table)
     assert sized_exact.plan_.n_samples_out == 5000
     assert sized_exact.loss_ <= sized.loss_ + 1e-12
 
@@ -142,13 +152,13 @@ def test_default_size_is_the_original_size_when_undersampling_is_allowed(labels,
     n = table.n_samples
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SizeWarning)  # Adam's direction may be clipped at size N
-        adam = Balancer(target="rare_boost", regularizer=regularizer, random_state=0).fit(table)
-    exact = Balancer(target="rare_boost", regularizer=regularizer, solver="exact", random_state=0).fit(table)
+        adam = paper_balancer(target="rare_boost", regularizer=regularizer, random_state=0).fit(table)
+    exact = paper_balancer(target="rare_boost", regularizer=regularizer, solver="exact", random_state=0).fit(table)
     for b in (adam, exact):
         assert b.plan_.n_samples_out == n == b.pattern_counts_.sum()
         assert b.alpha_.sum() == pytest.approx(n)
     # the gap compares with the optimum at the same size: the exact solver asked for size N
-    at_n = Balancer(target="rare_boost", regularizer=regularizer, solver="exact", n_samples_out=n).fit(table)
+    at_n = paper_balancer(target="rare_boost", regularizer=regularizer, solver="exact", n_samples_out=n).fit(table)
     assert adam.exact_["loss"] == pytest.approx(at_n.loss_, rel=1e-9, abs=1e-15)
     assert exact.loss_ == pytest.approx(at_n.loss_, rel=1e-9, abs=1e-15)
     assert adam.optimality_gap_ == pytest.approx(adam.loss_ - at_n.loss_, rel=1e-9, abs=1e-15)
@@ -165,10 +175,10 @@ def test_readme_example_keeps_its_size_and_adam_optimises_at_it():
     # ends at the exact optimum for that size
     with warnings.catch_warnings():
         warnings.simplefilter("error", SizeWarning)
-        b = Balancer(target="rare_boost", regularizer="proportions", random_state=0).fit(table)
+        b = paper_balancer(target="rare_boost", regularizer="proportions", random_state=0).fit(table)
     assert b.plan_.n_samples_out == 10_000
     assert np.all(b.pattern_counts_ <= 50 * n)
-    exact = Balancer(target="rare_boost", solver="exact", random_state=0).fit(table)
+    exact = paper_balancer(target="rare_boost", solver="exact", random_state=0).fit(table)
     assert exact.plan_.n_samples_out == 10_000
     assert 0 <= b.optimality_gap_ <= 1e-6 * exact.loss_
     assert b.loss_ == pytest.approx(exact.loss_, rel=1e-6)
@@ -189,7 +199,7 @@ def brute_force_minimal_size(p, counts):
 def test_size_without_undersampling_is_the_smallest_that_keeps_every_sample(labels, max_copies):
     table = PatternTable.from_labels(labels())
     n = table.counts.astype(np.float64)
-    b = Balancer(target="rare_boost", allow_undersampling=False, max_copies=max_copies, random_state=0).fit(table)
+    b = paper_balancer(target="rare_boost", allow_undersampling=False, max_copies=max_copies, random_state=0).fit(table)
     p = adam_direction(table, n, max_copies * n)
     size = brute_force_minimal_size(p, n)
     assert b.plan_.n_samples_out == size
@@ -198,7 +208,7 @@ def test_size_without_undersampling_is_the_smallest_that_keeps_every_sample(labe
     # Adam's direction is kept (up to the rounding of the size to an integer)
     assert np.max(np.abs(b.alpha_ - size * p)) < 1
     # the exact solver is compared, and solved, at the same size
-    exact = Balancer(target="rare_boost", allow_undersampling=False, max_copies=max_copies, solver="exact",
+    exact = paper_balancer(target="rare_boost", allow_undersampling=False, max_copies=max_copies, solver="exact",
                      random_state=0).fit(table)
     assert exact.plan_.n_samples_out == size and exact.plan_.n_dropped == 0
     assert exact.loss_ == pytest.approx(b.exact_["loss"], rel=1e-9, abs=1e-15)
@@ -207,12 +217,12 @@ def test_size_without_undersampling_is_the_smallest_that_keeps_every_sample(labe
 
 def test_counts_regularizer_takes_adams_size():
     table = PatternTable.from_labels(paper_labels())
-    b = Balancer(target="rare_boost", regularizer="counts", random_state=0).fit(table)
+    b = paper_balancer(target="rare_boost", regularizer="counts", random_state=0).fit(table)
     n = table.counts.astype(np.float64)
     assert b.plan_.n_samples_out == int(np.rint(b.alpha_.sum()))
     assert np.all(b.alpha_ >= -1e-12) and np.all(b.alpha_ <= 50 * n + 1e-9)
     # the gap is taken at Adam's real sum: the exact solver asked for that size
-    exact = Balancer(target="rare_boost", regularizer="counts", solver="exact",
+    exact = paper_balancer(target="rare_boost", regularizer="counts", solver="exact",
                      n_samples_out=b.plan_.n_samples_out).fit(table)
     assert b.optimality_gap_ >= -1e-12
     assert exact.plan_.n_samples_out == b.plan_.n_samples_out
@@ -221,7 +231,7 @@ def test_counts_regularizer_takes_adams_size():
 @pytest.mark.parametrize("init", ["counts", "constant", "class_weighted"])
 def test_initialisations(init):
     table = PatternTable.from_labels(paper_labels())
-    b = Balancer(target="rare_boost", init=init, random_state=0).fit(table)
+    b = paper_balancer(target="rare_boost", init=init, random_state=0).fit(table)
     assert b.history_[-1] < b.history_[0]
     assert b.report_.after[5] > b.report_.before[5]
 
@@ -230,25 +240,25 @@ def test_initialisations(init):
 @pytest.mark.parametrize("regularizer", ["counts", "proportions", "ratio", "none"])
 def test_every_objective_and_regularizer_fits(objective, regularizer):
     table = PatternTable.from_labels(paper_labels())
-    b = Balancer(target="rare_boost", objective=objective, regularizer=regularizer, max_iter=300,
+    b = paper_balancer(target="rare_boost", objective=objective, regularizer=regularizer, max_iter=300,
                  random_state=0).fit(table)
     assert b.loss_ == pytest.approx(reference_loss(table.patterns, table.counts, b.target_, b.alpha_,
-                                                   objective, regularizer, b.gamma), rel=1e-8, abs=1e-12)
+                                                   objective, regularizer, b.gamma_), rel=1e-8, abs=1e-12)
     assert (b.optimality_gap_ is None) == (objective == "geo")
     if b.optimality_gap_ is not None:
         assert b.optimality_gap_ >= -1e-9
 
 
 def test_optimality_gap_can_be_skipped():
-    b = Balancer(target="rare_boost", compute_optimality_gap=False).fit(paper_labels())
+    b = paper_balancer(target="rare_boost", compute_optimality_gap=False).fit(paper_labels())
     assert b.optimality_gap_ is None and b.exact_ is None
     assert b.report_.extra["exact_loss"] is None
 
 
 def test_fit_resample_and_determinism():
     y = paper_labels()
-    idx = Balancer(target="rare_boost", random_state=5).fit_resample(y)
-    again = Balancer(target="rare_boost", random_state=5).fit_resample(y)
+    idx = paper_balancer(target="rare_boost", random_state=5).fit_resample(y)
+    again = paper_balancer(target="rare_boost", random_state=5).fit_resample(y)
     np.testing.assert_array_equal(idx, again)
     assert idx.dtype == np.int64 and idx.min() >= 0 and idx.max() < 115
 
@@ -257,7 +267,7 @@ def test_thread_count_does_not_change_the_result():
     rng = np.random.default_rng(2)
     y = (rng.random((3000, 12)) < np.linspace(0.02, 0.6, 12)).astype(np.uint8)
     table = PatternTable.from_labels(y)
-    fits = [Balancer(target="rare_boost", n_threads=t, random_state=3, max_iter=200).fit(table)
+    fits = [paper_balancer(target="rare_boost", n_threads=t, random_state=3, max_iter=200).fit(table)
             for t in (1, 2, 3)]
     for other in fits[1:]:
         np.testing.assert_array_equal(fits[0].alpha_, other.alpha_)
@@ -267,11 +277,11 @@ def test_thread_count_does_not_change_the_result():
 
 def test_bounds_are_respected():
     table = PatternTable.from_labels(paper_labels())
-    b = Balancer(target="uniform", regularizer="none", max_copies=3, min_count=1, random_state=0).fit(table)
+    b = paper_balancer(target="all", regularizer="none", max_copies=3, min_count=1, random_state=0).fit(table)
     n = table.counts
     assert np.all(b.pattern_counts_ <= 3 * n) and np.all(b.pattern_counts_ >= 1)
     assert b.plan_.copies.max() <= 3
-    cap = Balancer(target="uniform", regularizer="none", max_count=20, max_copies=None).fit(table)
+    cap = paper_balancer(target="all", regularizer="none", max_count=20, max_copies=None).fit(table)
     assert cap.pattern_counts_.max() <= 20
 
 
@@ -279,10 +289,10 @@ def test_feasibility_warning_from_fit():
     y = paper_labels()
     y = np.concatenate([y, np.zeros((115, 1), dtype=np.uint8)], axis=1)  # class 8 never present
     with pytest.warns(FeasibilityWarning, match=r"never present.*'8' \(target 0.3\)"):
-        Balancer(target={8: 0.3}, max_iter=50).fit(y)
+        paper_balancer(target={8: 0.3}, max_iter=50).fit(y)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FeasibilityWarning)
-        Balancer(target="rare_boost", max_iter=50).fit(y)  # absent classes are not boosted
+        paper_balancer(target="rare_boost", max_iter=50).fit(y)  # absent classes are not boosted
 
 
 @pytest.mark.parametrize("params, match", [
@@ -311,7 +321,7 @@ def test_feasibility_warning_from_fit():
 ])
 def test_bad_parameters_raise_in_fit(params, match):
     params = {"target": "rare_boost", "allow_undersampling": False, **params}
-    b = Balancer(**params)  # construction never validates
+    b = paper_balancer(**params)  # construction never validates
     assert b.get_params()["target"] == params["target"]
     with pytest.raises(ValueError, match=match):
         b.fit(paper_labels())
@@ -319,8 +329,8 @@ def test_bad_parameters_raise_in_fit(params, match):
 
 def test_params_are_keyword_only_and_round_trip():
     with pytest.raises(TypeError):
-        Balancer("uniform")
-    b = Balancer(target="uniform", gamma=0.5)
+        paper_balancer("all")
+    b = paper_balancer(target="all", gamma=0.5)
     assert b.get_params()["gamma"] == 0.5
     assert b.set_params(gamma=0.1).gamma == 0.1
     with pytest.raises(ValueError, match="unknown parameter"):
@@ -342,7 +352,7 @@ def load_multilabel(name):
 
 
 @pytest.mark.parametrize("name", DATASETS)
-@pytest.mark.parametrize("target", ["uniform", "rare_boost"])
+@pytest.mark.parametrize("target", ["all", "rare_boost"])
 def test_rounded_plan_is_within_1e3_of_the_exact_optimum_on_real_data(name, target):
     """The integer plan's class fractions are within 1e-3 of the continuous optimum.
 
@@ -364,12 +374,12 @@ def test_rounded_plan_is_within_1e3_of_the_exact_optimum_on_real_data(name, targ
     assert k / (2 * total) >= 2e-3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FeasibilityWarning)  # e.g. co-occurring labels
-        b = Balancer(target=target, solver="exact", n_samples_out=total, allow_undersampling=False,
+        b = paper_balancer(target=target, solver="exact", n_samples_out=total, allow_undersampling=False,
                      random_state=0).fit(table)
     counts = np.asarray(table.counts, dtype=np.float64)
     indptr, indices = table.sparse_patterns()
     problem = _core.BalanceProblem(indptr, indices, counts, table.n_classes, b.target_, None)
-    optimum = _core.solve_exact(problem, "fraction", "proportions", b.gamma, float(total), counts, 50 * counts)
+    optimum = _core.solve_exact(problem, "fraction", "proportions", b.gamma_, float(total), counts, 50 * counts)
     assert optimum["converged"]
     # class fractions of the plan, counted over the samples themselves
     y = table.patterns[table.inverse].astype(np.float64)
@@ -385,4 +395,4 @@ def test_rounded_plan_is_within_1e3_of_the_exact_optimum_on_real_data(name, targ
 def test_fit_needs_the_sample_index():
     table = PatternTable.from_labels(paper_labels(), keep_inverse=False)
     with pytest.raises(ValueError, match="keep_inverse"):
-        Balancer(target="uniform").fit(table)
+        paper_balancer(target="all").fit(table)

@@ -343,12 +343,13 @@ def test_fit_options_reach_the_balancer(labels, tmp_path, capsys):
     names, y = labels
     table_path = tmp_path / "t.npz"
     PatternTable.from_labels(y, class_names=names).save(table_path)
-    argv = ["fit", table_path, "--target", "bird=0.3,dog=0.4", "--solver", "exact", "--gamma", "0.01",
+    argv = ["fit", table_path, "--target", "bird=0.3,dog=0.4", "--objective", "fraction", "--solver", "exact", "--gamma", "0.01",
             "--regularizer", "counts", "--no-undersampling", "--max-copies", "20", "--seed", "3",
             "-o", tmp_path / "plan.json", "--quiet"]
     code, stdout, stderr = run(argv, capsys)
     assert code == EXIT_OK and stdout == ""
-    expected = Balancer(target={"bird": 0.3, "dog": 0.4}, solver="exact", gamma=0.01, regularizer="counts",
+    expected = Balancer(target={"bird": 0.3, "dog": 0.4}, objective="fraction", solver="exact", gamma=0.01,
+                        regularizer="counts",
                         allow_undersampling=False, max_copies=20, random_state=3).fit(
         PatternTable.from_labels(y, class_names=names)).plan_
     plan = Plan.load(tmp_path / "plan.json")
@@ -365,7 +366,7 @@ def test_fit_target_forms(labels, tmp_path, capsys):
     (tmp_path / "target.json").write_text(json.dumps({"fish": 0.5}))
     (tmp_path / "list.json").write_text(json.dumps([0.5, 0.5, 0.5, 0.5]))
     forms = {
-        "uniform": np.ones(4),
+        "all": np.ones(4),
         "0.5,0.4,0.3,0.6": np.array([0.5, 0.4, 0.3, 0.6]),
         str(tmp_path / "target.json"): np.r_[presence[:3], 0.5],
         str(tmp_path / "list.json"): np.full(4, 0.5),
@@ -397,7 +398,7 @@ def test_report_from_the_fit_record(yeast_table, tmp_path, capsys):
     moved.mkdir()
     os.replace(plan_path, moved / "plan.npz")
     os.replace(tmp_path / "plan.fit.json", moved / "plan.fit.json")
-    code, stdout, _ = run(["report", moved / "plan.npz", "--table", table_path, "--target", "uniform", "--json"],
+    code, stdout, _ = run(["report", moved / "plan.npz", "--table", table_path, "--target", "all", "--json"],
                           capsys)
     assert code == EXIT_OK
     doc = json.loads(stdout)
@@ -440,7 +441,7 @@ def test_report_bad_input(yeast_table, labels, tmp_path, capsys):
     ("cat=lots", ["expected a fraction in [0, 1], got 'lots'"]),
     ("0.5,0.5", ["lists 2 fractions", "4 classes"]),
     ("0.5,0.5,2,0.5", ["'bird' must be in [0, 1], got 2.0"]),
-    ("balanced", ["--target must be uniform | rare_boost"]),
+    ("balanced", ["--target must be equal | sqrt"]),
     ("missing.json", ["target file 'missing.json' does not exist"]),
 ])
 def test_fit_bad_target(target, fragments, labels, tmp_path, capsys):
@@ -462,14 +463,16 @@ def test_fit_bad_usage(labels, tmp_path, capsys):
         (["fit", tmp_path / "none.npz", "--target", "uniform", "-o", tmp_path / "p.npz"], ["does not exist"]),
         (["fit", csv_path, "--target", "uniform", "-o", tmp_path / "p.npz"], ["cannot read table"]),
         (["fit", table_path, "--target", "uniform", "-o", tmp_path / "p.txt"], ["must end in .npz or .json"]),
-        (["fit", table_path, "-o", tmp_path / "p.npz"], ["the following arguments are required: --target"]),
+        (["fit", table_path, "--target", "max_ir=0.5", "-o", tmp_path / "p.npz"], ["must be in [1, inf]"]),
+        (["fit", table_path, "--budget", "-0.2", "-o", tmp_path / "p.npz"], ["shrinks the set"]),
+        (["fit", table_path, "--budget", "x", "-o", tmp_path / "p.npz"], ["expected a number > -1 or 'none'"]),
         (["fit", table_path, "--target", "uniform", "-o", tmp_path / "p.npz", "--gamma", "-1"],
          ["expected a non-negative number"]),
         (["fit", table_path, "--target", "uniform", "-o", tmp_path / "p.npz", "--solver", "magic"],
          ["invalid choice: 'magic'"]),
         (["fit", table_path, "--target", tmp_path / "bad.json", "-o", tmp_path / "p.npz"], ["cannot read target file"]),
         (["fit", table_path, "--target", "uniform", "--objective", "geo", "--solver", "exact",
-          "-o", tmp_path / "p.npz"], ["solver='exact' needs a convex objective"]),
+          "-o", tmp_path / "p.npz"], ["solver='exact' needs a convex quadratic objective"]),
     ]
     for argv, fragments in cases:
         code, _, err = run(argv, capsys)

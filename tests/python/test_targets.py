@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import numpy as np
@@ -18,8 +19,8 @@ def table():
     return PatternTable.from_labels(y, class_names=list("abcde"))
 
 
-def test_uniform_and_array(table):
-    np.testing.assert_array_equal(resolve_target("uniform", table), np.ones(5))
+def test_all_and_array(table):
+    np.testing.assert_array_equal(resolve_target("all", table), np.ones(5))
     np.testing.assert_array_equal(resolve_target([0, 0.5, 0, 1, 0.25], table), [0, 0.5, 0, 1, 0.25])
 
 
@@ -117,3 +118,51 @@ def test_identical_columns_against_dense_reference():
         assert len(together) == len(expected)
         for g in expected:
             assert any(all(f"'{i}'" in m for i in g) for m in together)
+
+
+def _brute_named_targets(presence):
+    """Independent reference: the named targets written out class by class."""
+    present = [i for i, p in enumerate(presence) if p > 0]
+    card = sum(presence)
+    equal = [card / len(present) if p > 0 else 0.0 for p in presence]
+    roots = [p ** 0.5 for p in presence]
+    sqrt = [card * r / sum(roots[i] for i in present) if p > 0 else 0.0 for p, r in zip(presence, roots)]
+    top = max(presence)
+    max_ir = [max(p, top / 4) if p > 0 else 0.0 for p in presence]
+    return {"equal": equal, "uniform": equal, "sqrt": sqrt, "smooth=0.5": sqrt, "smooth=1": list(presence),
+            "max_ir=4": max_ir}
+
+
+def test_named_imbalance_targets_match_a_reference():
+    rng = np.random.default_rng(3)
+    y = rng.random((4000, 7)) < [0.6, 0.3, 0.1, 0.05, 0.01, 0.002, 0.0]
+    table = PatternTable.from_labels(y)
+    presence = table.class_presence()
+    for name, expected in _brute_named_targets(list(presence)).items():
+        got = resolve_target(name, table)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15, err_msg=name)
+    # equal and sqrt keep the mean label cardinality; max_ir=k bounds every IRLbl by k
+    for name in ("equal", "sqrt", "smooth=0.3"):
+        assert resolve_target(name, table).sum() == pytest.approx(presence.sum())
+    d = resolve_target("max_ir=4", table)
+    assert (d[presence > 0].max() / d[presence > 0]).max() <= 4 + 1e-12
+    # never "every class in every sample"
+    assert not np.any(resolve_target("uniform", table) == 1.0)
+
+
+def test_equal_target_clips_at_one_and_keeps_the_cardinality():
+    # two classes in every sample: the equal level (2.1 / 3) never exceeds 1
+    y = np.zeros((100, 3), dtype=bool)
+    y[:, 0] = True
+    y[:, 1] = True
+    y[:10, 2] = True
+    table = PatternTable.from_labels(y)
+    d = resolve_target("equal", table)
+    assert d.max() <= 1.0 and d.sum() == pytest.approx(2.1)
+
+
+@pytest.mark.parametrize("bad", ["smooth=2", "smooth=-1", "smooth=x", "max_ir=0.5", "max_ir=", "equal=1", "Equal"])
+def test_bad_named_targets_raise(bad):
+    table = PatternTable.from_labels(np.eye(3, dtype=bool))
+    with pytest.raises(ValueError, match=re.escape(repr(bad)) if "=" not in bad else "target"):
+        resolve_target(bad, table)
