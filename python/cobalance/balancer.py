@@ -47,7 +47,7 @@ class LabelLossWarning(UserWarning):
 OBJECTIVES = ("imbalance", "fraction", "fraction_l2", "geo")
 REGULARIZERS = ("ess", "counts", "proportions", "ratio", "none")
 SOLVERS = ("auto", "pg", "adam", "exact")
-INITS = ("counts", "constant", "class_weighted")
+INITS = ("auto", "counts", "constant", "class_weighted", "repeat_factor")
 
 #: Default weight of the regularizer. With the ``proportions`` regularizer,
 #: ``sum_j (100 (p_j - p0_j))^2``, a pattern whose share of the data moves by one
@@ -59,11 +59,15 @@ INITS = ("counts", "constant", "class_weighted")
 DEFAULT_GAMMA = 1e-3
 #: Default weight of the ``ess`` regularizer. Both the ``imbalance`` objective and
 #: ``ess`` are logarithms, so gamma is an exchange rate: a plan may give up 1 % of its
-#: effective sample size for a mean imbalance ratio lower by about ``gamma`` %. 1.2 was
-#: chosen on the six shared MULAN label sets at +25 % (benchmarks/bench_quality.py):
-#: the range 1.2-1.25 beats ML-ROS, LP-ROS and repeat-factor sampling on all six, 1.0
-#: loses on enron (ESS too low), 1.4 on medical and genbase (MeanIR too high).
-DEFAULT_GAMMA_ESS = 1.2
+#: effective sample size for a mean imbalance ratio lower by about ``gamma`` %. No single
+#: value suits every dataset (on the six shared MULAN label sets at +25 % the range that
+#: beats ML-ROS, LP-ROS and repeat-factor sampling everywhere was 1.25-1.3 wide), so the
+#: default pairs 1.0 with an effective-size floor (``min_effective_size``) that raises
+#: it where a plan would concentrate duplicates (benchmarks/bench_quality.py).
+DEFAULT_GAMMA_ESS = 1.0
+#: ``min_effective_size="repeat_factor"``: the floor's share of repeat-factor sampling's
+#: effective size (below 1 so that the plan may trade a little diversity for balance).
+REPEAT_FACTOR_ESS_SHARE = 0.96
 #: Default added size when nothing is dropped: the balanced set has ``(1 + budget) N``
 #: samples.
 DEFAULT_BUDGET = 0.25
@@ -118,7 +122,7 @@ class Balancer:
         ``n`` scaled to the balanced size when it is known up front); ``ratio``
         ``sum_j (p_j / p0_j - 1)^2``.
     gamma : float >= 0, optional
-        Weight of the regularizer. Default :data:`DEFAULT_GAMMA_ESS` (1.2) for
+        Weight of the regularizer. Default :data:`DEFAULT_GAMMA_ESS` (1.0) for
         ``ess``, a scale-free exchange rate between relative imbalance and relative
         effective size that needs no per-dataset tuning; :data:`DEFAULT_GAMMA` (1e-3,
         the method paper's) for the other regularizers.
@@ -148,12 +152,17 @@ class Balancer:
         Relative loss change that stops the solver early; default 1e-9 (0 runs all
         steps). A solver that ends without meeting it draws a
         :class:`ConvergenceWarning`.
-    init : {"counts", "constant", "class_weighted"}
-        Adam's start: ``counts`` alpha_j = n_j; ``constant`` alpha_j = N / K;
+    init : {"auto", "counts", "constant", "class_weighted", "repeat_factor"}
+        The solver's start: ``counts`` alpha_j = n_j; ``constant`` alpha_j = N / K;
         ``class_weighted`` alpha_j proportional to ``1 / presence`` of the rarest
-        class in pattern j (1 for the empty pattern), scaled to sum N. With
-        ``n_samples_out`` the start is scaled by ``n_samples_out / N``; it is then
-        clipped into the bounds.
+        class in pattern j (1 for the empty pattern), scaled to sum N;
+        ``repeat_factor`` alpha_j = n_j r_j with repeat-factor sampling's factor
+        ``r_j = max(1, max_{c in j} sqrt(t d_c / f_c))`` (presence f, target d; t such
+        that the counts sum to the balanced size). With a size known up front the
+        start is scaled to it; it is then clipped into the bounds. ``auto``
+        (default): for ``solver="pg"`` both ``counts`` and ``repeat_factor``, keeping
+        the solution with the lower loss (the ``imbalance`` objective is not convex,
+        and the two starts reach different local optima); ``counts`` otherwise.
     min_count, max_count : scalar or array-like of shape (K,), optional
         Bounds on each pattern's total count.
     max_copies : float or None
@@ -166,6 +175,15 @@ class Balancer:
     n_samples_out : int, optional
         Size of the balanced set; overrides ``budget``. See *Size of the balanced
         set* below.
+    min_effective_size : "repeat_factor", float or None
+        A floor on the plan's Kish effective sample size, for the ``ess`` regularizer
+        with ``solver="pg"``: where the solution at ``gamma`` falls below it, gamma is
+        raised (doubling, then bisection to within 5 %) until it holds. A float is a
+        share of the original size N. ``"repeat_factor"`` (default): 96 % of the
+        effective size of repeat-factor sampling's counts at the same size (towards the
+        same target; see ``init``), i.e. never concentrate duplicates much more than
+        that widely used heuristic does; no floor when the set does not grow. ``None``:
+        no floor (gamma alone sets the trade-off).
     class_weights : array-like of shape (C,), optional
         Weights ``w_i`` of the classes in the objective (default 1).
     compute_optimality_gap : bool
@@ -266,9 +284,9 @@ class Balancer:
     def __init__(self, *, target="equal", objective: str = "imbalance", regularizer: str = "ess",
                  gamma: Optional[float] = None, solver: str = "auto", budget: Optional[float] = DEFAULT_BUDGET,
                  lr: float = DEFAULT_LR, max_iter: Optional[int] = None, tol: float = DEFAULT_TOL,
-                 init: str = "counts", min_count=None, max_count=None, max_copies: Optional[float] = 10,
+                 init: str = "auto", min_count=None, max_count=None, max_copies: Optional[float] = 10,
                  allow_undersampling: bool = False, n_samples_out: Optional[int] = None,
-                 class_weights=None, compute_optimality_gap: bool = True, exact_max_iter: int = 100_000,
+                 min_effective_size="repeat_factor", class_weights=None, compute_optimality_gap: bool = True, exact_max_iter: int = 100_000,
                  n_threads: Optional[int] = None, random_state=None):
         self.target = target
         self.objective = objective
@@ -285,6 +303,7 @@ class Balancer:
         self.max_copies = max_copies
         self.allow_undersampling = allow_undersampling
         self.n_samples_out = n_samples_out
+        self.min_effective_size = min_effective_size
         self.class_weights = class_weights
         self.compute_optimality_gap = compute_optimality_gap
         self.exact_max_iter = exact_max_iter
@@ -378,7 +397,9 @@ class Balancer:
         unit = reference.sum() / n_patterns
         lower_u, upper_u = lower / unit, upper / unit
         start_scale = total / n_samples if sized else 1.0
-        alpha0 = np.clip(self._initial_alpha(table, counts) * start_scale / unit, lower_u, upper_u)
+        starts = self._starts(solver)
+        alpha0 = np.clip(self._initial_alpha(table, counts, starts[0], target, total) * start_scale / unit,
+                         lower_u, upper_u)
 
         indptr, indices = table.sparse_patterns()
         problem = _core.BalanceProblem(indptr, indices, reference / unit, table.n_classes, target, class_weights)
@@ -392,9 +413,26 @@ class Balancer:
             total = int(np.clip(n_samples, lo_int.sum(), hi_int.sum()))
             _check_size(total, lo_int, hi_int, "the balanced size ")
         if solver == "pg":
-            run = _core.projected_gradient(problem, alpha0 * (total / unit) / alpha0.sum() if alpha0.sum() > 0
-                                           else alpha0, lower_u, upper_u, objective, regularizer, gamma,
-                                           total / unit, max_iter=max_iter, tol=float(self.tol), n_threads=n_threads)
+            def solve_pg(weight):
+                best = best_loss = None
+                for kind in starts:  # keep the lowest loss; the first start wins ties
+                    start = self._initial_alpha(table, counts, kind, target, total)
+                    start = start * (total / unit) / start.sum() if start.sum() > 0 else start
+                    trial = _core.projected_gradient(problem, start, lower_u, upper_u, objective, regularizer,
+                                                     weight, total / unit, max_iter=max_iter, tol=float(self.tol),
+                                                     n_threads=n_threads)
+                    trial_loss = float(problem.loss(trial["alpha"], objective, regularizer, weight, n_threads))
+                    if best is None or trial_loss < best_loss:
+                        best, best_loss = trial, trial_loss
+                return best
+
+            run = solve_pg(gamma)
+            floor = self._effective_size_floor(table, counts, target, total)
+            self.min_effective_size_ = floor
+            if floor is not None and regularizer == "ess" and \
+                    _effective_size(counts, np.asarray(run["alpha"]) * unit) < floor:
+                gamma, run = _raise_weight_to_floor(solve_pg, gamma, floor,
+                                                    lambda r: _effective_size(counts, np.asarray(r["alpha"]) * unit))
             alpha = np.asarray(run["alpha"], dtype=np.float64) * unit
             self.history_ = np.asarray(run["history"], dtype=np.float64)
             self.n_iter_, self.converged_ = int(run["n_iter"]), bool(run["converged"])
@@ -447,6 +485,8 @@ class Balancer:
                 self.history_ = np.asarray(adam["history"], dtype=np.float64)
                 self.n_iter_ = int(adam["n_iter"])
                 self.converged_ = bool(adam["converged"])
+        if solver != "pg":
+            self.min_effective_size_ = None
         if not self.converged_:
             warnings.warn(
                 f"solver {solver!r} stopped after {self.n_iter_} iterations without meeting tol={self.tol!r} "
@@ -503,6 +543,10 @@ class Balancer:
                              "solver='pg' (or 'auto')")
         if self.gamma is not None:
             _real(self.gamma, "gamma", low=0.0)
+        if isinstance(self.min_effective_size, str):
+            _choice(self.min_effective_size, "min_effective_size", ("repeat_factor",))
+        elif self.min_effective_size is not None:
+            _real(self.min_effective_size, "min_effective_size", low=0.0, strict=True)
         if self.budget is not None:
             _real(self.budget, "budget", low=-1.0, strict=True)
             if self.budget < 0 and not self.allow_undersampling:
@@ -605,12 +649,31 @@ class Balancer:
                              f"(check min_count, max_count, max_copies and allow_undersampling)")
         return lower, upper
 
-    def _initial_alpha(self, table: PatternTable, counts: np.ndarray) -> np.ndarray:
+    def _effective_size_floor(self, table, counts, target, total) -> Optional[float]:
+        floor = self.min_effective_size
+        if floor is None:
+            return None
+        if isinstance(floor, str):
+            if total <= counts.sum():
+                return None
+            reference = _repeat_factor_counts(table, counts, target, float(total))
+            return REPEAT_FACTOR_ESS_SHARE * _effective_size(counts, reference)
+        return float(floor) * float(counts.sum())
+
+    def _starts(self, solver: str) -> list:
+        if self.init != "auto":
+            return [self.init]
+        return ["counts", "repeat_factor"] if solver == "pg" else ["counts"]
+
+    def _initial_alpha(self, table: PatternTable, counts: np.ndarray, kind: str, target: np.ndarray,
+                       total) -> np.ndarray:
         n = counts.sum()
-        if self.init == "counts":
+        if kind == "counts":
             return counts.copy()
-        if self.init == "constant":
+        if kind == "constant":
             return np.full(counts.size, n / counts.size)
+        if kind == "repeat_factor":
+            return _repeat_factor_counts(table, counts, target, n if total is None else float(total))
         # class_weighted: inverse presence of each pattern's rarest class
         presence = np.asarray(table.class_presence(), dtype=np.float64)
         indptr, indices = table.sparse_patterns()
@@ -625,6 +688,75 @@ class Balancer:
 
 
 _MAX_SIZE = 2 ** 53
+
+
+def _effective_size(counts, alpha) -> float:
+    """Kish effective size ``S^2 / sum c^2`` once each pattern's ``alpha_j`` copies are spread evenly."""
+    copies = np.floor(alpha / counts * (1.0 + 1e-12) + 1e-12)
+    square_sum = float(np.sum(counts * copies * copies + (alpha - copies * counts) * (2.0 * copies + 1.0)))
+    return float(alpha.sum()) ** 2 / square_sum if square_sum > 0 else 0.0
+
+
+def _raise_weight_to_floor(solve, gamma, floor, size_of, *, max_doublings: int = 12, rel: float = 0.05):
+    """The smallest weight (to ``rel``) whose solution's effective size reaches ``floor``.
+
+    Doubles the weight until the floor holds, then bisects (in log) between the last
+    failing and the first passing weight. Returns ``(weight, solution)``; where no
+    weight up to ``gamma * 2**max_doublings`` reaches it, the largest one tried.
+    """
+    low, high, passing = gamma, None, None
+    for _ in range(max_doublings):
+        trial = low * 2.0
+        run = solve(trial)
+        if size_of(run) >= floor:
+            high, passing = trial, run
+            break
+        low = trial
+    if high is None:
+        return low, run
+    while high / low > 1.0 + rel:
+        mid = float(np.sqrt(low * high))
+        run = solve(mid)
+        if size_of(run) >= floor:
+            high, passing = mid, run
+        else:
+            low = mid
+    return high, passing
+
+
+def _repeat_factor_counts(table, counts, target, total: float) -> np.ndarray:
+    """Per-pattern counts ``n_j r_j`` of repeat-factor sampling towards a target, summing to ``total``.
+
+    ``r_j = max(1, max_{c in j} sqrt(t d_c / f_c))`` over the pattern's classes with
+    presence and target above 0 (LVIS's ``sqrt(t / f_c)`` with the presence taken
+    relative to the target); the sum is non-decreasing in ``t``, which bisection finds.
+    Where ``total`` is at most N (or no class qualifies) the counts themselves.
+    """
+    presence = np.asarray(table.class_presence(), dtype=np.float64)
+    indptr, indices = table.sparse_patterns()
+    indptr = np.asarray(indptr, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    usable = (presence > 0) & (target > 0)
+    if total <= counts.sum() or not usable.any() or indices.size == 0:
+        return counts.copy()
+    # per pattern, the largest d_c / f_c among its classes (0 where none is usable)
+    ratio = np.where(usable, target / np.where(usable, presence, 1.0), 0.0)
+    rows = np.repeat(np.arange(counts.size), np.diff(indptr))
+    worst = np.zeros(counts.size)
+    np.maximum.at(worst, rows, ratio[indices])
+
+    def size(t):
+        return float(np.sum(counts * np.maximum(1.0, np.sqrt(t * worst))))
+
+    lo, hi = 0.0, 1.0 / max(float(worst.max()), 1e-300)
+    while size(hi) < total and hi < 1e300:
+        hi *= 4.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if size(mid) < total else (lo, mid)
+        if hi - lo <= 1e-13 * hi:
+            break
+    return counts * np.maximum(1.0, np.sqrt(hi * worst))
 
 
 def _name_list(names, idx, limit: int = 10) -> str:

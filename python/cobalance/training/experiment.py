@@ -136,7 +136,7 @@ class ExperimentConfig:
     arms : list of str
         Subset of :data:`ARMS`.
     target : str or dict
-        Balancer target (``"rare_boost"``, ``"uniform"``, or {class: fraction}).
+        Balancer target (``"rare_boost"``, ``"equal"``, ``"all"``, or {class: fraction}).
     gamma : float, optional
         Regularizer weight of the regularized arms; None: the Balancer's default.
     undersample : bool
@@ -458,8 +458,9 @@ def _balancer_plan(arm: str, presence: np.ndarray, config: ExperimentConfig, fol
     from cobalance import Balancer
 
     table = cobalance.PatternTable.from_labels(presence, class_names=list(class_names))
-    kwargs = dict(target=config.target, allow_undersampling=config.undersample,
-                  random_state=_seed(config, "balance", arm, fold))
+    # the method paper's arms: squared fraction error, its size rules and 50-copy cap
+    kwargs = dict(target=config.target, objective="fraction", budget=None, max_copies=50,
+                  allow_undersampling=config.undersample, random_state=_seed(config, "balance", arm, fold))
     if arm == "balanced_noreg":
         kwargs.update(regularizer="none")
     else:
@@ -969,13 +970,13 @@ def _file_name(metric: str) -> str:
 
 
 def _target_arg(text: str):
-    if text in ("rare_boost", "uniform"):
+    if text in ("rare_boost", "uniform", "equal", "all", "sqrt"):
         return text
     target = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
         if not sep:
-            raise argparse.ArgumentTypeError(f"target must be 'rare_boost', 'uniform' or CLASS=FRACTION,..., "
+            raise argparse.ArgumentTypeError(f"target must be 'rare_boost', 'equal', 'all', 'sqrt' or CLASS=FRACTION,..., "
                                              f"got {text!r}")
         try:
             target[name.strip()] = float(value)
@@ -1015,7 +1016,7 @@ def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--arms", type=lambda s: [a for a in s.split(",") if a], default=list(DEFAULT_ARMS),
                    help=f"comma-separated arms among {','.join(ARMS)} (default {','.join(DEFAULT_ARMS)})")
     p.add_argument("--target", type=_target_arg, default="rare_boost",
-                   help="balancer target: rare_boost, uniform, or CLASS=FRACTION,... (default rare_boost)")
+                   help="balancer target: rare_boost, equal, all, sqrt, or CLASS=FRACTION,... (default rare_boost)")
     p.add_argument("--gamma", type=float, default=None, help="regularizer weight (default: the Balancer's)")
     p.add_argument("--undersample", action="store_true", help="let the balancer drop tiles")
     p.add_argument("--rfs-threshold", type=float, default=0.3, help="repeat-factor threshold t (default 0.3)")
