@@ -68,6 +68,10 @@ DEFAULT_GAMMA_ESS = 1.0
 #: ``min_effective_size="repeat_factor"``: the floor's share of repeat-factor sampling's
 #: effective size (below 1 so that the plan may trade a little diversity for balance).
 REPEAT_FACTOR_ESS_SHARE = 0.96
+#: ``min_effective_size="repeat_factor"`` where the set does not grow (undersampling):
+#: the floor's share of the balanced size, so that dropping samples and repeating
+#: others does not concentrate the set on a few samples.
+SHRINKING_ESS_SHARE = 0.75
 #: Default added size when nothing is dropped: the balanced set has ``(1 + budget) N``
 #: samples. +10 % is the cautious end of the budgets benchmarked (+10/25/50 %): it keeps
 #: the Kish effective size above 80 % of N on the six shared label sets, where +25 %
@@ -184,8 +188,8 @@ class Balancer:
         share of the original size N. ``"repeat_factor"`` (default): 96 % of the
         effective size of repeat-factor sampling's counts at the same size (towards the
         same target; see ``init``), i.e. never concentrate duplicates much more than
-        that widely used heuristic does; no floor when the set does not grow. ``None``:
-        no floor (gamma alone sets the trade-off).
+        that widely used heuristic does; where the set does not grow, 75 % of its size.
+        ``None``: no floor (gamma alone sets the trade-off).
     class_weights : array-like of shape (C,), optional
         Weights ``w_i`` of the classes in the objective (default 1).
     compute_optimality_gap : bool
@@ -657,7 +661,8 @@ class Balancer:
             return None
         if isinstance(floor, str):
             if total <= counts.sum():
-                return None
+                # no growth, so no repeat-factor plan to compare with: a share of the size
+                return SHRINKING_ESS_SHARE * float(total)
             reference = _repeat_factor_counts(table, counts, target, float(total))
             return REPEAT_FACTOR_ESS_SHARE * _effective_size(counts, reference)
         return float(floor) * float(counts.sum())
