@@ -62,9 +62,11 @@ DEFAULT_GAMMA = 1e-3
 #: effective sample size for a mean imbalance ratio lower by about ``gamma`` %. No single
 #: value suits every dataset (on the six shared MULAN label sets at +25 % the range that
 #: beats ML-ROS, LP-ROS and repeat-factor sampling everywhere was 1.25-1.3 wide), so the
-#: default pairs 1.0 with an effective-size floor (``min_effective_size``) that raises
-#: it where a plan would concentrate duplicates (benchmarks/bench_quality.py).
-DEFAULT_GAMMA_ESS = 1.0
+#: default pairs a low 0.5 (balance first) with an effective-size floor
+#: (``min_effective_size``) that raises it where a plan would concentrate duplicates
+#: more than repeat-factor sampling does (benchmarks/bench_quality.py; 0.3-0.7 measured
+#: alike there, 1.0 lost once more at +10 %).
+DEFAULT_GAMMA_ESS = 0.5
 #: ``min_effective_size="repeat_factor"``: the floor's share of repeat-factor sampling's
 #: effective size (below 1 so that the plan may trade a little diversity for balance).
 REPEAT_FACTOR_ESS_SHARE = 0.96
@@ -128,7 +130,7 @@ class Balancer:
         ``n`` scaled to the balanced size when it is known up front); ``ratio``
         ``sum_j (p_j / p0_j - 1)^2``.
     gamma : float >= 0, optional
-        Weight of the regularizer. Default :data:`DEFAULT_GAMMA_ESS` (1.0) for
+        Weight of the regularizer. Default :data:`DEFAULT_GAMMA_ESS` (0.5) for
         ``ess``, a scale-free exchange rate between relative imbalance and relative
         effective size that needs no per-dataset tuning; :data:`DEFAULT_GAMMA` (1e-3,
         the method paper's) for the other regularizers.

@@ -1090,7 +1090,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=_positive_int, metavar="PIXELS", help="tile stride (default: the tile size)")
     p.add_argument("--min-pixels", type=_non_negative_int, default=1, metavar="N",
                    help="a class is present in a tile from N pixels on (default 1)")
-    p.add_argument("--target", default="rare_boost", metavar="TARGET", help=_TARGET_HELP + " (default rare_boost)")
+    p.add_argument("--target", default="equal", metavar="TARGET", help=_TARGET_HELP + " (default equal)")
     p.add_argument("--augment", action="store_true", help="augment the duplicates when writing")
     _add_balancer_options(p)
     p.set_defaults(handler=_cmd_demo)
