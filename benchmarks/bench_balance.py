@@ -1,8 +1,8 @@
 """Speed of the native balancing solvers against what a user would otherwise write.
 
 Per Adam iteration (loss + gradient + step + clamp): cobalance's C++ core against the same
-loss in PyTorch autograd with torch.optim.Adam (CPU) and a hand-vectorised numpy gradient
-with numpy Adam. The exact solver against scipy.optimize (SLSQP at K = 1e2, trust-constr at
+loss in PyTorch autograd with torch.optim.Adam (CPU), a hand-vectorised numpy gradient
+(bincount) and one with the patterns as a scipy.sparse CSR matrix, both with numpy Adam. The exact solver against scipy.optimize (SLSQP at K = 1e2, trust-constr at
 K = 1e4, where SLSQP's dense K x K work is out of reach).
 
 Sparse long-tailed patterns: class c (1-based) is present with probability 0.9 / c.
@@ -98,6 +98,38 @@ def run_numpy(d, iters):
     return alpha
 
 
+def run_scipy_sparse(d, iters):
+    """Hand-vectorised with the patterns as a scipy.sparse CSR matrix (built once, outside
+    the timing): U^T alpha and U z are sparse mat-vecs, the rest numpy Adam."""
+    u, ut = _sparse_patterns(d)
+    n, t = d["counts"], d["target"]
+    p0 = n / n.sum()
+    lo, hi = np.zeros(d["k"]), 50 * n
+    alpha = n.copy()
+    m, v = np.zeros(d["k"]), np.zeros(d["k"])
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for step in range(1, iters + 1):
+        s = alpha.sum()
+        f = ut @ alpha / s
+        r = 2 * (f - t)
+        p = alpha / s
+        q = 2e4 * (p - p0)
+        grad = (u @ r - r @ f + GAMMA * (q - q @ p)) / s
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad * grad
+        denom = np.sqrt(v) / np.sqrt(1 - b2**step) + eps
+        alpha = np.clip(alpha - LR / (1 - b1**step) * m / denom, lo, hi)
+    return alpha
+
+
+def _sparse_patterns(d):
+    if "csr" not in d:
+        scipy_sparse = pytest.importorskip("scipy.sparse")
+        u = scipy_sparse.csr_matrix((np.ones(d["indices"].size), d["indices"], d["indptr"]), shape=(d["k"], d["c"]))
+        d["csr"] = (u, u.T.tocsr())
+    return d["csr"]
+
+
 def _torch_bounded_adam(d, iters, marginals):
     """torch.optim.Adam on the loss in autograd, clamped to [0, 50 n]; ``marginals(alpha)``
     is U^T alpha, the one part the torch variants compute differently."""
@@ -139,7 +171,8 @@ def run_torch_dense(d, iters):
     return _torch_bounded_adam(d, iters, lambda alpha: u.T @ alpha)
 
 
-ADAM_IMPLS = {"cobalance": run_native, "numpy": run_numpy, "torch_autograd": run_torch,
+ADAM_IMPLS = {"cobalance": run_native, "numpy": run_numpy, "numpy_scipy_sparse": run_scipy_sparse,
+              "torch_autograd": run_torch,
               "torch_autograd_dense": run_torch_dense}
 
 
@@ -152,6 +185,8 @@ def test_adam_iteration(benchmark, k, c, impl):
         torch = pytest.importorskip("torch")
         torch.manual_seed(0)
     d = data(k, c)
+    if impl == "numpy_scipy_sparse":
+        _sparse_patterns(d)  # built once, as a user would
     iters = iterations_for(k)
     benchmark.group = f"adam x{iters} K={k} C={c}"
     benchmark.extra_info["iterations"] = iters

@@ -421,9 +421,9 @@ class Balancer:
             total = int(np.clip(n_samples, lo_int.sum(), hi_int.sum()))
             _check_size(total, lo_int, hi_int, "the balanced size ")
         if solver == "pg":
-            def solve_pg(weight):
+            def solve_pg(weight, kinds=starts):
                 best = best_loss = None
-                for kind in starts:  # keep the lowest loss; the first start wins ties
+                for kind in kinds:  # keep the lowest loss; the first start wins ties
                     start = self._initial_alpha(table, counts, kind, target, total)
                     start = start * (total / unit) / start.sum() if start.sum() > 0 else start
                     trial = _core.projected_gradient(problem, start, lower_u, upper_u, objective, regularizer,
@@ -432,6 +432,7 @@ class Balancer:
                     trial_loss = float(problem.loss(trial["alpha"], objective, regularizer, weight, n_threads))
                     if best is None or trial_loss < best_loss:
                         best, best_loss = trial, trial_loss
+                        best["start"] = kind
                 return best
 
             run = solve_pg(gamma)
@@ -439,7 +440,9 @@ class Balancer:
             self.min_effective_size_ = floor
             if floor is not None and regularizer == "ess" and \
                     _effective_size(counts, np.asarray(run["alpha"]) * unit) < floor:
-                gamma, run = _raise_weight_to_floor(solve_pg, gamma, floor,
+                # the search keeps to the start that won at the first weight (half the solves)
+                won = [run["start"]]
+                gamma, run = _raise_weight_to_floor(lambda w: solve_pg(w, won), gamma, floor,
                                                     lambda r: _effective_size(counts, np.asarray(r["alpha"]) * unit))
             alpha = np.asarray(run["alpha"], dtype=np.float64) * unit
             self.history_ = np.asarray(run["history"], dtype=np.float64)
