@@ -168,6 +168,23 @@ class _PatternLabels:
         return found
 
 
+def _setting(labels, percentage, random_state, *, below_100: bool):
+    """What Charte et al.'s four methods start from: the generator, the table (and
+    whether it was given) and the budget in samples."""
+    p = _percentage(percentage, below_100=below_100)
+    rng = _generator(random_state)
+    table, given = _pattern_table(labels)
+    return rng, table, given, _budget(table.n_samples, p)
+
+
+def _label_setting(labels, percentage, random_state, *, below_100: bool):
+    """:func:`_setting` plus the label counts, IRLbl and MeanIR (ML-ROS and ML-RUS)."""
+    rng, table, given, budget = _setting(labels, percentage, random_state, below_100=below_100)
+    counts = np.asarray(table.class_counts(), dtype=np.int64)
+    ir, mean_ir = _label_imbalance(counts)
+    return rng, table, given, budget, counts, ir, mean_ir
+
+
 def ml_ros(labels, percentage=25, *, random_state=None) -> Plan:
     """ML-ROS: clone random samples of the minority labels until they reach MeanIR.
 
@@ -214,14 +231,9 @@ def ml_ros(labels, percentage=25, *, random_state=None) -> Plan:
     exceeded. A data set without any label, or whose labels are all equally frequent,
     has no minority bag and gets the identity plan.
     """
-    p = _percentage(percentage, below_100=False)
-    rng = _generator(random_state)
-    table, given = _pattern_table(labels)
+    rng, table, given, budget, counts, ir, mean_ir = _label_setting(labels, percentage, random_state, below_100=False)
     n = table.n_samples
     copies = np.ones(n, dtype=np.int64)
-    budget = _budget(n, p)
-    counts = np.asarray(table.class_counts(), dtype=np.int64)
-    ir, mean_ir = _label_imbalance(counts)
     if budget == 0 or ir is None:
         return _plan(copies, table, given)
     minority = np.flatnonzero(ir > mean_ir)
@@ -295,14 +307,9 @@ def ml_rus(labels, percentage=25, *, random_state=None) -> Plan:
     rare label), and a bag with no deletable sample left leaves. Label counts only fall,
     so a sample once protected stays protected.
     """
-    p = _percentage(percentage, below_100=True)
-    rng = _generator(random_state)
-    table, given = _pattern_table(labels)
+    rng, table, given, budget, counts, ir, mean_ir = _label_setting(labels, percentage, random_state, below_100=True)
     n = table.n_samples
     copies = np.ones(n, dtype=np.int64)
-    budget = _budget(n, p)
-    counts = np.asarray(table.class_counts(), dtype=np.int64)
-    ir, mean_ir = _label_imbalance(counts)
     if budget == 0 or ir is None:
         return _plan(copies, table, given)
     majority = np.flatnonzero((counts > 0) & (ir < mean_ir))
@@ -436,15 +443,13 @@ def lp_ros(labels, percentage=25, *, random_state=None) -> Plan:
     -----
     Bags of equal size are processed in order of their labelset's first occurrence.
     """
-    p = _percentage(percentage, below_100=False)
-    rng = _generator(random_state)
-    table, given = _pattern_table(labels)
+    rng, table, given, budget = _setting(labels, percentage, random_state, below_100=False)
     n, n_sets = table.n_samples, table.n_patterns
     copies = np.ones(n, dtype=np.int64)
     sizes = np.asarray(table.counts, dtype=np.int64)
     minority = np.flatnonzero(sizes * n_sets < n)
     order = minority[np.argsort(-sizes[minority], kind="stable")]
-    increments = _bag_increments(n - sizes[order] * n_sets, _budget(n, p) * n_sets, n_sets)
+    increments = _bag_increments(n - sizes[order] * n_sets, budget * n_sets, n_sets)
     n_clones = int(increments.sum())
     if n_clones:
         members, starts = _pattern_members(table)
@@ -492,15 +497,13 @@ def lp_rus(labels, percentage=25, *, random_state=None) -> Plan:
     -----
     Bags of equal size are processed in order of their labelset's first occurrence.
     """
-    p = _percentage(percentage, below_100=True)
-    rng = _generator(random_state)
-    table, given = _pattern_table(labels)
+    rng, table, given, budget = _setting(labels, percentage, random_state, below_100=True)
     n, n_sets = table.n_samples, table.n_patterns
     copies = np.ones(n, dtype=np.int64)
     sizes = np.asarray(table.counts, dtype=np.int64)
     majority = np.flatnonzero(sizes * n_sets > n)
     order = majority[np.argsort(sizes[majority], kind="stable")]
-    decrements = _bag_increments(sizes[order] * n_sets - n, _budget(n, p) * n_sets, n_sets)
+    decrements = _bag_increments(sizes[order] * n_sets - n, budget * n_sets, n_sets)
     if decrements.sum():
         members, starts = _pattern_members(table)
         bag_sizes = sizes[order]
