@@ -385,6 +385,13 @@ class Balancer:
 
         target = resolve_target(self.target, table)
         class_weights = self._class_weights(table.n_classes)
+        if objective == "imbalance":
+            weighed = (target > 0) & (np.asarray(table.class_presence()) > 0)
+            if class_weights is not None:
+                weighed &= class_weights > 0
+            if not weighed.any():
+                raise ValueError("objective='imbalance' needs a class present in some sample with a target and "
+                                 "weight above 0, got none (are all label rows 0?); nothing to balance")
         check_feasibility(target, table, class_weights=class_weights)
         lower, upper = self._bounds(counts)
         lo_int = np.ceil(lower - 1e-9)

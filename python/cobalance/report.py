@@ -459,7 +459,9 @@ class Report:
         ax.bar(x + width, 100 * self.after, width, label="after")
         self._set_class_ticks(ax, x)
         ax.set_ylabel("samples containing the class (%)")
-        ax.set_ylim(0, 105)
+        # the bars' own range (small presences stay readable), at most 0-105 %
+        top = max(float(np.max(np.r_[self.before, self.target, self.after], initial=0.0)), 0.01)
+        ax.set_ylim(0, min(105.0, 115.0 * top))
         ax.legend()
 
     def _plot_irlbl(self, ax) -> None:

@@ -266,3 +266,16 @@ def test_uniform_never_means_every_class_in_every_sample():
     b = Balancer(target="uniform").fit(table)
     assert np.allclose(b.target_[b.target_ > 0], b.target_.max())
     assert b.target_.max() < 1
+
+
+def test_nothing_to_balance_raises_a_clear_error():
+    with pytest.raises(ValueError, match="nothing to balance"):
+        Balancer().fit(np.zeros((50, 3), dtype=bool))
+
+
+@pytest.mark.parametrize("labels", [np.ones((20, 4), dtype=bool), np.eye(4, dtype=bool).repeat(10, axis=0),
+                                    np.array([[1, 0, 1]], dtype=bool)])
+def test_degenerate_label_sets_keep_every_sample(labels):
+    b = Balancer().fit(labels)
+    assert b.report_.n_dropped == 0 and b.report_.n_labels_lost == 0
+    assert b.report_.mean_ir_after <= b.report_.mean_ir_before + 1e-12
