@@ -117,6 +117,23 @@ void results_do_not_depend_on_threads() {
                                               g4.data(), 4);
   CHECK(v1 == v4);
   CHECK(g1 == g4);
+  // At this many patterns U y runs in row order (the by-row path): each out_j is its
+  // classes' y_i added in class order, as the dense brute force adds them.
+  std::vector<double> y(static_cast<std::size_t>(d.c)), uy(static_cast<std::size_t>(d.k));
+  for (index_t i = 0; i < d.c; ++i) y[i] = 0.1 + 1.0 / static_cast<double>(i + 3);
+  problem.pattern_sums(y.data(), uy.data(), 4);
+  std::vector<double> uta(static_cast<std::size_t>(d.c)), expected_uta(static_cast<std::size_t>(d.c), 0.0);
+  problem.class_sums(a.data(), uta.data(), 3);
+  for (index_t j = 0; j < d.k; ++j) {
+    double s = 0.0;
+    for (index_t i = 0; i < d.c; ++i)
+      if (d.dense[j][i]) {
+        s += y[i];
+        expected_uta[i] += a[j];
+      }
+    CHECK(uy[j] == s);
+  }
+  for (index_t i = 0; i < d.c; ++i) CHECK(std::abs(uta[i] - expected_uta[i]) <= 1e-12 * expected_uta[i]);
 
   std::vector<double> lo(static_cast<std::size_t>(d.k), 0.0), hi(d.counts);
   for (auto& v : hi) v *= 10.0;
