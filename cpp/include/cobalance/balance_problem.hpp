@@ -156,12 +156,12 @@ class BalanceProblem {
   std::vector<std::uint32_t> class_patterns_;  // 32-bit: half the memory traffic of the hot loops
   std::vector<index_t> chunk_ptr_;
   std::vector<index_t> chunk_class_, chunk_begin_, chunk_end_;  // per chunk
-  // With many patterns and few classes (4 C per block small next to the data), U y
-  // runs over the entries in row order instead, without a loop per row (whose varying
-  // lengths stall the branch predictor): it adds into out[row]. U^T x is always the
-  // by-class gather above (its four accumulators per chunk keep the adds independent;
-  // it measured faster than a scatter in row order at K = 1e4, C = 9 and 300). The
-  // choice depends on the shape only.
+  // With many patterns (over 2^17) and few classes (4 C per block small next to the
+  // data), both products run over the entries in row order instead, without a loop per
+  // row (whose varying lengths stall the branch predictor): U^T x adds x[row] into one
+  // of four per-block copies of the class vector (copy row % 4, so that a class present
+  // in most rows does not chain every add on the one before), U y adds into out[row].
+  // The choice depends on the shape only.
   bool by_rows_ = false;
   std::vector<std::uint32_t> entry_row_;   // pattern of each entry
   std::vector<std::uint32_t> entry_slot_;  // (row % 4) * C + class of each entry
