@@ -93,7 +93,7 @@ def test_study_writes_its_files(tmp_path):
     assert set(logreg["average_rank"]) == {"none", "class_weight", "repeat_factor", "cobalance"}
     csv = (out / "results.csv").read_text().splitlines()
     assert csv[0] == "dataset,classifier,arm,metric,mean,std,p_vs_none" and len(csv) > 10
-    assert "## logreg: macro_f1" in (out / "README.md").read_text()
+    assert "## logreg: macro_f1" in (out / "tables.md").read_text()
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob("*.tmp"))
 
