@@ -423,7 +423,7 @@ def _summary_png(result: dict, path: Path) -> None:
         return
     meta, summary = result["meta"], result["summary"]
     clfs = meta["classifiers"]
-    fig = Figure(figsize=(5.2 * len(clfs), 7.2))
+    fig = Figure(figsize=(5.2 * len(clfs), 7.8))
     axes = fig.subplots(2, len(clfs), squeeze=False)
     for col, clf in enumerate(clfs):
         for row, metric in enumerate(("macro_f1", "rare_f1")):
@@ -443,9 +443,10 @@ def _summary_png(result: dict, path: Path) -> None:
             ax.set_xlabel(f"{metric} minus no resampling (per data set)")
             ax.set_title(f"{clf}: {metric}")
             ax.grid(True, axis="x", alpha=0.3)
-            if row == 0 and col == len(clfs) - 1:
-                ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+            if row == 0 and col == 0:
+                handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(6, len(names)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=100)
     os.replace(tmp, path)
