@@ -9,18 +9,12 @@
 #include <random>
 #include <vector>
 
+#include "balance_data.hpp"
 #include "check.hpp"
 
 using namespace cobalance;
 
 namespace {
-
-struct Data {
-  index_t k, c;
-  std::vector<std::vector<int>> dense;  // k x c
-  std::vector<index_t> indptr, indices;
-  std::vector<double> counts, target, weights;
-};
 
 Data random_data(index_t k, index_t c, unsigned seed) {
   std::mt19937_64 gen(seed);
@@ -75,8 +69,6 @@ double brute_loss(const Data& d, const std::vector<double>& a, Objective o, Regu
   }
   return value + gamma * reg;
 }
-
-BalanceProblem make(const Data& d) { return BalanceProblem(d.indptr, d.indices, d.counts, d.c, d.target, d.weights); }
 
 void gradients_match_central_differences() {
   const Data d = random_data(20, 6, 1);

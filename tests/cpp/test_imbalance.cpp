@@ -11,18 +11,12 @@
 #include <random>
 #include <vector>
 
+#include "balance_data.hpp"
 #include "check.hpp"
 
 using namespace cobalance;
 
 namespace {
-
-struct Data {
-  index_t k, c;
-  std::vector<std::vector<int>> dense;  // k x c
-  std::vector<index_t> indptr, indices;
-  std::vector<double> counts, target, weights;
-};
 
 // Skewed random patterns; class c - 1 is never present and one target is 0, so that
 // the objective's inactive classes are exercised.
@@ -79,14 +73,10 @@ double brute_loss(const Data& d, const std::vector<double>& a, double gamma) {
   return std::log(t / w) + gamma * std::log(n_total * q / (s * s));
 }
 
-BalanceProblem problem_of(const Data& d) {
-  return BalanceProblem(d.indptr, d.indices, d.counts, d.c, d.target, d.weights);
-}
-
 void values_and_gradients_match_the_definitions() {
   for (unsigned seed = 1; seed <= 5; ++seed) {
     const Data d = random_data(40, 7, seed);
-    const BalanceProblem problem = problem_of(d);
+    const BalanceProblem problem = make(d);
     std::mt19937_64 gen(seed);
     std::uniform_real_distribution<double> unit(0.0, 1.0);
     std::vector<double> a(static_cast<std::size_t>(d.k));
@@ -135,7 +125,7 @@ void undefined_where_a_weighed_class_vanishes() {
 
 void projected_gradient_is_feasible_descends_and_ignores_threads() {
   const Data d = random_data(5000, 9, 11);  // several blocks of the fixed-order sums
-  const BalanceProblem problem = problem_of(d);
+  const BalanceProblem problem = make(d);
   double n_total = 0.0;
   for (double n : d.counts) n_total += n;
   std::vector<double> lower = d.counts, upper(d.counts.size());
@@ -173,7 +163,7 @@ void projected_gradient_is_feasible_descends_and_ignores_threads() {
 
 void refusals() {
   const Data d = random_data(20, 4, 3);
-  const BalanceProblem problem = problem_of(d);
+  const BalanceProblem problem = make(d);
   ExactOptions eopt;
   std::vector<double> upper(d.counts.size());
   double n_total = 0.0;
