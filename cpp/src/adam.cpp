@@ -41,53 +41,56 @@ inline double first_moment(const AdamStep& s, double start, double end) {
 #define COBALANCE_INLINE inline
 #endif
 
-// With a fixed total: the moved point into `out` and the step's 1 / D_j into `inv`.
-template <bool low_weight>
-COBALANCE_INLINE void adam_step_to_impl(const AdamStep& s, const double* __restrict g, double* __restrict m, double* __restrict v,
-                       const double* __restrict alpha, double* __restrict out, double* __restrict inv,
-                       std::size_t j0, std::size_t j1) {
+// The arrays one step reads and writes. With a fixed total the moved point goes to
+// `out` and the step's 1 / D_j to `inv`; without, the moved point is clamped to
+// [lower, upper] into `alpha`. The pointers a case does not use are null.
+struct AdamArrays {
+  const double* g;
+  double* m;
+  double* v;
+  double* alpha;
+  const double* lower;
+  const double* upper;
+  double* out;
+  double* inv;
+};
+
+template <bool low_weight, bool fixed_total>
+COBALANCE_INLINE void adam_step_impl(const AdamStep& s, const double* __restrict g, double* __restrict m,
+                                     double* __restrict v, double* __restrict alpha, const double* __restrict lower,
+                                     const double* __restrict upper, double* __restrict out, double* __restrict inv,
+                                     std::size_t j0, std::size_t j1) {
   for (std::size_t j = j0; j < j1; ++j) {
     const double gj = g[j];
     m[j] = first_moment<low_weight>(s, m[j], gj);
     v[j] = v[j] * s.beta2 + (1.0 - s.beta2) * (gj * gj);  // torch: mul_(beta2).addcmul_(g, g, 1 - beta2)
     const double denom = std::sqrt(v[j]) / s.bias2_sqrt + s.eps;
-    out[j] = alpha[j] - s.step * (m[j] / denom);
-    inv[j] = 1.0 / denom;
+    const double moved = alpha[j] - s.step * (m[j] / denom);
+    if constexpr (fixed_total) {
+      out[j] = moved;
+      inv[j] = 1.0 / denom;
+    } else {
+      alpha[j] = std::min(std::max(moved, lower[j]), upper[j]);
+    }
   }
 }
 
-// Without: the moved point clamped to [lower, upper] into alpha.
-template <bool low_weight>
-COBALANCE_INLINE void adam_step_clamped_impl(const AdamStep& s, const double* __restrict g, double* __restrict m,
-                            double* __restrict v, double* __restrict alpha, const double* __restrict lower,
-                            const double* __restrict upper, std::size_t j0, std::size_t j1) {
-  for (std::size_t j = j0; j < j1; ++j) {
-    const double gj = g[j];
-    m[j] = first_moment<low_weight>(s, m[j], gj);
-    v[j] = v[j] * s.beta2 + (1.0 - s.beta2) * (gj * gj);
-    const double denom = std::sqrt(v[j]) / s.bias2_sqrt + s.eps;
-    const double moved = alpha[j] - s.step * (m[j] / denom);
-    alpha[j] = std::min(std::max(moved, lower[j]), upper[j]);
-  }
+template <bool low_weight, bool fixed_total>
+void adam_step_portable(const AdamStep& s, const AdamArrays& a, std::size_t j0, std::size_t j1) {
+  adam_step_impl<low_weight, fixed_total>(s, a.g, a.m, a.v, a.alpha, a.lower, a.upper, a.out, a.inv, j0, j1);
 }
+
+using AdamKernel = void (*)(const AdamStep&, const AdamArrays&, std::size_t, std::size_t);
 
 #ifdef COBALANCE_ADAM_AVX2
-// The same loops compiled for AVX2 (4 doubles a vector instead of SSE2's 2), taken when
+// The same loop compiled for AVX2 (4 doubles a vector instead of SSE2's 2), taken when
 // the CPU has it. AVX2 brings no FMA: every operation rounds as in the portable loop, so
 // the results are bitwise the same (COBALANCE_NO_AVX2=1 forces the portable loop, which
 // CTest runs too).
-template <bool low_weight>
-__attribute__((target("avx2"))) void adam_step_to_avx2(const AdamStep& s, const double* g, double* m, double* v,
-                                                       const double* alpha, double* out, double* inv,
-                                                       std::size_t j0, std::size_t j1) {
-  adam_step_to_impl<low_weight>(s, g, m, v, alpha, out, inv, j0, j1);
-}
-
-template <bool low_weight>
-__attribute__((target("avx2"))) void adam_step_clamped_avx2(const AdamStep& s, const double* g, double* m,
-                                                            double* v, double* alpha, const double* lower,
-                                                            const double* upper, std::size_t j0, std::size_t j1) {
-  adam_step_clamped_impl<low_weight>(s, g, m, v, alpha, lower, upper, j0, j1);
+template <bool low_weight, bool fixed_total>
+__attribute__((target("avx2"))) void adam_step_avx2(const AdamStep& s, const AdamArrays& a, std::size_t j0,
+                                                    std::size_t j1) {
+  adam_step_impl<low_weight, fixed_total>(s, a.g, a.m, a.v, a.alpha, a.lower, a.upper, a.out, a.inv, j0, j1);
 }
 
 bool use_avx2() {
@@ -96,38 +99,20 @@ bool use_avx2() {
 }
 #endif
 
-void adam_step_to(const AdamStep& s, const double* g, double* m, double* v, const double* alpha, double* out,
-                  double* inv, std::size_t j0, std::size_t j1) {
+// One Adam step over entries [j0, j1): the loop compiled for this CPU, with torch.lerp's
+// branch and the fixed-total case chosen once, outside it.
+void adam_step(const AdamStep& s, const AdamArrays& a, bool fixed_total, std::size_t j0, std::size_t j1) {
+  // [low weight][fixed total]
+  static constexpr AdamKernel portable[2][2] = {
+      {adam_step_portable<false, false>, adam_step_portable<false, true>},
+      {adam_step_portable<true, false>, adam_step_portable<true, true>}};
+  const AdamKernel(*kernels)[2] = portable;
 #ifdef COBALANCE_ADAM_AVX2
-  if (use_avx2()) {
-    if (s.weight < 0.5)
-      adam_step_to_avx2<true>(s, g, m, v, alpha, out, inv, j0, j1);
-    else
-      adam_step_to_avx2<false>(s, g, m, v, alpha, out, inv, j0, j1);
-    return;
-  }
+  static constexpr AdamKernel avx2[2][2] = {{adam_step_avx2<false, false>, adam_step_avx2<false, true>},
+                                             {adam_step_avx2<true, false>, adam_step_avx2<true, true>}};
+  if (use_avx2()) kernels = avx2;
 #endif
-  if (s.weight < 0.5)
-    adam_step_to_impl<true>(s, g, m, v, alpha, out, inv, j0, j1);
-  else
-    adam_step_to_impl<false>(s, g, m, v, alpha, out, inv, j0, j1);
-}
-
-void adam_step_clamped(const AdamStep& s, const double* g, double* m, double* v, double* alpha,
-                       const double* lower, const double* upper, std::size_t j0, std::size_t j1) {
-#ifdef COBALANCE_ADAM_AVX2
-  if (use_avx2()) {
-    if (s.weight < 0.5)
-      adam_step_clamped_avx2<true>(s, g, m, v, alpha, lower, upper, j0, j1);
-    else
-      adam_step_clamped_avx2<false>(s, g, m, v, alpha, lower, upper, j0, j1);
-    return;
-  }
-#endif
-  if (s.weight < 0.5)
-    adam_step_clamped_impl<true>(s, g, m, v, alpha, lower, upper, j0, j1);
-  else
-    adam_step_clamped_impl<false>(s, g, m, v, alpha, lower, upper, j0, j1);
+  kernels[s.weight < 0.5][fixed_total](s, a, j0, j1);
 }
 
 }  // namespace
@@ -203,13 +188,12 @@ AdamResult adam(const BalanceProblem& problem, std::vector<double> alpha0, const
     const double bias2_sqrt = std::sqrt(bias2);
     // Elementwise: each entry depends on its own state only, so any split is exact.
     const AdamStep step_of{1.0 - b1, b2, bias2_sqrt, eps, step};
+    const AdamArrays arrays{grad.data(), m.data(), v.data(), alpha,
+                            fixed_total ? nullptr : lower.data(), fixed_total ? nullptr : upper.data(),
+                            fixed_total ? unprojected.data() : nullptr, fixed_total ? inv_metric.data() : nullptr};
     run_parts(parts, [&](int part) {
-      const auto j0 = static_cast<std::size_t>(bounds[static_cast<std::size_t>(part)]);
-      const auto j1 = static_cast<std::size_t>(bounds[static_cast<std::size_t>(part) + 1]);
-      if (fixed_total)
-        adam_step_to(step_of, grad.data(), m.data(), v.data(), alpha, unprojected.data(), inv_metric.data(), j0, j1);
-      else
-        adam_step_clamped(step_of, grad.data(), m.data(), v.data(), alpha, lower.data(), upper.data(), j0, j1);
+      adam_step(step_of, arrays, fixed_total, static_cast<std::size_t>(bounds[static_cast<std::size_t>(part)]),
+                static_cast<std::size_t>(bounds[static_cast<std::size_t>(part) + 1]));
     });
     if (fixed_total) project();
     double loss;
