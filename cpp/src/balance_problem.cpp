@@ -547,7 +547,8 @@ double BalanceProblem::imbalance_terms(const double* g, double* z) const {
     weight_sum += weights_[i];
   }
   if (!(weight_sum > 0.0))
-    bad("the 'imbalance' objective needs a class with weight > 0, target > 0 and present in some pattern");
+    bad("the 'imbalance' objective needs a class with weight > 0, target > 0 and present in some pattern, got "
+        "none (are all label rows 0?); nothing to balance");
   // log M = l_max + log(sum exp(P (l_i - l_max))) / P; s_i = softmax weights of P l.
   double e_sum = 0.0;
   for (index_t i = 0; i < c; ++i)

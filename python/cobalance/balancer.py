@@ -385,13 +385,6 @@ class Balancer:
 
         target = resolve_target(self.target, table)
         class_weights = self._class_weights(table.n_classes)
-        if objective == "imbalance":
-            weighed = (target > 0) & (np.asarray(table.class_presence()) > 0)
-            if class_weights is not None:
-                weighed &= class_weights > 0
-            if not weighed.any():
-                raise ValueError("objective='imbalance' needs a class present in some sample with a target and "
-                                 "weight above 0, got none (are all label rows 0?); nothing to balance")
         check_feasibility(target, table, class_weights=class_weights)
         lower, upper = self._bounds(counts)
         lo_int = np.ceil(lower - 1e-9)
@@ -411,27 +404,27 @@ class Balancer:
         reference = counts * scale
         unit = reference.sum() / n_patterns
         lower_u, upper_u = lower / unit, upper / unit
-        start_scale = total / n_samples if sized else 1.0
-        starts = self._starts(solver)
-        alpha0 = np.clip(self._initial_alpha(table, counts, starts[0], target, total) * start_scale / unit,
-                         lower_u, upper_u)
-
-        indptr, indices = table.sparse_patterns()
-        problem = _core.BalanceProblem(indptr, indices, reference / unit, table.n_classes, target, class_weights)
-        loss_of = lambda a: float(problem.loss(a / unit, objective, regularizer, gamma, n_threads))  # noqa: E731
-
-        adam = exact = None
         if solver == "pg" and total is None:
             if not self.allow_undersampling:
                 raise ValueError("solver 'pg' works at a size known up front; with budget=None and "
                                  "allow_undersampling=False set n_samples_out or a budget")
             total = int(np.clip(n_samples, lo_int.sum(), hi_int.sum()))
             _check_size(total, lo_int, hi_int, "the balanced size ")
+        # the solver's starts, in copies, each computed once (the effective-size search
+        # below solves from them again and again)
+        starts = {kind: self._initial_alpha(table, counts, kind, target, total) for kind in self._starts(solver)}
+
+        indptr, indices = table.sparse_patterns()
+        problem = _core.BalanceProblem(indptr, indices, reference / unit, table.n_classes, target, class_weights)
+        loss_of = lambda a: float(problem.loss(a / unit, objective, regularizer, gamma, n_threads))  # noqa: E731
+
+        adam = exact = None
+        self.min_effective_size_ = None
         if solver == "pg":
-            def solve_pg(weight, kinds=starts):
+            def solve_pg(weight, kinds=tuple(starts)):
                 best = best_loss = None
                 for kind in kinds:  # keep the lowest loss; the first start wins ties
-                    start = self._initial_alpha(table, counts, kind, target, total)
+                    start = starts[kind]
                     start = start * (total / unit) / start.sum() if start.sum() > 0 else start
                     trial = _core.projected_gradient(problem, start, lower_u, upper_u, objective, regularizer,
                                                      weight, total / unit, max_iter=max_iter, tol=float(self.tol),
@@ -443,7 +436,7 @@ class Balancer:
                 return best
 
             run = solve_pg(gamma)
-            floor = self._effective_size_floor(table, counts, target, total)
+            floor = self._effective_size_floor(table, counts, target, total, starts.get("repeat_factor"))
             self.min_effective_size_ = floor
             if floor is not None and regularizer == "ess" and \
                     _effective_size(counts, np.asarray(run["alpha"]) * unit) < floor:
@@ -455,6 +448,8 @@ class Balancer:
             self.history_ = np.asarray(run["history"], dtype=np.float64)
             self.n_iter_, self.converged_ = int(run["n_iter"]), bool(run["converged"])
         else:
+            start_scale = total / n_samples if sized else 1.0
+            alpha0 = np.clip(next(iter(starts.values())) * start_scale / unit, lower_u, upper_u)
             scale_free = regularizer != "counts"
             if not sized and scale_free and self.allow_undersampling:
                 total = int(np.clip(counts.sum(), lo_int.sum(), hi_int.sum()))
@@ -503,8 +498,6 @@ class Balancer:
                 self.history_ = np.asarray(adam["history"], dtype=np.float64)
                 self.n_iter_ = int(adam["n_iter"])
                 self.converged_ = bool(adam["converged"])
-        if solver != "pg":
-            self.min_effective_size_ = None
         if not self.converged_:
             warnings.warn(
                 f"solver {solver!r} stopped after {self.n_iter_} iterations without meeting tol={self.tol!r} "
@@ -667,7 +660,9 @@ class Balancer:
                              f"(check min_count, max_count, max_copies and allow_undersampling)")
         return lower, upper
 
-    def _effective_size_floor(self, table, counts, target, total) -> Optional[float]:
+    def _effective_size_floor(self, table, counts, target, total, repeat_factor=None) -> Optional[float]:
+        """The floor of ``min_effective_size`` in samples (``repeat_factor``: that start's
+        counts at this size, when already computed)."""
         floor = self.min_effective_size
         if floor is None:
             return None
@@ -675,7 +670,8 @@ class Balancer:
             if total <= counts.sum():
                 # no growth, so no repeat-factor plan to compare with: a share of the size
                 return SHRINKING_ESS_SHARE * float(total)
-            reference = _repeat_factor_counts(table, counts, target, float(total))
+            reference = repeat_factor if repeat_factor is not None else \
+                _repeat_factor_counts(table, counts, target, float(total))
             return REPEAT_FACTOR_ESS_SHARE * _effective_size(counts, reference)
         return float(floor) * float(counts.sum())
 
