@@ -550,20 +550,19 @@ double BalanceProblem::imbalance_terms(const double* g, double* z) const {
     bad("the 'imbalance' objective needs a class with weight > 0, target > 0 and present in some pattern, got "
         "none (are all label rows 0?); nothing to balance");
   // log M = l_max + log(sum exp(P (l_i - l_max))) / P; s_i = softmax weights of P l.
+  std::vector<double> e(static_cast<std::size_t>(c), 0.0);  // exp(P (l_i - l_max))
   double e_sum = 0.0;
   for (index_t i = 0; i < c; ++i)
-    if (imbalance_active(i)) e_sum += std::exp(kSoftMaxPower * (l[i] - l_max));
+    if (imbalance_active(i)) e_sum += (e[i] = std::exp(kSoftMaxPower * (l[i] - l_max)));
   const double log_m = l_max + std::log(e_sum) / kSoftMaxPower;
   double t = 0.0;  // T = sum_i w_i M / r_i / sum w
+  std::vector<double> m_over_r(static_cast<std::size_t>(c), 0.0);
   for (index_t i = 0; i < c; ++i)
-    if (imbalance_active(i)) t += weights_[i] * std::exp(log_m - l[i]);
+    if (imbalance_active(i)) t += weights_[i] * (m_over_r[i] = std::exp(log_m - l[i]));
   t /= weight_sum;
   // d log T / d g_i = (s_i - w_i (M / r_i) / (W T)) / g_i
-  for (index_t i = 0; i < c; ++i) {
-    if (!imbalance_active(i)) continue;
-    const double s_i = std::exp(kSoftMaxPower * (l[i] - l_max)) / e_sum;
-    z[i] = (s_i - weights_[i] * std::exp(log_m - l[i]) / (weight_sum * t)) / g[i];
-  }
+  for (index_t i = 0; i < c; ++i)
+    if (imbalance_active(i)) z[i] = (e[i] / e_sum - weights_[i] * m_over_r[i] / (weight_sum * t)) / g[i];
   return std::log(t);
 }
 
