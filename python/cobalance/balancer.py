@@ -611,11 +611,11 @@ class Balancer:
         """The warnings of a fitted plan: labels lost, a collapsed size, targets out of reach."""
         report = self.report_
         names = report.class_names
-        lost = np.flatnonzero((report.before > 0) & (report.after == 0))
-        if lost.size:
+        lost = report.labels_lost
+        if lost:
             warnings.warn(
-                f"{lost.size} classes present in the data are absent from the balanced set: "
-                f"{_name_list(names, lost)}; set allow_undersampling=False (the default), or min_count, to keep "
+                f"{len(lost)} classes present in the data are absent from the balanced set: "
+                f"{_name_list(lost)}; set allow_undersampling=False (the default), or min_count, to keep "
                 f"every sample", LabelLossWarning, stacklevel=3)
         if report.n_samples_out < COLLAPSE_SHARE * report.n_samples:
             warnings.warn(
@@ -774,9 +774,9 @@ def _repeat_factor_counts(table, counts, target, total: float) -> np.ndarray:
     return counts * np.maximum(1.0, np.sqrt(hi * worst))
 
 
-def _name_list(names, idx, limit: int = 10) -> str:
-    shown = ", ".join(repr(names[i]) for i in idx[:limit])
-    return shown + (f", ... ({len(idx) - limit} more)" if len(idx) > limit else "")
+def _name_list(names, limit: int = 10) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _keep_classes_present(table, pattern_counts, alpha, lo_int, hi_int, target, class_weights):
