@@ -195,13 +195,13 @@ def fold_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray, rar
             "hamming": float(hamming_loss(y_true, y_pred))}
 
 
-def _training_figures(y: np.ndarray, plan) -> dict:
-    from cobalance import Plan, PatternTable, Report
+def _training_figures(table, plan) -> dict:
+    """MeanIR and ESS (share of the training part) of ``plan`` on the training part's ``table``."""
+    from cobalance import Plan, Report
 
-    table = PatternTable.from_labels(y)
-    plan = plan if plan is not None else Plan.identity(y.shape[0])
-    r = Report.from_plan(table, plan, np.zeros(y.shape[1]))
-    return {"train_mean_ir": float(r.mean_ir_after), "train_ess": float(r.effective_size / y.shape[0])}
+    plan = plan if plan is not None else Plan.identity(table.n_samples)
+    r = Report.from_plan(table, plan, np.zeros(table.n_classes))
+    return {"train_mean_ir": float(r.mean_ir_after), "train_ess": float(r.effective_size / table.n_samples)}
 
 
 # -- the study ----------------------------------------------------------------------------
@@ -217,6 +217,7 @@ def run_dataset(data: dict, *, arms: Sequence[str] = ARMS, classifiers: Sequence
     _sklearn()
     from sklearn.preprocessing import MaxAbsScaler
 
+    from cobalance import PatternTable
     from cobalance.training.folds import MultilabelStratifiedKFold
 
     x, y = data["X"], data["Y"]
@@ -232,10 +233,11 @@ def run_dataset(data: dict, *, arms: Sequence[str] = ARMS, classifiers: Sequence
             scaler = MaxAbsScaler().fit(x[train])
             x_train, x_test = scaler.transform(x[train]), scaler.transform(x[test])
             y_train, y_test = y[train], y[test]
+            train_table = PatternTable.from_labels(y_train)  # once per fold, for every arm's figures
             for arm in arms:
                 plan = _plan_of(arm, y_train, seed * 1000 + k)
                 idx = np.arange(train.size) if plan is None else plan.indices()
-                figures = _training_figures(y_train, plan)
+                figures = _training_figures(train_table, plan)
                 for clf in classifiers:
                     if not _applies(arm, clf):
                         continue
