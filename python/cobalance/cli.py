@@ -1166,25 +1166,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["experiment", "multilabel"]:
-        return _multilabel_study(argv[2:])
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        print(f"cobalance: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as exc:  # --help and --version exit through argparse
-        return int(exc.code or 0)
-    if getattr(args, "handler", None) is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    console = _Console(args)
+        # the classification study parses its own options (cobalance.multilabel_study)
+        from . import multilabel_study
+
+        def run():
+            return multilabel_study.main(argv[2:])
+    else:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except UsageError as exc:
+            print(f"cobalance: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        except SystemExit as exc:  # --help and --version exit through argparse
+            return int(exc.code or 0)
+        if getattr(args, "handler", None) is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        console = _Console(args)
+
+        def run():
+            return args.handler(args, console)
     debug = os.environ.get("COBALANCE_DEBUG", "") not in ("", "0")
     with _terminate_as_interrupt():
         try:
-            code = args.handler(args, console)
+            code = run()
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
             return code
+        except SystemExit as exc:  # the study's argparse: --help, or a usage error (exit 2)
+            return int(exc.code or 0)
         except BrokenPipeError:
             # stdout was closed early (e.g. piped into `head`): nothing left to tell anyone
             with contextlib.suppress(OSError):
@@ -1212,29 +1222,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"cobalance: error: {type(exc).__name__}: {_one_line(exc)} "
                   "(set COBALANCE_DEBUG=1 for a traceback)", file=sys.stderr)
             return EXIT_FAILURE
-
-
-def _multilabel_study(argv) -> int:
-    """``cobalance experiment multilabel``: the classification study (cobalance.multilabel_study)."""
-    from . import multilabel_study
-
-    try:
-        with _terminate_as_interrupt():
-            return multilabel_study.main(argv)
-    except SystemExit as exc:  # --help, or argparse's usage error (exit 2)
-        return int(exc.code or 0)
-    except KeyboardInterrupt:
-        print("cobalance: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except _Terminated as exc:
-        print("cobalance: terminated", file=sys.stderr)
-        return 128 + exc.signum
-    except ValueError as exc:
-        print(f"cobalance: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    except ImportError as exc:
-        print(f"cobalance: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
 
 
 @contextlib.contextmanager
