@@ -41,12 +41,27 @@ py::array_t<double> array_1d(std::vector<double>&& v) {
   return array_from(std::move(v), {n});
 }
 
+// An iterative solver's result (AdamResult, GradientResult) as the dict Python reads:
+// alpha, history, n_iter, converged.
+template <class Run>
+py::dict run_dict(Run&& result) {
+  py::dict out;
+  out["alpha"] = array_1d(std::move(result.alpha));
+  out["history"] = array_1d(std::move(result.history));
+  out["n_iter"] = result.n_iter;
+  out["converged"] = result.converged;
+  return out;
+}
+
 // Runs a solver without the GIL: safe because it works on copies made beforehand and on
-// the problem, which the caller keeps alive.
+// the problem, which the caller keeps alive. The solver polls Python's signal handlers
+// (its options' interrupt is python_signals()), so Ctrl-C stops it.
 template <class Solve>
 auto without_gil(Solve&& solve) {
-  py::gil_scoped_release release;
-  return solve();
+  return interruptible([&] {
+    py::gil_scoped_release release;
+    return solve();
+  });
 }
 
 // The objective and regularizer named by a caller (ValueError listing the valid names).
@@ -139,16 +154,12 @@ for the objectives and regularizers.
         options.tol = tol;
         options.n_threads = n_threads;
         options.total = total;
+        options.interrupt = python_signals();
         auto a0 = vector_of(alpha0, "alpha0");
         const auto lo = vector_of(lower, "lower"), hi = vector_of(upper, "upper");
         AdamResult result = without_gil(
             [&] { return adam(problem, std::move(a0), lo, hi, kind.objective, kind.regularizer, gamma, options); });
-        py::dict out;
-        out["alpha"] = array_1d(std::move(result.alpha));
-        out["history"] = array_1d(std::move(result.history));
-        out["n_iter"] = result.n_iter;
-        out["converged"] = result.converged;
-        return out;
+        return run_dict(std::move(result));
       },
       py::arg("problem"), py::arg("alpha0"), py::arg("lower"), py::arg("upper"), py::arg("objective"),
       py::arg("regularizer"), py::arg("gamma"), py::arg("lr"), py::arg("beta1") = 0.9, py::arg("beta2") = 0.999,
@@ -181,18 +192,14 @@ ValueError for invalid arguments (named in the message).
         options.max_iter = max_iter;
         options.tol = tol;
         options.n_threads = n_threads;
+        options.interrupt = python_signals();
         auto a0 = vector_of(alpha0, "alpha0");
         const auto lo = vector_of(lower, "lower"), hi = vector_of(upper, "upper");
         GradientResult result = without_gil([&] {
           return projected_gradient(problem, std::move(a0), lo, hi, kind.objective, kind.regularizer, gamma, total,
                                     options);
         });
-        py::dict out;
-        out["alpha"] = array_1d(std::move(result.alpha));
-        out["history"] = array_1d(std::move(result.history));
-        out["n_iter"] = result.n_iter;
-        out["converged"] = result.converged;
-        return out;
+        return run_dict(std::move(result));
       },
       py::arg("problem"), py::arg("alpha0"), py::arg("lower"), py::arg("upper"), py::arg("objective"),
       py::arg("regularizer"), py::arg("gamma"), py::arg("total"), py::arg("max_iter") = 5000, py::arg("tol") = 1e-9,
@@ -214,6 +221,7 @@ loss undefined at the start.
         options.max_iter = max_iter;
         options.tol = tol;
         options.n_threads = n_threads;
+        options.interrupt = python_signals();
         const auto lo = vector_of(lower, "lower"), hi = vector_of(upper, "upper");
         ExactResult result = without_gil(
             [&] { return solve_exact(problem, kind.objective, kind.regularizer, gamma, total, lo, hi, options); });

@@ -25,6 +25,7 @@ MaskScanOptions make_options(std::optional<std::int64_t> ignore_index, const Min
   o.stride_w = stride.second;
   o.n_threads = n_threads;
   o.first_image = first_image;
+  o.interrupt = python_signals();  // Ctrl-C stops a long scan (see interruptible)
   return o;
 }
 
@@ -43,10 +44,12 @@ template <class T>
 MaskScanResult scan_labels_as(const py::array& masks, index_t n_classes, const MaskScanOptions& o) {
   const T* data = static_cast<const T*>(masks.data());
   const index_t n = masks.shape(0), h = masks.shape(1), w = masks.shape(2);
-  // Safe: the loop reads only the mask buffer, which the caller's reference keeps
-  // alive, and writes only C++-owned vectors.
-  py::gil_scoped_release release;
-  return scan_label_maps<T>(data, n, h, w, n_classes, o);
+  return interruptible([&] {
+    // Safe: the loop reads only the mask buffer, which the caller's reference keeps
+    // alive, and writes only C++-owned vectors.
+    py::gil_scoped_release release;
+    return scan_label_maps<T>(data, n, h, w, n_classes, o);
+  });
 }
 
 }  // namespace
@@ -79,12 +82,11 @@ void bind_masks(py::module_& m) {
         const MaskScanOptions o = make_options(std::nullopt, min_pixels, tile, stride, n_threads, first_image);
         const std::uint8_t* data = masks.data();
         const index_t n = masks.shape(0), c = masks.shape(1), h = masks.shape(2), w = masks.shape(3);
-        MaskScanResult r;
-        {
+        MaskScanResult r = interruptible([&] {
           // Safe: reads only the mask buffer held by the caller; writes C++-owned vectors.
           py::gil_scoped_release release;
-          r = scan_binary_masks(data, n, c, h, w, o);
-        }
+          return scan_binary_masks(data, n, c, h, w, o);
+        });
         return to_python(std::move(r));
       },
       py::arg("masks").noconvert(), py::arg("min_pixels"), py::arg("tile"), py::arg("stride"),

@@ -33,6 +33,7 @@ InverseVector inverse_from(const py::array_t<index_t, Flags>& a) {
 
 void bind_patterns(py::module_& m) {
   m.def("resolve_threads", &resolve_threads, py::arg("n_threads"));
+  m.attr("MAX_CLASSES") = kMaxClasses;
 
   py::class_<PatternTable>(m, "PatternTable")
       .def_property_readonly("n_classes", &PatternTable::n_classes)
@@ -103,9 +104,15 @@ void bind_patterns(py::module_& m) {
                 std::vector<index_t>(counts.data(), counts.data() + counts.size()), std::move(inv), has_inverse);
           }));
 
+  // Every builder polls Python's signal handlers in its add_* calls, which stop on
+  // Ctrl-C with the builder as before the call (see interruptible).
   py::class_<PatternTableBuilder>(m, "PatternTableBuilder")
-      .def(py::init<index_t, bool, int>(), py::arg("n_classes"), py::arg("keep_inverse") = true,
-           py::arg("n_threads") = 0)
+      .def(py::init([](index_t n_classes, bool keep_inverse, int n_threads) {
+             PatternTableBuilder b(n_classes, keep_inverse, n_threads);
+             b.set_interrupt_check(python_signals());
+             return b;
+           }),
+           py::arg("n_classes"), py::arg("keep_inverse") = true, py::arg("n_threads") = 0)
       .def_property_readonly("n_classes", &PatternTableBuilder::n_classes)
       .def_property_readonly("n_samples", &PatternTableBuilder::n_samples)
       .def_property_readonly("n_patterns", &PatternTableBuilder::n_patterns)
@@ -119,9 +126,11 @@ void bind_patterns(py::module_& m) {
                                           " columns, got " + std::to_string(labels.shape(1)));
             const std::uint8_t* data = labels.data();
             const index_t n = labels.shape(0);
-            // Safe: the loop reads only `labels`, which the caller's reference keeps alive.
-            py::gil_scoped_release release;
-            b.add_dense(data, n);
+            interruptible([&] {
+              // Safe: the loop reads only `labels`, which the caller's reference keeps alive.
+              py::gil_scoped_release release;
+              b.add_dense(data, n);
+            });
           },
           py::arg("labels").noconvert())
       .def(
@@ -134,8 +143,10 @@ void bind_patterns(py::module_& m) {
                                           std::to_string(words.shape(1)));
             const std::uint64_t* data = words.data();
             const index_t n = words.shape(0);
-            py::gil_scoped_release release;  // reads only `words`
-            b.add_packed(data, n);
+            interruptible([&] {
+              py::gil_scoped_release release;  // reads only `words`
+              b.add_packed(data, n);
+            });
           },
           py::arg("words").noconvert())
       .def(
@@ -147,15 +158,19 @@ void bind_patterns(py::module_& m) {
             const index_t* p = indptr.data();
             const index_t* ix = indices.data();
             const index_t n = indptr.shape(0) - 1, nnz = indices.shape(0);
-            py::gil_scoped_release release;  // reads only the two arrays
-            b.add_lists(p, n, ix, nnz);
+            interruptible([&] {
+              py::gil_scoped_release release;  // reads only the two arrays
+              b.add_lists(p, n, ix, nnz);
+            });
           },
           py::arg("indptr").noconvert(), py::arg("indices").noconvert())
       .def(
           "add_table",
           [](PatternTableBuilder& b, const PatternTable& t) {
-            py::gil_scoped_release release;  // `t` is held by the caller
-            b.add_table(t);
+            interruptible([&] {
+              py::gil_scoped_release release;  // `t` is held by the caller
+              b.add_table(t);
+            });
           },
           py::arg("table"))
       .def("finish", &PatternTableBuilder::finish);
@@ -163,8 +178,10 @@ void bind_patterns(py::module_& m) {
   m.def(
       "merge_tables",
       [](const std::vector<const PatternTable*>& tables, int n_threads) {
-        py::gil_scoped_release release;  // the tables are held by the caller's list
-        return merge_tables(tables, n_threads);
+        return interruptible([&] {
+          py::gil_scoped_release release;  // the tables are held by the caller's list
+          return merge_tables(tables, n_threads, python_signals());
+        });
       },
       py::arg("tables"), py::arg("n_threads") = 0);
 }

@@ -10,9 +10,36 @@
 #include <string>
 #include <vector>
 
+#include "cobalance/interrupt.hpp"
+
 namespace py = pybind11;
 
 namespace cobalance::bindings {
+
+// The interrupt check that the bindings give the core's long loops: it runs Python's
+// signal handlers (taking the GIL, which the loops run without; the core calls it from
+// the thread that called in, at most every 50 ms), so that Ctrl-C, or a handler that
+// raises (the command line's SIGTERM handler), stops the computation. The exception
+// the handler raised stays pending until interruptible() raises it.
+inline InterruptCheck python_signals() {
+  return [] {
+    py::gil_scoped_acquire gil;
+    return PyErr_CheckSignals() != 0;
+  };
+}
+
+// Returns fn() (which may release the GIL); where the core stopped on
+// python_signals(), raises the exception that the signal handler left pending
+// (KeyboardInterrupt for Ctrl-C) instead, once the GIL is held again.
+template <class Fn>
+auto interruptible(Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const Interrupted&) {
+    if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);  // a check other than python_signals()
+    throw py::error_already_set();
+  }
+}
 
 // A read-only numpy view of a vector owned by `owner` (kept alive by the view).
 template <class T, class Alloc>

@@ -181,7 +181,9 @@ AdamResult adam(const BalanceProblem& problem, std::vector<double> alpha0, const
   const int parts = problem.parts(options.n_threads);
   const auto bounds = split_range(static_cast<std::int64_t>(k), parts);
   const double b1 = options.beta1, b2 = options.beta2, eps = options.eps;
+  InterruptPoller interrupt(options.interrupt);
   for (index_t t = 1; t <= options.max_iter; ++t) {
+    interrupt.poll();
     const double bias1 = 1.0 - std::pow(b1, static_cast<double>(t));
     const double bias2 = 1.0 - std::pow(b2, static_cast<double>(t));
     const double step = options.lr / bias1;

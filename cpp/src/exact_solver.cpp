@@ -166,12 +166,13 @@ class ConvexQP {
 
   // Largest eigenvalue of F's Hessian 2 U W U^T, by power iteration on the C x C
   // matrix W^1/2 U^T U W^1/2 from a fixed start (deterministic).
-  double curvature_estimate() const {
+  double curvature_estimate(InterruptPoller& interrupt) const {
     const auto& w = pr_.class_weights();
     std::vector<double> v(static_cast<std::size_t>(c_), 1.0), x(static_cast<std::size_t>(k_)),
         u(static_cast<std::size_t>(c_));
     double lambda = 0.0;
     for (index_t it = 0; it < kPowerIterations; ++it) {
+      interrupt.poll();
       double norm = 0.0;
       for (double e : v) norm += e * e;
       norm = std::sqrt(norm);
@@ -212,7 +213,7 @@ struct InnerResult {
 // FISTA with gradient restart for F + mu R from x (feasible; updated in place). The
 // stopping test is on the natural residual of dF + mu dR.
 InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double& lipschitz, index_t max_iter,
-                  double tol) {
+                  double tol, InterruptPoller& interrupt) {
   const index_t k = qp.k(), c = qp.c();
   const auto& hess = qp.hessian_diagonal();
   std::vector<double> inv_metric(static_cast<std::size_t>(k));
@@ -239,6 +240,7 @@ InnerResult fista(const ConvexQP& qp, double mu, std::vector<double>& x, double&
     return result;
   }
   for (index_t it = 1; it <= max_iter; ++it) {
+    interrupt.poll();
     result.n_iter = it;
     qp.gradient(y.data(), fy.data(), 1.0, mu, grad.data(), work);
     qp.for_patterns([&](index_t j0, index_t j1) {
@@ -327,7 +329,7 @@ bool newton_applies(const ConvexQP& qp, double mu) {
 }
 
 bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t max_iter, double tol,
-                 index_t& n_iter) {
+                 index_t& n_iter, InterruptPoller& interrupt) {
   const BalanceProblem& pr = qp.problem();
   const index_t k = qp.k(), c = qp.c();
   const auto& w = pr.class_weights();
@@ -376,6 +378,7 @@ bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t 
       y_try(static_cast<std::size_t>(c)), p_try(static_cast<std::size_t>(k)), f_try(static_cast<std::size_t>(c)),
       g_try(static_cast<std::size_t>(c));
   for (index_t it = 0; it < max_iter; ++it) {
+    interrupt.poll();
     qp.gradient(p.data(), f.data(), 1.0, mu, grad_p.data(), work);
     if (qp.natural_residual(p.data(), grad_p.data(), work2, tau_residual) <= tol) {
       x = p;
@@ -434,6 +437,7 @@ bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t 
     double grad_norm = 0.0;
     for (double g : dual_grad) grad_norm += g * g;
     for (int ls = 0; ls < 30; ++ls, t *= 0.5) {
+      interrupt.poll();
       for (index_t i = 0; i < c; ++i) y_try[i] = y[i] + t * step[i];
       value_try = evaluate(y_try, p_try, f_try, g_try);
       // Armijo on the dual value; near the optimum its change drowns in rounding, so a
@@ -457,21 +461,21 @@ bool dual_newton(const ConvexQP& qp, double mu, std::vector<double>& x, index_t 
 
 // The QP for one mu: Newton on the dual where it applies, then (if still needed) FISTA.
 InnerResult solve_qp(const ConvexQP& qp, double mu, std::vector<double>& x, double& lipschitz, index_t max_iter,
-                     double tol) {
+                     double tol, InterruptPoller& interrupt) {
   InnerResult result;
   if (newton_applies(qp, mu)) {
     index_t newton_iter = 0;
-    const bool done = dual_newton(qp, mu, x, std::min<index_t>(max_iter, 60), tol, newton_iter);
+    const bool done = dual_newton(qp, mu, x, std::min<index_t>(max_iter, 60), tol, newton_iter, interrupt);
     if (done) {
       result.n_iter = newton_iter;
       result.converged = true;
       return result;
     }
-    result = fista(qp, mu, x, lipschitz, max_iter - newton_iter, tol);
+    result = fista(qp, mu, x, lipschitz, max_iter - newton_iter, tol, interrupt);
     result.n_iter += newton_iter;
     return result;
   }
-  return fista(qp, mu, x, lipschitz, max_iter, tol);
+  return fista(qp, mu, x, lipschitz, max_iter, tol, interrupt);
 }
 
 }  // namespace
@@ -506,17 +510,18 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
   std::vector<double> x(static_cast<std::size_t>(k)), ones(static_cast<std::size_t>(k), 1.0);
   double tau = 0.0;
   qp.project(problem.base_proportions().data(), ones.data(), x.data(), tau);
-  double lipschitz = std::max(1.02 * qp.curvature_estimate(), 1e-12);
+  InterruptPoller interrupt(options.interrupt);
+  double lipschitz = std::max(1.02 * qp.curvature_estimate(interrupt), 1e-12);
 
   ExactResult result;
   bool outer_converged = true;
   double mu = gamma;  // the regularizer's weight in the QP that is solved
   if (objective == Objective::fraction) {
-    result.n_iter = solve_qp(qp, gamma, x, lipschitz, options.max_iter, options.tol).n_iter;
+    result.n_iter = solve_qp(qp, gamma, x, lipschitz, options.max_iter, options.tol, interrupt).n_iter;
   } else if (gamma == 0.0 || regularizer == Regularizer::none) {
     // sqrt is increasing: the minimiser of sqrt(F) is that of F.
     mu = 0.0;
-    result.n_iter = fista(qp, 0.0, x, lipschitz, options.max_iter, options.tol).n_iter;
+    result.n_iter = fista(qp, 0.0, x, lipschitz, options.max_iter, options.tol, interrupt).n_iter;
   } else {
     // KKT of sqrt(F) + gamma R == KKT of F + mu R with mu = 2 gamma sqrt(F): find the
     // root of h(mu) = mu - 2 gamma sqrt(F(p(mu))), unique because the optimum is.
@@ -534,7 +539,8 @@ ExactResult solve_exact(const BalanceProblem& problem, Objective objective, Regu
     int side = 0;  // Illinois: the side kept twice in a row
     outer_converged = false;
     for (int outer = 0; outer < 200 && result.n_iter < options.max_iter; ++outer) {
-      const auto inner = solve_qp(qp, mu, x, lipschitz, options.max_iter - result.n_iter, options.tol);
+      interrupt.poll();
+      const auto inner = solve_qp(qp, mu, x, lipschitz, options.max_iter - result.n_iter, options.tol, interrupt);
       result.n_iter += inner.n_iter;
       mu_solved = mu;
       const double image = fixed_point();

@@ -20,6 +20,9 @@ constexpr int kLanes = 8;
 constexpr index_t kFlushPixels = index_t{1} << 31;
 // Below this many pixels per thread, starting a thread costs more than it saves.
 constexpr index_t kMinPixelsPerPart = index_t{1} << 16;
+// Pixels per thread between two polls of an interrupt check: tens of milliseconds of
+// scanning, so that a poll costs nothing next to a wave and a stop comes promptly.
+constexpr index_t kWavePixels = index_t{1} << 26;
 
 std::string str(index_t v) { return std::to_string(v); }
 
@@ -117,18 +120,32 @@ MaskScanResult run_scan(const Grid& g, index_t n_classes, index_t planes, const 
     band_counts.assign(static_cast<std::size_t>(units) * c, 0);
     band_valid.assign(static_cast<std::size_t>(units), 0);
   }
-  const std::vector<index_t> bounds = split_range(units, parts);
-  run_parts(parts, [&](int t) {
-    auto worker = make_worker();
-    for (index_t u = bounds[static_cast<std::size_t>(t)]; u < bounds[static_cast<std::size_t>(t) + 1]; ++u) {
-      const index_t s = u / bands, band = u % bands;
-      const index_t row_begin = g.tile_h * band / bands, row_end = g.tile_h * (band + 1) / bands;
-      const auto s3 = static_cast<std::size_t>(3 * s);
-      index_t* counts = bands > 1 ? &band_counts[static_cast<std::size_t>(u) * c] : &r.pixel_counts[s * c];
-      index_t* valid = bands > 1 ? &band_valid[static_cast<std::size_t>(u)] : &r.valid_pixels[s];
-      worker(r.origins[s3] - o.first_image, r.origins[s3 + 1], r.origins[s3 + 2], row_begin, row_end, counts, valid);
-    }
-  });
+  // With an interrupt check the units go in waves of about kWavePixels per part, the
+  // check polled between them on this thread; without one, in one wave. Every unit's
+  // counts are its own exact sums, so the waves change no result, and an error is still
+  // that of the first bad unit in order (the waves run in order, and within one the
+  // lowest part's error is rethrown, its units coming first).
+  InterruptPoller interrupt(o.interrupt);
+  const index_t wave = interrupt.active() ? std::max<index_t>(parts, kWavePixels / unit_pixels * parts) : units;
+  for (index_t first = 0; first < units; first += wave) {
+    interrupt.poll();
+    const index_t last = std::min(units, first + wave);
+    const int wave_parts = static_cast<int>(std::min<index_t>(parts, last - first));
+    const std::vector<index_t> bounds = split_range(last - first, wave_parts);
+    run_parts(wave_parts, [&](int t) {
+      auto worker = make_worker();
+      for (index_t u = first + bounds[static_cast<std::size_t>(t)]; u < first + bounds[static_cast<std::size_t>(t) + 1];
+           ++u) {
+        const index_t s = u / bands, band = u % bands;
+        const index_t row_begin = g.tile_h * band / bands, row_end = g.tile_h * (band + 1) / bands;
+        const auto s3 = static_cast<std::size_t>(3 * s);
+        index_t* counts = bands > 1 ? &band_counts[static_cast<std::size_t>(u) * c] : &r.pixel_counts[s * c];
+        index_t* valid = bands > 1 ? &band_valid[static_cast<std::size_t>(u)] : &r.valid_pixels[s];
+        worker(r.origins[s3] - o.first_image, r.origins[s3 + 1], r.origins[s3 + 2], row_begin, row_end, counts,
+               valid);
+      }
+    });
+  }
   if (bands > 1) {
     for (std::size_t u = 0; u < static_cast<std::size_t>(units); ++u) {
       const std::size_t s = u / static_cast<std::size_t>(bands);

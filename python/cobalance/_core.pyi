@@ -1,10 +1,19 @@
 # Hand-written stubs for the private native module cobalance._core.
+#
+# Every long call (the builder's add_* methods, merge_tables, the mask scans, adam,
+# projected_gradient, solve_exact) runs Python's signal handlers about every 50 ms
+# while it works without the GIL, and stops with the exception a handler raised
+# (KeyboardInterrupt for Ctrl-C), leaving a builder as it was before the call.
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
 def resolve_threads(n_threads: int) -> int: ...
+
+# The most classes a table holds: 2**32 - 1 (class numbers are 32-bit in the balancing
+# problem; a pattern takes ceil(n_classes / 64) * 8 bytes).
+MAX_CLASSES: int
 
 # --- pattern tables -------------------------------------------------------------
 

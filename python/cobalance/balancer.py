@@ -19,7 +19,10 @@ from typing import Optional
 import numpy as np
 
 from . import _core
-from .patterns import PatternTable, _threads
+from ._arguments import thread_count
+from .patterns import PatternTable
+from ._plan_size import (check_size, effective_size, raise_weight_to_floor, repeat_factor_counts,
+                         size_form, size_keeping_lower_bounds)
 from .plan import Plan, round_counts, scale_to_total
 from .report import Report
 from .targets import FeasibilityWarning, check_feasibility, reachable_presence, resolve_target
@@ -180,9 +183,10 @@ class Balancer:
         When False (default) a pattern's count is at least its size n_j, so no sample
         is dropped. When True counts may go down to ``min_count`` (default 0); the
         ``imbalance`` objective still keeps every class present.
-    n_samples_out : int, optional
-        Size of the balanced set; overrides ``budget``. See *Size of the balanced
-        set* below.
+    n_samples_out : int, str, optional
+        Size of the balanced set; overrides ``budget``. An integer (or an
+        integer-valued float such as ``806.0``), or a ratio of the original size:
+        ``"1.25x"`` or ``"125%"``. See *Size of the balanced set* below.
     min_effective_size : "repeat_factor", float or None
         A floor on the plan's Kish effective sample size, for the ``ess`` regularizer
         with ``solver="pg"``: where the solution at ``gamma`` falls below it, gamma is
@@ -376,7 +380,7 @@ class Balancer:
         if table.n_samples == 0:
             raise ValueError("table has no samples")
         self._check_params()
-        n_threads = _threads(self.n_threads)
+        n_threads = thread_count(self.n_threads)
         counts = np.asarray(table.counts, dtype=np.float64)
         n_patterns = counts.size
         n_samples = float(counts.sum())
@@ -394,7 +398,7 @@ class Balancer:
         sized = total is not None
         if sized:
             what = "n_samples_out = " if self.n_samples_out is not None else f"the size for budget={self.budget!r}, "
-            _check_size(total, lo_int, hi_int, what)
+            check_size(total, lo_int, hi_int, what)
         # The losses depend on alpha only through alpha / sum(alpha) and alpha / counts,
         # so the problem is posed in a unit of copies chosen for the optimiser: the
         # reference counts average 1 per pattern. Adam's step `lr` then means the same on
@@ -409,7 +413,7 @@ class Balancer:
                 raise ValueError("solver 'pg' works at a size known up front; with budget=None and "
                                  "allow_undersampling=False set n_samples_out or a budget")
             total = int(np.clip(n_samples, lo_int.sum(), hi_int.sum()))
-            _check_size(total, lo_int, hi_int, "the balanced size ")
+            check_size(total, lo_int, hi_int, "the balanced size ")
         # the solver's starts, in copies, each computed once (the effective-size search
         # below solves from them again and again)
         starts = {kind: self._initial_alpha(table, counts, kind, target, total) for kind in self._starts(solver)}
@@ -439,11 +443,11 @@ class Balancer:
             floor = self._effective_size_floor(table, counts, target, total, starts.get("repeat_factor"))
             self.min_effective_size_ = floor
             if floor is not None and regularizer == "ess" and \
-                    _effective_size(counts, np.asarray(run["alpha"]) * unit) < floor:
+                    effective_size(counts, np.asarray(run["alpha"]) * unit) < floor:
                 # the search keeps to the start that won at the first weight (half the solves)
                 won = [run["start"]]
-                gamma, run = _raise_weight_to_floor(lambda w: solve_pg(w, won), gamma, floor,
-                                                    lambda r: _effective_size(counts, np.asarray(r["alpha"]) * unit))
+                gamma, run = raise_weight_to_floor(lambda w: solve_pg(w, won), gamma, floor,
+                                                    lambda r: effective_size(counts, np.asarray(r["alpha"]) * unit))
             alpha = np.asarray(run["alpha"], dtype=np.float64) * unit
             self.history_ = np.asarray(run["history"], dtype=np.float64)
             self.n_iter_, self.converged_ = int(run["n_iter"]), bool(run["converged"])
@@ -468,10 +472,10 @@ class Balancer:
                 # every pattern at or above its lower bound (its count n_j), rounded up. It
                 # is at most Adam's own sum (alpha_j >= lower_j), where the caps hold, so the
                 # caps never clip; the `min` only absorbs the rounding up.
-                minimal = _size_keeping_lower_bounds(adam_alpha, lower)
+                minimal = size_keeping_lower_bounds(adam_alpha, lower)
                 total = int(min(np.ceil(minimal * (1.0 - 1e-12)), hi_int.sum()))
             if not sized:
-                _check_size(total, lo_int, hi_int, "the balanced size ")
+                check_size(total, lo_int, hi_int, "the balanced size ")
             if adam is not None and not adam_sized and scale_free:
                 # the size followed from Adam's direction: one common factor (entries
                 # clipped to their bounds) brings the solution to it
@@ -498,7 +502,17 @@ class Balancer:
                 self.history_ = np.asarray(adam["history"], dtype=np.float64)
                 self.n_iter_ = int(adam["n_iter"])
                 self.converged_ = bool(adam["converged"])
-        if not self.converged_:
+        self.loss_ = loss_of(alpha)
+        rise = _loss_rise(self.history_, self.loss_)
+        if rise is not None:
+            # the steps stalled somewhere worse than the start (e.g. an lr so large that
+            # every step lands on the bounds): meeting tol there is no convergence
+            self.converged_ = False
+            warnings.warn(
+                f"solver {solver!r} ended at loss {rise[1]:.6g}, above its starting loss {rise[0]:.6g}, so it did "
+                f"not converge" + (f"; lower lr (now {self.lr!r})" if solver == "adam" else "")
+                + " - the plan below is from the last iterate", ConvergenceWarning, stacklevel=2)
+        elif not self.converged_:
             warnings.warn(
                 f"solver {solver!r} stopped after {self.n_iter_} iterations without meeting tol={self.tol!r} "
                 f"(max_iter={max_iter}); raise max_iter"
@@ -511,7 +525,6 @@ class Balancer:
         self.solver_ = solver
         self.lower_, self.upper_ = lower, upper
         self.alpha_ = alpha
-        self.loss_ = loss_of(alpha)
         self.exact_ = exact
         self.optimality_gap_ = (self.loss_ - float(exact["loss"])) if (exact is not None and solver == "adam") \
             else None
@@ -532,7 +545,13 @@ class Balancer:
         return self
 
     def fit_resample(self, labels, *, class_names=None) -> np.ndarray:
-        """Fit on a label matrix (or table) and return the balanced index list (int64, length N')."""
+        """Fit on a label matrix (or table) and return the balanced index list (int64, length N').
+
+        The list is in sample order (``plan_.indices()``: a sample's copies adjacent);
+        ``plan_.indices("shuffled", random_state=...)`` gives a shuffled one. For
+        ``(X_res, Y_res)`` as imbalanced-learn returns them, use
+        :class:`cobalance.sklearn.BalancedSampler`.
+        """
         return self.fit(labels, class_names=class_names).plan_.indices()
 
     # -- parts of fit --------------------------------------------------------------------
@@ -575,12 +594,8 @@ class Balancer:
             raise ValueError(f"compute_optimality_gap must be True or False, got {self.compute_optimality_gap!r}")
         if self.max_copies is not None:
             _real(self.max_copies, "max_copies", low=1.0)
-        if self.n_samples_out is not None and (isinstance(self.n_samples_out, bool) or
-                                               not isinstance(self.n_samples_out, Integral) or
-                                               self.n_samples_out < 1):
-            raise ValueError(f"n_samples_out must be a positive integer or None, got {self.n_samples_out!r}")
-        if self.n_samples_out is not None and self.n_samples_out > _MAX_SIZE:
-            raise ValueError(f"n_samples_out must be at most 2**53 (exact in float64), got {self.n_samples_out!r}")
+        if self.n_samples_out is not None:
+            size_form(self.n_samples_out)
         if not isinstance(self.allow_undersampling, (bool, np.bool_)):
             raise ValueError(f"allow_undersampling must be True or False, got {self.allow_undersampling!r}")
 
@@ -602,7 +617,14 @@ class Balancer:
     def _size_up_front(self, n_samples: float) -> Optional[int]:
         """The balanced size from ``n_samples_out`` or ``budget``; None for the paper's rules."""
         if self.n_samples_out is not None:
-            return int(self.n_samples_out)
+            kind, value = size_form(self.n_samples_out)
+            if kind == "count":
+                return value
+            size = int(round(value * n_samples))
+            if size < 1:
+                raise ValueError(f"n_samples_out={self.n_samples_out!r} gives {size} samples for N={n_samples:g}; "
+                                 "expected at least 1")
+            return size
         if self.budget is None:
             return None
         return int(round((1.0 + float(self.budget)) * n_samples))
@@ -647,8 +669,14 @@ class Balancer:
 
     def _bounds(self, counts: np.ndarray):
         k = counts.size
-        lower = _per_pattern(self.min_count, "min_count", k, 0.0)
-        upper = _per_pattern(self.max_count, "max_count", k, np.inf)
+        min_count = _per_pattern(self.min_count, "min_count", k, 0.0)
+        max_count = _per_pattern(self.max_count, "max_count", k, np.inf)
+        if k and not (np.floor(max_count + 1e-9) >= 1).any():
+            shown = repr(self.max_count) if np.ndim(self.max_count) == 0 else "entries all below 1"
+            raise ValueError(f"max_count must allow at least one copy (a number >= 1, or per pattern with some entry "
+                             f">= 1), got {shown}: every pattern would get 0 copies and the balanced set would be "
+                             f"empty")
+        lower, upper = min_count, max_count
         if self.max_copies is not None:
             upper = np.minimum(upper, float(self.max_copies) * counts)
         if not self.allow_undersampling:
@@ -656,8 +684,14 @@ class Balancer:
         bad = lower > upper
         if bad.any():
             j = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"the bounds of pattern {j} are empty: lower {lower[j]!r} > upper {upper[j]!r} "
-                             f"(check min_count, max_count, max_copies and allow_undersampling)")
+            low = (f"min_count = {min_count[j]:g}" if lower[j] == min_count[j] else
+                   f"its size {counts[j]:g} (allow_undersampling=False keeps every sample)")
+            high = (f"max_count = {max_count[j]:g}" if upper[j] == max_count[j] else
+                    f"max_copies * size = {float(self.max_copies):g} * {counts[j]:g}")
+            need = "max_count" if upper[j] == max_count[j] else "max_copies"
+            raise ValueError(f"the bounds of pattern {j} are empty: its lower bound, {low}, exceeds its upper bound, "
+                             f"{high}; {need} must allow at least {lower[j]:g} copies of this pattern, or lower "
+                             f"min_count / set allow_undersampling=True")
         return lower, upper
 
     def _effective_size_floor(self, table, counts, target, total, repeat_factor=None) -> Optional[float]:
@@ -671,8 +705,8 @@ class Balancer:
                 # no growth, so no repeat-factor plan to compare with: a share of the size
                 return SHRINKING_ESS_SHARE * float(total)
             reference = repeat_factor if repeat_factor is not None else \
-                _repeat_factor_counts(table, counts, target, float(total))
-            return REPEAT_FACTOR_ESS_SHARE * _effective_size(counts, reference)
+                repeat_factor_counts(table, counts, target, float(total))
+            return REPEAT_FACTOR_ESS_SHARE * effective_size(counts, reference)
         return float(floor) * float(counts.sum())
 
     def _starts(self, solver: str) -> list:
@@ -688,7 +722,7 @@ class Balancer:
         if kind == "constant":
             return np.full(counts.size, n / counts.size)
         if kind == "repeat_factor":
-            return _repeat_factor_counts(table, counts, target, n if total is None else float(total))
+            return repeat_factor_counts(table, counts, target, n if total is None else float(total))
         # class_weighted: inverse presence of each pattern's rarest class
         presence = np.asarray(table.class_presence(), dtype=np.float64)
         indptr, indices = table.sparse_patterns()
@@ -700,78 +734,6 @@ class Balancer:
             rarest[nonempty] = mins
         weight = 1.0 / rarest
         return weight * (n / weight.sum())
-
-
-_MAX_SIZE = 2 ** 53
-
-
-def _effective_size(counts, alpha) -> float:
-    """Kish effective size ``S^2 / sum c^2`` once each pattern's ``alpha_j`` copies are spread evenly."""
-    copies = np.floor(alpha / counts * (1.0 + 1e-12) + 1e-12)
-    square_sum = float(np.sum(counts * copies * copies + (alpha - copies * counts) * (2.0 * copies + 1.0)))
-    return float(alpha.sum()) ** 2 / square_sum if square_sum > 0 else 0.0
-
-
-def _raise_weight_to_floor(solve, gamma, floor, size_of, *, max_doublings: int = 12, rel: float = 0.05):
-    """The smallest weight (to ``rel``) whose solution's effective size reaches ``floor``.
-
-    Doubles the weight until the floor holds, then bisects (in log) between the last
-    failing and the first passing weight. Returns ``(weight, solution)``; where no
-    weight up to ``gamma * 2**max_doublings`` reaches it, the largest one tried.
-    """
-    low, high, passing = gamma, None, None
-    for _ in range(max_doublings):
-        trial = low * 2.0
-        run = solve(trial)
-        if size_of(run) >= floor:
-            high, passing = trial, run
-            break
-        low = trial
-    if high is None:
-        return low, run
-    while high / low > 1.0 + rel:
-        mid = float(np.sqrt(low * high))
-        run = solve(mid)
-        if size_of(run) >= floor:
-            high, passing = mid, run
-        else:
-            low = mid
-    return high, passing
-
-
-def _repeat_factor_counts(table, counts, target, total: float) -> np.ndarray:
-    """Per-pattern counts ``n_j r_j`` of repeat-factor sampling towards a target, summing to ``total``.
-
-    ``r_j = max(1, max_{c in j} sqrt(t d_c / f_c))`` over the pattern's classes with
-    presence and target above 0 (LVIS's ``sqrt(t / f_c)`` with the presence taken
-    relative to the target); the sum is non-decreasing in ``t``, which bisection finds.
-    Where ``total`` is at most N (or no class qualifies) the counts themselves.
-    """
-    presence = np.asarray(table.class_presence(), dtype=np.float64)
-    indptr, indices = table.sparse_patterns()
-    indptr = np.asarray(indptr, dtype=np.int64)
-    indices = np.asarray(indices, dtype=np.int64)
-    usable = (presence > 0) & (target > 0)
-    if total <= counts.sum() or not usable.any() or indices.size == 0:
-        return counts.copy()
-    # per pattern, the largest d_c / f_c among its classes (0 where none is usable)
-    ratio = np.where(usable, target / np.where(usable, presence, 1.0), 0.0)
-    rows = np.repeat(np.arange(counts.size), np.diff(indptr))
-    worst = np.zeros(counts.size)
-    np.maximum.at(worst, rows, ratio[indices])
-
-    def size(t):
-        return float(np.sum(counts * np.maximum(1.0, np.sqrt(t * worst))))
-
-    lo, hi = 0.0, 1.0 / max(float(worst.max()), 1e-300)
-    while size(hi) < total and hi < 1e300:
-        hi *= 4.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if size(mid) < total else (lo, mid)
-        if hi - lo <= 1e-13 * hi:
-            break
-    return counts * np.maximum(1.0, np.sqrt(hi * worst))
 
 
 def _name_list(names, limit: int = 10) -> str:
@@ -815,21 +777,6 @@ def _keep_classes_present(table, pattern_counts, alpha, lo_int, hi_int, target, 
     return counts
 
 
-def _size_keeping_lower_bounds(alpha, lower):
-    """The smallest total ``S`` with ``S * p_j >= lower_j`` for ``p = alpha / sum(alpha)``.
-
-    That is ``max_j lower_j / p_j`` over the patterns with a positive lower bound: at
-    any smaller size the direction ``p`` would put some pattern below its bound. A
-    pattern with ``p_j = 0`` but ``lower_j > 0`` makes it infinite (the caller clips).
-    """
-    p = alpha / alpha.sum()
-    bounded = lower > 0
-    if not bounded.any():
-        return 0.0
-    with np.errstate(divide="ignore"):
-        return float(np.max(lower[bounded] / p[bounded]))
-
-
 def _warn_if_clipped(alpha, scaled, total, loss):
     """Warn when rescaling ``alpha`` to ``total`` moved a pattern off its direction by a copy or more.
 
@@ -848,13 +795,20 @@ def _warn_if_clipped(alpha, scaled, total, loss):
             SizeWarning, stacklevel=3)
 
 
-def _check_size(total, lo_int, hi_int, what):
-    if not lo_int.sum() <= total <= hi_int.sum():
-        raise ValueError(f"{what}{total} is outside what the per-pattern bounds allow, "
-                         f"[{int(lo_int.sum())}, {hi_int.sum():.0f}]")
-    if total == 0:
-        raise ValueError("the balanced set would be empty (all counts at 0); forbid undersampling or "
-                         "set n_samples_out / min_count")
+def _loss_rise(history, loss):
+    """``(start, end)`` where a solver's run ended above its starting loss or at a non-finite one, else None.
+
+    The margin (1e-9 relative, the default tol) leaves out rounding noise of a run
+    that starts at its optimum.
+    """
+    if history is None or history.size == 0:
+        return None
+    start, end = float(history[0]), float(history[-1])
+    if np.isfinite(end) and not np.isfinite(loss):
+        end = float(loss)  # the solution rescaled to the plan's size
+    if not np.isfinite(end) or end > start + 1e-9 * max(abs(start), 1e-300):
+        return start, end
+    return None
 
 
 def _choice(value, name, options):
@@ -872,7 +826,12 @@ def _real(value, name, *, low, strict=False):
 def _per_pattern(value, name, k, default):
     if value is None:
         return np.full(k, default, dtype=np.float64)
-    arr = np.asarray(value, dtype=np.float64)
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a non-negative number or one per pattern ({k}), got {value!r}") from None
     if arr.ndim == 0:
         arr = np.full(k, float(arr))
     if arr.shape != (k,):

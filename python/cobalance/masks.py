@@ -28,7 +28,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from .patterns import PatternTable, _check_n_classes, _threads
+from ._arguments import class_count, min_pixels_per_class, size_pair, thread_count
 
 __all__ = ["MaskScan", "scan_masks", "scan_masks_iter"]
 
@@ -121,12 +121,17 @@ class MaskScan:
         counts = self.pixel_counts.sum(axis=0).astype(np.float64)
         return counts / total if total else np.zeros(self.n_classes)
 
-    def to_table(self, class_names: Optional[Sequence[str]] = None) -> PatternTable:
+    def to_table(self, class_names: Optional[Sequence[str]] = None):
         """Group the samples' presence vectors into a :class:`cobalance.PatternTable`.
 
-        ``class_names`` defaults to the scan's own. The table keeps this scan as its
-        ``mask_scan`` attribute.
+        ``class_names`` defaults to the scan's own. Returns the table, which keeps this
+        scan as its ``mask_scan`` attribute.
         """
+        # Imported here: scans come before tables in the data flow, and
+        # PatternTable.from_masks imports this module, so a module-level import of
+        # patterns would make the two modules import each other.
+        from .patterns import PatternTable
+
         names = class_names if class_names is not None else self.class_names
         table = PatternTable.from_labels(self.presence, class_names=names)
         table.mask_scan = self
@@ -162,35 +167,6 @@ class MaskScan:
 
     def __repr__(self) -> str:
         return f"MaskScan(n_samples={self.n_samples}, n_classes={self.n_classes}, tile={self.tile})"
-
-
-def _pair(value, name: str) -> Tuple[int, int]:
-    def is_int(v):
-        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-    if is_int(value):
-        pair = (int(value), int(value))
-    elif isinstance(value, (tuple, list, np.ndarray)) and len(value) == 2 and all(is_int(v) for v in value):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise ValueError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
-    if min(pair) < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return pair
-
-
-def _min_pixels(min_pixels, n_classes: int) -> np.ndarray:
-    arr = np.asarray(min_pixels)
-    if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
-        raise ValueError(f"min_pixels must be an integer or one integer per class, got {min_pixels!r}")
-    arr = np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
-    if arr.size not in (1, n_classes):
-        raise ValueError(f"min_pixels must hold 1 or n_classes = {n_classes} values, got {arr.size}")
-    bad = np.flatnonzero(arr < 1)
-    if bad.size:
-        where = f" for class {bad[0]}" if arr.size > 1 else ""
-        raise ValueError(f"min_pixels must be >= 1, got {arr[bad[0]]}{where}")
-    return arr
 
 
 def _infer_layout(layout: Optional[str], ndim: int) -> str:
@@ -250,7 +226,7 @@ def _multilabel_batch(masks: np.ndarray, n_classes: int) -> np.ndarray:
 def scan_masks(masks, *, n_classes: int, layout: Optional[str] = None, ignore_index: Optional[int] = None,
                min_pixels: Union[int, Sequence[int]] = 1, tile: Union[None, int, Tuple[int, int]] = None,
                stride: Union[None, int, Tuple[int, int]] = None, n_threads: Optional[int] = None,
-               class_names: Optional[Sequence[str]] = None) -> MaskScan:
+               class_names: Optional[Sequence[str]] = None, first_image: int = 0) -> MaskScan:
     """Class presence and pixel counts of every image or tile of a batch of masks.
 
     Parameters
@@ -282,6 +258,9 @@ def scan_masks(masks, *, n_classes: int, layout: Optional[str] = None, ignore_in
         Threads; default all cores. The result is the same for every value.
     class_names : sequence of str, optional
         Stored on the scan and used by :meth:`MaskScan.to_table`.
+    first_image : int
+        Index of the batch's first image in :attr:`MaskScan.origins` and in error
+        messages, for a dataset scanned batch by batch. Default 0.
 
     Returns
     -------
@@ -294,34 +273,30 @@ def scan_masks(masks, *, n_classes: int, layout: Optional[str] = None, ignore_in
         ``ignore_index`` (the message names the value, the image index and the
         pixel); multi-label channels != n_classes; a tile larger than the image
         (naming both sizes); stride > tile; min_pixels < 1 or of the wrong length;
-        ignore_index with multi-label masks.
+        ignore_index with multi-label masks; first_image negative or not an integer.
     """
-    return _scan(masks, n_classes=n_classes, layout=layout, ignore_index=ignore_index, min_pixels=min_pixels,
-                 tile=tile, stride=stride, n_threads=n_threads, class_names=class_names, first_image=0)
-
-
-def _scan(masks, *, n_classes, layout, ignore_index, min_pixels, tile, stride, n_threads, class_names,
-          first_image: int) -> MaskScan:
-    n_classes = _check_n_classes(n_classes)
+    n_classes = class_count(n_classes)
+    if isinstance(first_image, bool) or not isinstance(first_image, (int, np.integer)) or first_image < 0:
+        raise ValueError(f"first_image must be a non-negative integer, got {first_image!r}")
     arr = np.asarray(masks)
     layout = _infer_layout(layout, arr.ndim)
     if ignore_index is not None and (not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool)):
         raise ValueError(f"ignore_index must be an integer or None, got {ignore_index!r}")
-    min_px = _min_pixels(min_pixels, n_classes)
-    tile_hw = (0, 0) if tile is None else _pair(tile, "tile")
+    min_px = min_pixels_per_class(min_pixels, n_classes)
+    tile_hw = (0, 0) if tile is None else size_pair(tile, "tile")
     if stride is not None and tile is None:
         raise ValueError(f"stride={stride!r} given without a tile size")
-    stride_hw = tile_hw if stride is None else _pair(stride, "stride")
-    threads = _threads(n_threads)
+    stride_hw = tile_hw if stride is None else size_pair(stride, "stride")
+    threads = thread_count(n_threads)
     if layout == "label":
         batch = _label_batch(arr, ignore_index)
         parts = _core.scan_label_maps(batch, n_classes, None if ignore_index is None else int(ignore_index),
-                                      min_px, tile_hw, stride_hw, threads, first_image)
+                                      min_px, tile_hw, stride_hw, threads, int(first_image))
     else:
         if ignore_index is not None:
             raise ValueError(f"ignore_index={ignore_index} does not apply to multi-label masks (0/nonzero per class)")
         batch = _multilabel_batch(arr, n_classes)
-        parts = _core.scan_binary_masks(batch, min_px, tile_hw, stride_hw, threads, first_image)
+        parts = _core.scan_binary_masks(batch, min_px, tile_hw, stride_hw, threads, int(first_image))
     presence, pixel_counts, valid_pixels, origins = parts
     return MaskScan(presence.view(np.bool_), pixel_counts, valid_pixels, origins,
                     tile=None if tile is None else tile_hw, class_names=class_names, n_images=batch.shape[0])
@@ -339,7 +314,7 @@ def scan_masks_iter(masks: Iterable, *, n_classes: int, layout: Optional[str] = 
     by one and only the per-sample results are kept. Image indices in
     :attr:`MaskScan.origins` count images across all items in order.
 
-    Parameters are those of :func:`scan_masks`. Errors name the item: a bad value in
+    Parameters are those of :func:`scan_masks` (but ``first_image``). Errors name the item: a bad value in
     item ``k`` raises ValueError starting with ``"mask item k: "``, and the image index
     in the message counts across items like the origins do.
     """
@@ -347,17 +322,17 @@ def scan_masks_iter(masks: Iterable, *, n_classes: int, layout: Optional[str] = 
     n_images = 0
     for k, item in enumerate(masks):
         try:
-            scan = _scan(item, n_classes=n_classes, layout=layout, ignore_index=ignore_index,
-                         min_pixels=min_pixels, tile=tile, stride=stride, n_threads=n_threads,
-                         class_names=class_names, first_image=n_images)
+            scan = scan_masks(item, n_classes=n_classes, layout=layout, ignore_index=ignore_index,
+                              min_pixels=min_pixels, tile=tile, stride=stride, n_threads=n_threads,
+                              class_names=class_names, first_image=n_images)
         except ValueError as err:
             raise ValueError(f"mask item {k}: {err}") from None
         n_images += scan.n_images
         scans.append(scan)
     if not scans:
-        n_classes = _check_n_classes(n_classes)
-        _min_pixels(min_pixels, n_classes)
+        n_classes = class_count(n_classes)
+        min_pixels_per_class(min_pixels, n_classes)
         return MaskScan(np.zeros((0, n_classes), np.bool_), np.zeros((0, n_classes), np.int64),
                         np.zeros(0, np.int64), np.zeros((0, 3), np.int64),
-                        tile=None if tile is None else _pair(tile, "tile"), class_names=class_names, n_images=0)
+                        tile=None if tile is None else size_pair(tile, "tile"), class_names=class_names, n_images=0)
     return MaskScan.concatenate(scans, renumber_images=False)

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from . import _core
+from . import _core, _provenance
+from ._arguments import class_count as _check_n_classes
+from ._arguments import thread_count as _threads
 from ._atomic import atomic_savez
+from ._strict import exact_sum_fits, npz_fields, npz_int, npz_int_vector, npz_str, open_npz
 
 __all__ = ["PatternTable"]
 
+_FORMAT = "cobalance.PatternTable"
 _FORMAT_VERSION = 1
-
-
-def _threads(n_threads: Optional[int]) -> int:
-    if n_threads is None:
-        return 0
-    if not isinstance(n_threads, (int, np.integer)) or n_threads < 1:
-        raise ValueError(f"n_threads must be a positive integer or None (all cores), got {n_threads!r}")
-    return int(n_threads)
 
 
 def _as_dense_labels(labels, name: str = "labels") -> np.ndarray:
@@ -43,6 +38,34 @@ def _as_dense_labels(labels, name: str = "labels") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _frame_labels(frame):
+    """``(matrix, column names)`` of a pandas or polars DataFrame of 0/1 label columns.
+
+    Boolean (also pandas' nullable ``boolean``), integer, float and categorical columns
+    (with 0/1 or boolean categories) are accepted; a missing value is an error naming
+    the column and row.
+    """
+    names = [str(c) for c in frame.columns]
+    columns = []
+    for name, key in zip(names, frame.columns):
+        col = frame[key]
+        if getattr(col.dtype, "name", None) == "category":  # pandas categorical: its values, not its codes
+            col = col.astype(col.cat.categories.dtype)
+        missing = col.isna() if hasattr(col, "isna") else col.is_null()
+        if bool(missing.any()):
+            row = int(np.flatnonzero(np.asarray(missing))[0])
+            raise ValueError(f"labels column {name!r} has a missing value at row {row}; expected 0/1 or booleans")
+        values = np.asarray(col.to_numpy())
+        if values.dtype == object:  # e.g. pandas' nullable boolean / Int columns without missing values
+            try:
+                values = values.astype(np.float64)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"labels column {name!r} must hold 0/1 numbers or booleans: {err}") from None
+        columns.append(values)
+    matrix = np.column_stack(columns) if columns else np.zeros((len(frame), 0), dtype=np.uint8)
+    return matrix, names
+
+
 def _as_index(a, name: str) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 1:
@@ -52,13 +75,18 @@ def _as_index(a, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def _check_n_classes(n_classes) -> int:
-    if not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
-        raise ValueError(f"n_classes must be a positive integer, got {n_classes!r}")
-    return int(n_classes)
+def _check_list_classes(n_classes) -> int:
+    """n_classes for from_lists: _check_n_classes, and at most what a table holds (the
+    core's limit, checked here too so that values beyond int64 get the same message)."""
+    n_classes = _check_n_classes(n_classes)
+    if n_classes > _core.MAX_CLASSES:
+        raise ValueError(f"n_classes = {n_classes} is more than a pattern table holds (at most 2^32 - 1 = "
+                         f"{_core.MAX_CLASSES} classes: the balancing problem numbers classes in 32 bits, and each "
+                         f"pattern takes ceil(n_classes / 64) * 8 bytes, here {(n_classes + 63) // 64 * 8})")
+    return n_classes
 
 
-class PatternTable:
+class PatternTable(_provenance.Recorded):
     """Unique class-presence vectors of a dataset.
 
     A sample's class-presence vector has bit ``i`` set when the sample contains
@@ -79,11 +107,28 @@ class PatternTable:
         Pattern index of every sample (absent when built with ``keep_inverse=False``).
         32-bit: a table holds at most 2^31 - 1 patterns; counts are int64.
     class_names : list of str
+    provenance : dict or None
+        Where the table came from (e.g. the source file, its format and the scan
+        options), as JSON values; saved inside the file by :meth:`save` and read back
+        by :meth:`load`. None when not set (:func:`cobalance.labels.read_labels` and
+        the command line fill it). It takes no part in ``==``.
     """
 
     def __init__(self, native: "_core.PatternTable", class_names: Optional[Sequence[str]] = None):
         self._native = native
-        self.class_names = _class_names(class_names, native.n_classes)
+        # The default names ("0", "1", ...) are made on first use: made here, a table of
+        # 10**8 classes from from_lists would hold 10**8 strings (about 6 GB) at once.
+        self._names = None if class_names is None else _class_names(class_names, native.n_classes)
+
+    @property
+    def class_names(self) -> list:
+        if self._names is None:
+            self._names = _class_names(None, self._native.n_classes)
+        return self._names
+
+    @class_names.setter
+    def class_names(self, names) -> None:
+        self._names = _class_names(names, self._native.n_classes)
 
     # -- construction -------------------------------------------------------------
 
@@ -94,10 +139,13 @@ class PatternTable:
 
         Parameters
         ----------
-        labels : array-like, shape (n_samples, n_classes)
+        labels : array-like or DataFrame, shape (n_samples, n_classes)
             bool or uint8 (viewed without a copy when C-contiguous); other integer or
-            float dtypes are checked for 0/1 and converted (a copy).
+            float dtypes are checked for 0/1 and converted (a copy). A pandas or polars
+            DataFrame (boolean, nullable boolean, numeric or 0/1 categorical columns;
+            converted, a copy) gives its column names as the class names.
         class_names : sequence of str, optional
+            Overrides a DataFrame's column names.
         keep_inverse : bool
             Keep the sample -> pattern index (4 bytes per sample).
         n_threads : int, optional
@@ -106,8 +154,12 @@ class PatternTable:
         Raises
         ------
         ValueError
-            Not 2-D, zero columns, or a value other than 0/1 (the message names it).
+            Not 2-D, zero columns, a missing value in a DataFrame, or a value other
+            than 0/1 (the message names it).
         """
+        if hasattr(labels, "columns") and hasattr(labels, "to_numpy"):
+            labels, names = _frame_labels(labels)
+            class_names = names if class_names is None else class_names
         y = _as_dense_labels(labels)
         if y.shape[1] == 0:
             raise ValueError("labels must have at least one column (n_classes >= 1), got shape "
@@ -154,10 +206,25 @@ class PatternTable:
                    keep_inverse: bool = True, n_threads: Optional[int] = None) -> "PatternTable":
         """Group sparse label lists in CSR form (e.g. ``scipy.sparse.csr_matrix``'s).
 
-        The classes of sample ``r`` are ``indices[indptr[r]:indptr[r + 1]]``. Arrays
-        are converted to int64 (a copy unless already int64 and contiguous).
+        The classes of sample ``r`` are ``indices[indptr[r]:indptr[r + 1]]``, in any
+        order (a class listed twice counts once). Arrays are converted to int64 (a copy
+        unless already int64 and contiguous).
+
+        Time and memory are O(nnz + n_samples) plus ``ceil(n_classes / 64) * 8`` bytes
+        per distinct pattern, not per sample: with many classes the rows are grouped by
+        their sets of classes before any is packed. Ctrl-C stops the grouping
+        (KeyboardInterrupt).
+
+        Raises
+        ------
+        ValueError
+            ``n_classes`` not a positive integer or above 2**32 - 1 (what a table holds:
+            class numbers are 32-bit in the balancing problem, and each pattern takes
+            ``ceil(n_classes / 64) * 8`` bytes, 512 MiB at the limit), ``indptr``
+            decreasing or not ending at ``len(indices)``, or a class index outside
+            ``[0, n_classes)`` (the message names it and its row).
         """
-        n_classes = _check_n_classes(n_classes)
+        n_classes = _check_list_classes(n_classes)
         builder = _core.PatternTableBuilder(n_classes, keep_inverse, _threads(n_threads))
         builder.add_lists(_as_index(indptr, "indptr"), _as_index(indices, "indices"))
         return cls(builder.finish(), class_names)
@@ -168,7 +235,8 @@ class PatternTable:
 
         The matrix is not modified: when it holds explicit zeros or duplicate
         entries, a canonical copy is made; otherwise its CSR arrays are used as they are
-        (converted to int64 when narrower, a copy of the index arrays).
+        (converted to int64 when narrower, a copy of the index arrays). Costs as
+        :meth:`from_lists`: nothing per sample depends on the number of columns.
         """
         csr = matrix.tocsr()
         if not csr.has_canonical_format or (csr.data == 0).any():
@@ -217,6 +285,15 @@ class PatternTable:
 
         The result equals the table of the concatenated samples: same patterns in the
         same order, counts summed, inverse indices referring to the merged patterns.
+        Named tables must name their classes alike (the same names in the same
+        order); a table with the default names ``"0", "1", ...`` (built without
+        ``class_names``) merges with any, and the result keeps the names given.
+
+        Raises
+        ------
+        ValueError
+            No table, an entry that is not a PatternTable, or tables that differ in
+            their number of classes or their class names (both lists are named).
         """
         tables = list(tables)
         if not tables:
@@ -226,8 +303,15 @@ class PatternTable:
                 raise ValueError(f"tables[{i}] must be a PatternTable, got {type(t).__name__}")
             if t.n_classes != tables[0].n_classes:
                 raise ValueError(f"tables[{i}] has {t.n_classes} classes, tables[0] has {tables[0].n_classes}")
+        default = _class_names(None, tables[0].n_classes)
+        named = [(i, t.class_names) for i, t in enumerate(tables) if t.class_names != default]
+        for i, names in named[1:]:
+            if names != named[0][1]:
+                first = named[0][0]
+                raise ValueError(f"tables[{i}] names its classes {names}, but tables[{first}] names them "
+                                 f"{named[0][1]}; merge needs the same class names in the same order")
         native = _core.merge_tables([t._native for t in tables], _threads(n_threads))
-        return cls(native, tables[0].class_names)
+        return cls(native, named[0][1] if named else default)
 
     @classmethod
     def from_masks(cls, masks, *, n_classes: int, class_names=None, **scan_options) -> "PatternTable":
@@ -300,7 +384,9 @@ class PatternTable:
     def __eq__(self, other) -> bool:
         if not isinstance(other, PatternTable):
             return NotImplemented
-        same = (self.n_classes == other.n_classes and self.class_names == other.class_names
+        # two tables with the default names compare without making them
+        same_names = (self._names is None and other._names is None) or self.class_names == other.class_names
+        same = (self.n_classes == other.n_classes and same_names
                 and np.array_equal(self.packed, other.packed) and np.array_equal(self.counts, other.counts)
                 and self.has_inverse == other.has_inverse)
         return same and (not self.has_inverse or np.array_equal(self.inverse, other.inverse))
@@ -308,14 +394,17 @@ class PatternTable:
     __hash__ = None  # mutable-array container
 
     def __reduce__(self):
-        return (_restore, (self._native, self.class_names))
+        return (_restore, (self._native, self.class_names, self._provenance))
 
     # -- persistence ---------------------------------------------------------------
 
     def save(self, path) -> None:
-        """Write the table to an ``.npz`` file (atomically: temporary name, then rename)."""
+        """Write the table to an ``.npz`` file (atomically: temporary name, then rename).
+
+        The :attr:`provenance`, when set, is stored as the JSON text array ``provenance``.
+        """
         arrays = dict(
-            format=np.array("cobalance.PatternTable"),
+            format=np.array(_FORMAT),
             version=np.array(_FORMAT_VERSION),
             n_classes=np.array(self.n_classes),
             packed=self.packed,
@@ -324,56 +413,83 @@ class PatternTable:
         )
         if self.has_inverse:
             arrays["inverse"] = self.inverse
+        if self._provenance is not None:
+            arrays["provenance"] = np.array(_provenance.to_text(self._provenance))
         atomic_savez(path, arrays)
 
     @classmethod
     def load(cls, path) -> "PatternTable":
         """Read a table written by :meth:`save`; the content is validated.
 
+        Every array must have the dtype and shape :meth:`save` gives it (integers
+        stored as integers, the patterns as 64-bit words, one name per class), and
+        the arrays must agree with each other as :meth:`from_labels` would build them;
+        a stored provenance must be a JSON object.
+
         Raises
         ------
         ValueError
             The file is not a pattern-table ``.npz`` (not a zip archive, truncated,
-            arrays missing), has a newer format version, or its arrays contradict
-            each other (duplicate patterns, counts that do not match the inverse).
+            arrays missing or unknown, pickled objects), has an unknown format
+            version, or its arrays contradict each other (duplicate patterns, counts
+            that do not match the inverse). The message names the file and the array.
         FileNotFoundError
-            No file at ``path``.
+            No file at ``path`` (other ``OSError`` where it cannot be opened).
         """
-        where = repr(os.fspath(path))
+        name = os.fspath(path)
+        where = repr(name)
+        with open_npz(name, "pattern-table") as archive:
+            if "format" not in archive.files:
+                raise ValueError(f"{where} is not a cobalance pattern-table file (it has no 'format' array)")
+            fields = npz_fields(archive, name, "pattern-table",
+                                ("format", "version", "n_classes", "packed", "counts", "class_names"),
+                                ("inverse", "provenance"))
+        if npz_str(fields["format"], where, "format") != _FORMAT:
+            raise ValueError(f"{where} is not a cobalance pattern-table file (its format is "
+                             f"{str(fields['format'])[:40]!r}, expected {_FORMAT!r})")
+        version = npz_int(fields["version"], where, "version", low=-2 ** 63)
+        if not 1 <= version <= _FORMAT_VERSION:
+            raise ValueError(f"{where} has format version {version}; this cobalance reads 1 to {_FORMAT_VERSION}")
+        n_classes = npz_int(fields["n_classes"], where, "n_classes", low=1)
+        names = fields["class_names"]
+        if names.dtype.kind != "U" or names.shape != (n_classes,):
+            raise ValueError(f"{where}: class_names must be {n_classes} texts (n_classes), got dtype {names.dtype}, "
+                             f"shape {names.shape}")
+        if names.dtype.itemsize == 0 and n_classes > 1:  # all empty: refused before a loop over them
+            raise ValueError(f"{where}: class_names must be unique, got {n_classes} empty names")
+        n_words = (n_classes + 63) // 64
+        packed = fields["packed"]
+        if packed.dtype.kind not in "iu" or packed.dtype.itemsize != 8 or packed.ndim != 2 \
+                or packed.shape[1] != n_words:
+            raise ValueError(f"{where}: packed must be 64-bit integers of shape (n_patterns, {n_words}) for "
+                             f"n_classes = {n_classes}, got dtype {packed.dtype}, shape {packed.shape}")
+        packed = np.ascontiguousarray(packed).view(np.uint64)
+        counts = npz_int_vector(fields["counts"], where, "counts")
+        if counts.size and counts.min() < 1:
+            j = int(np.argmin(counts))
+            raise ValueError(f"{where}: counts must be positive, got {counts[j]} for pattern {j}")
         try:
-            z = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise ValueError(f"{where} is not a cobalance pattern-table file ({e})") from None
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ValueError(f"{where} is not a cobalance pattern-table file (a single array, not an .npz)")
-        with z:
-            try:
-                if "format" not in z or str(z["format"]) != "cobalance.PatternTable":
-                    raise ValueError(f"{where} is not a cobalance pattern-table file")
-                version = int(z["version"])
-                if version > _FORMAT_VERSION:
-                    raise ValueError(f"{where} has format version {version}; this cobalance reads "
-                                     f"up to {_FORMAT_VERSION}")
-                n_classes = _check_n_classes(int(z["n_classes"]))
-                packed = np.ascontiguousarray(z["packed"], dtype=np.uint64).reshape(-1, (n_classes + 63) // 64)
-                counts = np.ascontiguousarray(z["counts"], dtype=np.int64)
-                inverse = None
-                if "inverse" in z:
-                    inverse = z["inverse"]
-                    if inverse.dtype.kind not in "iu":
-                        raise ValueError(f"{where}: inverse must hold integers, got dtype {inverse.dtype}")
-                    inverse = np.ascontiguousarray(inverse, dtype=np.int64)
-                names = [str(s) for s in z["class_names"]]
-            except (KeyError, OSError, zipfile.BadZipFile, EOFError, TypeError) as e:
-                raise ValueError(f"{where} is not a cobalance pattern-table file ({e})") from None
-        native = _core.PatternTable.from_parts(n_classes, packed, counts, inverse)
-        return cls(native, names)
+            exact_sum_fits(counts, "counts")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        inverse = fields.get("inverse")
+        if inverse is not None:
+            inverse = npz_int_vector(inverse, where, "inverse")
+        provenance = fields.get("provenance")
+        provenance = None if provenance is None else _provenance.from_npz_text(provenance, where)
+        try:
+            native = _core.PatternTable.from_parts(n_classes, packed, counts, inverse)
+            table = cls(native, [str(s) for s in names])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        table._provenance = provenance
+        return table
 
 
-def _restore(native, class_names):
-    return PatternTable(native, class_names)
+def _restore(native, class_names, provenance=None):
+    table = PatternTable(native, class_names)
+    table._provenance = provenance
+    return table
 
 
 def _class_names(names, n_classes: int) -> list:

@@ -20,12 +20,18 @@ from typing import Optional
 
 import numpy as np
 
+from . import _provenance
 from ._atomic import atomic_savez, atomic_write_text
+from ._strict import (INT64_MAX, exact_sum, exact_sum_fits, json_int, json_int_list, npz_fields, npz_int,
+                      npz_int_vector, npz_str, open_npz, read_json)
 
 __all__ = ["Plan", "round_counts", "scale_to_total"]
 
 _FORMAT = "cobalance.Plan"
 _FORMAT_VERSION = 1
+#: Largest total :func:`round_counts` accepts: it works in float64, whose integers are
+#: exact up to 2**53.
+_MAX_ROUNDED_TOTAL = 2 ** 53
 
 
 # -- rounding ------------------------------------------------------------------------
@@ -164,11 +170,19 @@ def round_counts(alpha, lower=None, upper=None, total: Optional[int] = None) -> 
     if not np.isfinite(lo).all():
         raise ValueError("lower must be finite")
     if total is None:
-        total = int(np.rint(np.clip(a, lo, hi).sum()))
+        clipped_sum = float(np.clip(a, lo, hi).sum())
+        if not clipped_sum <= _MAX_ROUNDED_TOTAL:
+            raise ValueError(f"alpha clipped to the bounds sums to {clipped_sum!r}, beyond the largest total "
+                             f"round_counts handles exactly, 2**53 = {_MAX_ROUNDED_TOTAL}")
+        total = int(np.rint(clipped_sum))
     else:
-        if not isinstance(total, (int, np.integer)) and not (isinstance(total, float) and total.is_integer()):
+        if isinstance(total, (bool, np.bool_)) or (
+                not isinstance(total, (int, np.integer)) and not (isinstance(total, float) and total.is_integer())):
             raise ValueError(f"total must be an integer, got {total!r}")
         total = int(total)
+        if total > _MAX_ROUNDED_TOTAL:
+            raise ValueError(f"total must be at most 2**53 = {_MAX_ROUNDED_TOTAL} (integers exact in float64), "
+                             f"got {total}")
     _check_total(total, lo, hi)
     if a.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -198,9 +212,10 @@ def sum_by_group(groups: np.ndarray, values: np.ndarray, n_groups: int) -> np.nd
     """Exact int64 sums of non-negative integer ``values`` per group id.
 
     ``np.bincount`` (fast, float64 weights) when the grand total stays below 2**53,
-    where float64 sums of integers are exact; ``np.add.at`` in int64 otherwise.
+    where float64 sums of integers are exact; ``np.add.at`` in int64 otherwise (the
+    caller guarantees that the grand total fits int64).
     """
-    if values.size == 0 or int(values.sum()) < 2 ** 53:
+    if values.size == 0 or exact_sum(values) < 2 ** 53:
         return np.rint(np.bincount(groups, weights=values, minlength=n_groups)).astype(np.int64)
     out = np.zeros(n_groups, dtype=np.int64)
     np.add.at(out, groups, values)
@@ -250,7 +265,7 @@ def _copies_from_pattern_counts(inverse: np.ndarray, members: np.ndarray, counts
     return copies
 
 
-class Plan:
+class Plan(_provenance.Recorded):
     """Integer copies of every sample: the balanced dataset as an index list.
 
     Build one with :meth:`from_pattern_counts` (what :class:`cobalance.Balancer`
@@ -270,14 +285,31 @@ class Plan:
     copy_index : ndarray of int64, shape (N',)
         Aligned with :meth:`indices`: 0 for a sample's original, ``k`` for its k-th
         duplicate (augmentation pipelines use it to leave originals untouched).
+    provenance : dict or None
+        Where the plan came from (e.g. the table's path and SHA-256, the target, the
+        balancer's options), as JSON values; saved inside the file by :meth:`save`
+        and read back by :meth:`load`. None (the default) when not set. The command
+        line fills it; it takes no part in ``==``.
     """
 
     def __init__(self, copies, pattern_counts=None):
+        """A plan from per-sample copies and, optionally, the per-pattern counts they sum to.
+
+        Raises
+        ------
+        ValueError
+            ``copies`` or ``pattern_counts`` not 1-D arrays of non-negative integers
+            (booleans and floats are refused), their totals beyond int64, or
+            ``pattern_counts`` not summing to the same total as ``copies``.
+        """
         self.copies = _check_copies(copies)
-        self.pattern_counts = None if pattern_counts is None else np.ascontiguousarray(pattern_counts, dtype=np.int64)
-        if self.pattern_counts is not None and int(self.pattern_counts.sum()) != int(self.copies.sum()):
-            raise ValueError(f"pattern_counts sum to {int(self.pattern_counts.sum())} but copies to "
-                             f"{int(self.copies.sum())}")
+        total = exact_sum(self.copies)
+        self.pattern_counts = None
+        if pattern_counts is not None:
+            self.pattern_counts = _check_counts(pattern_counts, "pattern_counts")
+            counts_total = exact_sum(self.pattern_counts)
+            if counts_total != total:
+                raise ValueError(f"pattern_counts sum to {counts_total} but copies to {total}")
         self._copy_index = None
 
     # -- construction -------------------------------------------------------------
@@ -305,20 +337,17 @@ class Plan:
         Raises
         ------
         ValueError
-            Wrong length, negative or non-integer counts, table without inverse.
+            Wrong length, negative or non-integer counts, counts summing beyond
+            int64, table without inverse.
         """
         if not table.has_inverse:
             raise ValueError("table must keep its sample -> pattern index (built with keep_inverse=True)")
         counts = np.asarray(pattern_counts)
         if counts.ndim != 1 or counts.shape[0] != table.n_patterns:
             raise ValueError(f"pattern_counts must have shape ({table.n_patterns},), got {counts.shape}")
-        if counts.size and counts.dtype.kind not in "iu":
-            if counts.dtype.kind != "f" or not np.all(np.isfinite(counts)) or not np.all(counts == np.round(counts)):
-                raise ValueError(f"pattern_counts must hold integers, got dtype {counts.dtype}")
-        counts = counts.astype(np.int64)
-        if (counts < 0).any():
-            j = int(np.flatnonzero(counts < 0)[0])
-            raise ValueError(f"pattern_counts must be non-negative, got {counts[j]} for pattern {j}")
+        counts = _check_counts(counts, "pattern_counts", integral_floats=True)
+        # the copies sum to the same total: refused here, before it wraps in the spread
+        exact_sum_fits(counts, "pattern_counts")
         rng = _generator(random_state)
         copies = _copies_from_pattern_counts(np.asarray(table.inverse), np.asarray(table.counts, dtype=np.int64),
                                              counts, rng)
@@ -334,6 +363,12 @@ class Plan:
             Non-negative copies of each sample (copied to int64).
         table : PatternTable, optional
             When given (with its inverse), ``pattern_counts`` is filled in.
+
+        Raises
+        ------
+        ValueError
+            ``copies`` not non-negative integers, their total beyond int64, or a
+            table without its inverse or of another length.
         """
         copies = _check_copies(copies)
         pattern_counts = None
@@ -362,13 +397,31 @@ class Plan:
     def n_samples_out(self) -> int:
         return int(self.copies.sum())
 
-    def indices(self) -> np.ndarray:
-        """The balanced index list (int64, length N'), in sample order.
+    def indices(self, order: str = "sorted", *, random_state=None) -> np.ndarray:
+        """The balanced index list (int64, length N').
 
-        Sample ``s`` appears ``copies[s]`` times, its entries adjacent; shuffle it
-        (or use a sampler) for training.
+        Parameters
+        ----------
+        order : {"sorted", "shuffled"}
+            ``"sorted"`` (default): in sample order, sample ``s`` appearing
+            ``copies[s]`` times with its entries adjacent - shuffle it (or use a
+            sampler) before training on it in this order. ``"shuffled"``: the same
+            entries in a random order drawn from ``random_state``.
+        random_state : int, numpy Generator or None
+            Seed of the shuffled order (the same seed gives the same order); ignored
+            for ``"sorted"``.
+
+        Raises
+        ------
+        ValueError
+            ``order`` not one of the two, or a bad ``random_state``.
         """
-        return np.repeat(np.arange(self.copies.size, dtype=np.int64), self.copies)
+        if order not in ("sorted", "shuffled"):
+            raise ValueError(f"order must be 'sorted' or 'shuffled', got {order!r}")
+        idx = np.repeat(np.arange(self.copies.size, dtype=np.int64), self.copies)
+        if order == "shuffled":
+            _generator(random_state).shuffle(idx)
+        return idx
 
     @property
     def copy_index(self) -> np.ndarray:
@@ -412,7 +465,9 @@ class Plan:
 
         ``.json`` writes a text file, anything else an ``.npz`` (``.npz`` is appended
         when missing). Both hold the format name, version, per-sample copies and
-        per-pattern counts, and load back exactly. Returns the written path.
+        per-pattern counts, and, when set, the :attr:`provenance` (the ``.json``'s
+        ``"provenance"`` object, the ``.npz``'s ``provenance`` array of JSON text);
+        they load back exactly. Returns the written path.
         """
         path = os.fspath(path)
         if path.endswith(".json"):
@@ -424,43 +479,149 @@ class Plan:
                 "copies": self.copies.tolist(),
                 "pattern_counts": None if self.pattern_counts is None else self.pattern_counts.tolist(),
             }
+            if self._provenance is not None:
+                doc["provenance"] = self._provenance
             atomic_write_text(path, json.dumps(doc, separators=(",", ":")))
             return path
         arrays = dict(format=np.array(_FORMAT), version=np.array(_FORMAT_VERSION), copies=self.copies)
         if self.pattern_counts is not None:
             arrays["pattern_counts"] = self.pattern_counts
+        if self._provenance is not None:
+            arrays["provenance"] = np.array(_provenance.to_text(self._provenance))
         return atomic_savez(path, arrays)
 
     @classmethod
     def load(cls, path) -> "Plan":
-        """Read a plan written by :meth:`save` (``.json`` or ``.npz`` by suffix)."""
+        """Read a plan written by :meth:`save` (``.json`` or ``.npz`` by suffix).
+
+        The file is checked as strictly as the constructor checks its arguments:
+        copies and counts must be stored as integers (not floats, not booleans),
+        non-negative, with totals that agree with each other and with the stored
+        sizes; the format name and version must be known; a provenance, when
+        stored, must be a JSON object.
+
+        Raises
+        ------
+        ValueError
+            The file is not a plan file or contradicts itself (the message names the
+            file, the field and what was expected).
+        OSError
+            The file cannot be opened (``FileNotFoundError`` when it does not exist).
+        """
         name = os.fspath(path)
         if name.endswith(".json"):
-            with open(name, encoding="utf-8") as f:
-                doc = json.load(f)
-            if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-                raise ValueError(f"{name!r} is not a cobalance plan file")
-            _check_version(doc.get("version"), name)
-            copies = np.array(doc["copies"], dtype=np.int64)
-            counts = doc.get("pattern_counts")
-            counts = None if counts is None else np.array(counts, dtype=np.int64)
-            if "n_samples" in doc and int(doc["n_samples"]) != copies.size:
-                raise ValueError(f"{name!r}: n_samples = {doc['n_samples']} but {copies.size} copies are stored")
-        else:
-            with np.load(name, allow_pickle=False) as z:
-                if "format" not in z or str(z["format"]) != _FORMAT:
-                    raise ValueError(f"{name!r} is not a cobalance plan file")
-                _check_version(int(z["version"]), name)
-                copies = np.array(z["copies"], dtype=np.int64)
-                counts = np.array(z["pattern_counts"], dtype=np.int64) if "pattern_counts" in z else None
-        if counts is not None and counts.sum() != copies.sum():
-            raise ValueError(f"{name!r}: pattern_counts sum to {counts.sum()} but copies to {copies.sum()}")
+            return _load_json(cls, name)
+        return _load_npz(cls, name)
+
+
+_JSON_FIELDS = ("format", "version", "n_samples", "n_samples_out", "copies", "pattern_counts")
+#: Fields a plan's JSON may hold besides :data:`_JSON_FIELDS`.
+_JSON_OPTIONAL = ("provenance",)
+
+
+def _load_json(cls, name: str) -> "Plan":
+    doc = read_json(name, "plan")
+    if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else doc
+        raise ValueError(f"{name!r} is not a cobalance plan file (its format is {_shown_format(got)}, "
+                         f"expected {_FORMAT!r})")
+    _check_version(doc.get("version"), name)
+    missing = [key for key in _JSON_FIELDS if key not in doc]
+    if missing:
+        raise ValueError(f"{name!r} is not a complete cobalance plan file: the field(s) "
+                         f"{', '.join(map(repr, missing))} are missing")
+    unknown = [key for key in doc if key not in _JSON_FIELDS + _JSON_OPTIONAL]
+    if unknown:
+        raise ValueError(f"{name!r}: unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])} in a plan "
+                         f"file (it holds {', '.join(_JSON_FIELDS + _JSON_OPTIONAL)})")
+    provenance = doc.get("provenance")
+    if provenance is not None:
+        provenance = _provenance.from_json_value(provenance, repr(name))
+    copies = json_int_list(doc["copies"], repr(name), "copies")
+    counts = doc["pattern_counts"]
+    counts = None if counts is None else json_int_list(counts, repr(name), "pattern_counts")
+    plan = _construct(cls, copies, counts, name)
+    n_samples = json_int(doc["n_samples"], repr(name), "n_samples")
+    if n_samples != plan.n_samples:
+        raise ValueError(f"{name!r}: n_samples = {n_samples} but {plan.n_samples} copies are stored")
+    n_samples_out = json_int(doc["n_samples_out"], repr(name), "n_samples_out")
+    if n_samples_out != plan.n_samples_out:
+        raise ValueError(f"{name!r}: n_samples_out = {n_samples_out} but the stored copies sum to "
+                         f"{plan.n_samples_out}")
+    plan._provenance = provenance  # decoded from JSON: already plain JSON values
+    return plan
+
+
+def _load_npz(cls, name: str) -> "Plan":
+    where = repr(name)
+    with open_npz(name, "plan") as archive:
+        if "format" not in archive.files:
+            raise ValueError(f"{where} is not a cobalance plan file (it has no 'format' array)")
+        fields = npz_fields(archive, name, "plan", ("format", "version", "copies"), ("pattern_counts", "provenance"))
+    if npz_str(fields["format"], where, "format") != _FORMAT:
+        raise ValueError(f"{where} is not a cobalance plan file (its format is "
+                         f"{_shown_format(str(fields['format']))}, expected {_FORMAT!r})")
+    _check_version(npz_int(fields["version"], where, "version", low=-INT64_MAX - 1), name)
+    copies = npz_int_vector(fields["copies"], where, "copies")
+    counts = fields.get("pattern_counts")
+    counts = None if counts is None else npz_int_vector(counts, where, "pattern_counts")
+    provenance = fields.get("provenance")
+    provenance = None if provenance is None else _provenance.from_npz_text(provenance, where)
+    plan = _construct(cls, copies, counts, name)
+    plan._provenance = provenance
+    return plan
+
+
+def _construct(cls, copies, counts, name: str) -> "Plan":
+    """The constructor's checks, with the file named in their message."""
+    try:
         return cls(copies, counts)
+    except ValueError as e:
+        raise ValueError(f"{name!r}: {e}") from None
+
+
+def _shown_format(value) -> str:
+    if isinstance(value, str):
+        return repr(value[:40])
+    return "missing" if value is None else f"not a text ({type(value).__name__})"
 
 
 def _check_version(version, name):
-    if not isinstance(version, (int, np.integer)) or version < 1 or version > _FORMAT_VERSION:
-        raise ValueError(f"{name!r} has plan format version {version!r}; this cobalance reads 1 to {_FORMAT_VERSION}")
+    if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)) \
+            or version < 1 or version > _FORMAT_VERSION:
+        shown = repr(version) if isinstance(version, (int, float, str, type(None))) else type(version).__name__
+        raise ValueError(f"{name!r} has plan format version {shown[:40]}; this cobalance reads 1 to "
+                         f"{_FORMAT_VERSION}")
+
+
+def _check_counts(values, name: str, *, integral_floats: bool = False) -> np.ndarray:
+    """Non-negative integers that int64 holds, as a contiguous int64 array.
+
+    ``integral_floats``: finite floats with integer values are accepted too (as
+    :func:`round_counts`'s callers may pass them); booleans never are.
+    """
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got ndim={arr.ndim}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    kind = arr.dtype.kind
+    if kind == "f" and integral_floats:
+        bad = ~np.isfinite(arr) | (arr != np.round(arr)) | (arr < 0) | (arr >= 2.0 ** 63)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{name} must hold non-negative integers below 2**63, got {arr[j].item()!r} at "
+                             f"position {j}")
+    elif kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    elif kind == "u" and int(arr.max()) > INT64_MAX:
+        j = int(np.argmax(arr))
+        raise ValueError(f"{name} must hold integers below 2**63, got {int(arr[j])} at position {j}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.min() < 0:
+        j = int(np.argmin(arr))
+        raise ValueError(f"{name} must be non-negative, got {arr[j]} at position {j}")
+    return arr
 
 
 def _check_copies(copies) -> np.ndarray:
@@ -469,8 +630,13 @@ def _check_copies(copies) -> np.ndarray:
         raise ValueError(f"copies must be 1-D, got ndim={arr.ndim}")
     if arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"copies must hold integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind == "u" and int(arr.max()) > INT64_MAX:
+        s = int(np.argmax(arr))
+        raise ValueError(f"copies must hold integers below 2**63, got {int(arr[s])} for sample {s}")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
     if arr.size and arr.min() < 0:
         s = int(np.argmin(arr))
         raise ValueError(f"copies must be non-negative, got {arr[s]} for sample {s}")
+    # n_samples_out, indices() and copy_index count in int64
+    exact_sum_fits(arr, "copies")
     return arr

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 __all__ = ["FeasibilityWarning", "resolve_target", "check_feasibility", "reachable_presence",
-           "RARE_THRESHOLD", "RARE_VALUE", "TARGET_NAMES"]
+           "parse_target_text", "target_file", "RARE_THRESHOLD", "RARE_VALUE", "TARGET_NAMES", "TARGET_TEXT_HELP"]
 
 #: The named targets (see :func:`resolve_target`); "smooth=q" and "max_ir=k" take a number.
 TARGET_NAMES = ("equal", "uniform", "sqrt", "smooth=q", "max_ir=k", "rare_boost", "all")
+
+#: The forms a target takes as text (command lines): see :func:`parse_target_text`.
+TARGET_TEXT_HELP = ("equal | sqrt | smooth=Q | max_ir=K | rare_boost | all | CLASS=FRACTION,... | "
+                    "F1,F2,... (one per class) | FILE.json")
+#: Named targets that carry a number after '=' (not CLASS=FRACTION lists).
+_TARGET_WITH_NUMBER = ("smooth=", "max_ir=")
+_PLAIN_NAMES = ("equal", "uniform", "sqrt", "rare_boost", "all")
 
 #: A class is *rare* for ``target="rare_boost"`` when it is present in fewer than this
 #: fraction of the samples (the method's paper calls its two classes below 20 % rare).
@@ -315,3 +325,91 @@ def check_feasibility(target, table, *, class_weights=None, tol: float = 1e-12) 
     for m in messages:
         warnings.warn(m, FeasibilityWarning, stacklevel=3)
     return messages
+
+
+# -- targets written as text (the command lines) ---------------------------------------
+
+
+def target_file(text: Optional[str]) -> Optional[Path]:
+    """The JSON file a target text names (ends in ``.json`` or holds a path separator), else None."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.lower().endswith(".json") or (os.sep in text and "=" not in text):
+        return Path(text)
+    return None
+
+
+def parse_target_text(text: str, class_names: Sequence[str]):
+    """A target written as text, as what :func:`resolve_target` accepts, checked.
+
+    The forms (:data:`TARGET_TEXT_HELP`): a name (``equal``, ``uniform``, ``sqrt``,
+    ``rare_boost``, ``all``), ``smooth=Q`` / ``max_ir=K``, ``CLASS=FRACTION,...``
+    (a dict; other classes keep their share), one fraction per class ``F1,F2,...`` (a
+    list), or a JSON file (see :func:`target_file`) holding a list, an object
+    ``{class: fraction}`` or a name. Both command lines (``cobalance fit`` and the
+    fundus study) parse targets with it.
+
+    Raises
+    ------
+    ValueError
+        A form not listed, a fraction outside [0, 1], an unknown or repeated class, a
+        list of the wrong length, or a JSON file that cannot be read (naming it).
+        A missing file stays ``FileNotFoundError``.
+    """
+    names = [str(n) for n in class_names]
+    text = text.strip()
+    spec = text
+    path = target_file(text)
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                spec = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"cannot read target file {text!r}: {' '.join(str(exc).split())}") from None
+        if not isinstance(spec, (str, list, dict)):
+            raise ValueError(f"target file {text!r} must hold a list of fractions, an object "
+                             "{class: fraction} or a target name (equal, sqrt, rare_boost, all, ...)")
+    elif text.startswith(_TARGET_WITH_NUMBER) and "," not in text:
+        spec = text
+    elif "=" in text:
+        spec = {}
+        for item in text.split(","):
+            name, sep, value = item.partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or not name:
+                raise ValueError(f"expected CLASS=FRACTION, got {item.strip()!r}")
+            if name in spec:
+                raise ValueError(f"class {name!r} is given twice")
+            spec[name] = _fraction_text(value, name)
+    elif text not in _PLAIN_NAMES:
+        try:
+            spec = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"a target must be {TARGET_TEXT_HELP}; got {text!r}") from None
+    if isinstance(spec, dict):
+        unknown = [k for k in spec if str(k) not in names]
+        if unknown:
+            raise ValueError(f"unknown class {str(unknown[0])!r}; the classes are {', '.join(names)}")
+        fractions = spec.items()
+    elif isinstance(spec, list):
+        if len(spec) != len(names):
+            raise ValueError(f"the target lists {len(spec)} fractions, the table has {len(names)} classes "
+                             f"({', '.join(names)})")
+        fractions = zip(names, spec)
+    else:
+        fractions = ()
+    for name, v in fractions:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"the fraction of {name!r} must be in [0, 1], got {v!r}")
+    return spec
+
+
+def _fraction_text(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"the fraction of {name!r}: expected a fraction in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects nan
+        raise ValueError(f"the fraction of {name!r} must be in [0, 1], got {text}")
+    return value

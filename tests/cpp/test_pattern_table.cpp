@@ -1,6 +1,7 @@
 #include <cobalance/pattern_table.hpp>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <string>
 #include <random>
@@ -264,6 +265,59 @@ int main() {
       CHECK(t.counts() == expected.counts());
       CHECK(t.counts()[0] == big + zero_rows);
     }
+  }
+  // Label lists over many classes are grouped by their sets before any is packed: two
+  // rows over 10^8 classes cost two keys of 1.6M words, not a key per row of a batch
+  // (the classes in any order, repeated: the same set).
+  {
+    const index_t c = 100000000;
+    std::vector<index_t> indptr{0, 3, 4, 7, 7}, indices{99999999, 5, 5, 64, 5, 99999999, 5};
+    PatternTableBuilder b(c);
+    b.add_lists(indptr.data(), 4, indices.data(), 7);
+    const PatternTable t = b.finish();
+    CHECK(t.n_patterns() == 3 && t.n_samples() == 4);
+    CHECK(t.counts() == (std::vector<index_t>{2, 1, 1}));
+    CHECK(t.inverse() == (cobalance::InverseVector{0, 1, 0, 2}));
+    CHECK(t.has_class(0, 5) && t.has_class(0, 99999999) && !t.has_class(0, 64) && t.has_class(1, 64));
+    std::vector<index_t> ptr, ix;
+    t.sparse(ptr, ix);
+    CHECK(ix == (std::vector<index_t>{5, 99999999, 64}));
+    PatternTableBuilder bad(c);
+    std::vector<index_t> bad_indices{3, 100000000};
+    std::vector<index_t> bad_ptr{0, 1, 2};
+    CHECK_INVALID(bad.add_lists(bad_ptr.data(), 2, bad_indices.data(), 2),
+                  "class index 100000000 in row 1 is outside [0, n_classes = 100000000)");
+    CHECK(bad.n_samples() == 0 && bad.n_patterns() == 0);
+  }
+  // More classes than a table holds: an error naming n_classes and the limit, before
+  // anything is allocated (10^12 classes would take 125 GB per pattern).
+  CHECK(cobalance::kMaxClasses == 4294967295LL);
+  CHECK_INVALID(PatternTableBuilder(index_t{1000000000000}), "n_classes = 1000000000000 is more than");
+  CHECK_INVALID(PatternTableBuilder(cobalance::kMaxClasses + 1), "at most 2^32 - 1 = 4294967295 classes");
+  CHECK_INVALID(PatternTableBuilder(cobalance::kMaxClasses + 1), "here 536870912)");
+  CHECK_INVALID(PatternTable(index_t{1} << 40), "n_classes = 1099511627776");
+  CHECK_INVALID(PatternTable::from_parts(index_t{1} << 33, {}, {}, {}, false), "n_classes = 8589934592");
+  PatternTableBuilder at_limit(cobalance::kMaxClasses);
+  CHECK(at_limit.n_classes() == cobalance::kMaxClasses);
+  // Sample counts past 2^63 - 1: from_parts, merges and builders refuse them, naming
+  // the value, and leave the builder as it was.
+  {
+    const index_t big = index_t{1} << 62;
+    CHECK_INVALID(PatternTable::from_parts(70, {1, 0, 2, 0, 3, 0}, {big, big - 1, 2}, {}, false),
+                  "counts[2] = 2 would make 9223372036854775807 + 2 samples");
+    const PatternTable half = PatternTable::from_parts(70, {1, 0, 2, 0}, {big, big - 1}, {}, false);
+    CHECK(half.n_samples() == std::numeric_limits<index_t>::max());
+    const PatternTable one = PatternTable::from_parts(70, {4, 0}, {1}, {}, false);
+    CHECK_INVALID(cobalance::merge_tables({&half, &one}), "a table of 1 samples would make 9223372036854775807 + 1");
+    PatternTableBuilder b(70, false);
+    b.add_table(half);
+    std::vector<std::uint8_t> row(70, 0);
+    CHECK_INVALID(b.add_dense(row.data(), 1), "a batch of 1 rows would make");
+    std::vector<index_t> ptr{0, 0};
+    CHECK_INVALID(b.add_lists(ptr.data(), 1, nullptr, 0), "a batch of 1 rows would make");
+    CHECK(b.n_samples() == half.n_samples());
+    PatternTable t = b.finish();
+    CHECK(t.counts() == half.counts());
   }
   // Empty input.
   PatternTableBuilder empty(5);

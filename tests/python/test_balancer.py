@@ -396,3 +396,75 @@ def test_fit_needs_the_sample_index():
     table = PatternTable.from_labels(paper_labels(), keep_inverse=False)
     with pytest.raises(ValueError, match="keep_inverse"):
         paper_balancer(target="all").fit(table)
+
+
+# -- sizes beyond float64's exact integers, diverged runs, empty bounds ------------------------
+
+
+@pytest.mark.parametrize("params, match", [
+    # n_samples_out=2**62 returned 2**62 + 68 samples: the sizes are real counts in float64
+    (dict(n_samples_out=2 ** 62, max_copies=None), "n_samples_out must be at most 2\\*\\*53"),
+    (dict(budget=1e15, max_copies=None),
+     r"the size for budget=1000000000000000.0, \d+ is beyond the largest balanced size, 2\*\*53 = 9007199254740992"),
+    (dict(budget=1e30, max_copies=None), "beyond the largest balanced size"),  # was a TypeError
+])
+def test_sizes_beyond_exact_float64_integers_are_refused(params, match):
+    with pytest.raises(ValueError, match=match):
+        Balancer(**params).fit(paper_labels())
+
+
+def test_a_run_that_ends_above_its_starting_loss_has_not_converged():
+    # lr=1e30 throws every step onto the bounds, where Adam stalls (meeting tol) at a
+    # loss above the start: it reported converged_=True
+    rng = np.random.default_rng(11)
+    n, c = int(rng.integers(20, 300)), int(rng.integers(2, 10))
+    y = (rng.random((n, c)) < rng.random(c) * 0.6).astype(np.uint8)
+    params = dict(solver="adam", regularizer="proportions", n_samples_out=85)
+    with pytest.warns(cobalance.ConvergenceWarning, match="above its starting loss.*lower lr") as caught:
+        b = Balancer(lr=1e30, **params).fit(y)
+    history = b.history_
+    assert history[-1] > history[0] * 1.01  # the premise: the loss rose
+    table = PatternTable.from_labels(y)
+    start = reference_loss(table.patterns, table.counts, b.target_, table.counts * 85 / n, "imbalance",
+                           "proportions", b.gamma_)
+    assert b.loss_ > start * 1.01  # by the plain-numpy loss too (the start is the counts at size 85)
+    assert not b.converged_ and b.report_.extra["converged"] is False
+    assert len([w for w in caught if w.category is cobalance.ConvergenceWarning]) == 1
+    # the default lr settles below its start, and counts as converged
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FeasibilityWarning)
+        good = Balancer(**params).fit(y)
+    assert good.converged_ and good.history_[-1] <= good.history_[0]
+
+
+@pytest.mark.parametrize("params, fragments", [
+    # max_count=0 failed with "the balanced set would be empty" or "total must be finite", not naming it
+    (dict(max_count=0), ["max_count must allow at least one copy", ">= 1", "got 0"]),
+    (dict(max_count=0, allow_undersampling=True), ["max_count must allow at least one copy", "got 0"]),
+    (dict(max_count=0.5, allow_undersampling=True, budget=None), ["max_count", "got 0.5"]),
+    (dict(max_count=0, solver="adam", regularizer="proportions", allow_undersampling=True, budget=None),
+     ["max_count must allow at least one copy"]),
+    (dict(max_count=[0] * 3), ["max_count must be a scalar or have one entry per pattern"]),
+    (dict(max_count=5), ["bounds of pattern", "max_count = 5", "its size", "max_count must allow at least"]),
+    (dict(min_count=100, max_copies=2), ["min_count = 100", "max_copies * size = 2 *"]),
+    (dict(max_count="many"), ["max_count must be a non-negative number", "'many'"]),
+    (dict(max_count=True), ["max_count must be a non-negative number", "True"]),
+])
+def test_count_bounds_errors_name_the_parameter(params, fragments):
+    with pytest.raises(ValueError) as info:
+        Balancer(**params).fit(paper_labels())
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_n_samples_out_takes_integer_valued_floats_and_ratios():
+    Y = (np.random.default_rng(0).random((400, 5)) < [0.5, 0.3, 0.1, 0.05, 0.6]).astype(np.uint8)
+    sizes = {}
+    for value in (480, 480.0, np.float64(480.0), "1.2x", "120%", " 1.2X "):
+        sizes[repr(value)] = Balancer(n_samples_out=value, random_state=0).fit(Y).plan_.n_samples_out
+    assert set(sizes.values()) == {480}, sizes
+    for bad in (480.5, "1.2", "x", "-5%", "0x", True, float("nan"), 0, [480]):
+        with pytest.raises(ValueError, match="n_samples_out must be"):
+            Balancer(n_samples_out=bad).fit(Y)
+    with pytest.raises(ValueError, match="write '1.5x'"):
+        Balancer(n_samples_out=1.5).fit(Y)

@@ -279,3 +279,16 @@ def test_degenerate_label_sets_keep_every_sample(labels):
     b = Balancer().fit(labels)
     assert b.report_.n_dropped == 0 and b.report_.n_labels_lost == 0
     assert b.report_.mean_ir_after <= b.report_.mean_ir_before + 1e-12
+
+
+def test_defaults_converge_without_a_warning_on_small_sets():
+    """The pg solver stops at kinks of the ess regularizer on small sets; that is convergence, not a warning."""
+    tiny = np.eye(3, dtype=np.uint8)[[0, 0, 1, 2, 0, 1]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        assert Balancer().fit(tiny).converged_
+        for seed in range(10):
+            rng = np.random.default_rng(seed)
+            y = (rng.random((int(rng.integers(20, 300)), 6)) < rng.uniform(0.05, 0.7, 6)).astype(np.uint8)
+            y[0] = 1  # every class present
+            assert Balancer().fit(y).converged_

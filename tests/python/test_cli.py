@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cobalance import PatternTable
+from cobalance import PatternTable, Plan
 from cobalance.cli import EXIT_OK, EXIT_USAGE, main
 from conftest import PACKAGE_PARENT, read_multilabel
 
@@ -38,6 +39,43 @@ def assert_one_line_error(code, err, *fragments):
 def reference_presence(y):
     y = np.asarray(y, dtype=bool)
     return y.sum(axis=0), len({row.tobytes() for row in y.astype(np.uint8)})
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def side_records(folder: Path):
+    """The side records earlier versions wrote (``*.scan.json``, ``*.fit.json``) under ``folder``."""
+    return sorted(p.name for p in folder.rglob("*.json") if p.name.endswith((".scan.json", ".fit.json")))
+
+
+def make_old_style(plan_path: Path, table_path: Path = None, *, legacy_names: bool = False) -> Path:
+    """Rewrite a plan (and its table) as versions before provenance wrote them.
+
+    The provenance leaves the file for a side record beside it, in the documented
+    record format (``cobalance.fit`` / ``cobalance.scan``, version 1, the file's
+    SHA-256); ``legacy_names``: the oldest names (``p.fit.json``) instead of
+    ``p.npz.fit.json``. Returns the plan's record path.
+    """
+    def record_name(path, kind):
+        return path.with_name(f"{path.stem if legacy_names else path.name}.{kind}.json")
+
+    if table_path is not None:
+        table = PatternTable.load(table_path)
+        origin, table.provenance = table.provenance, None
+        table.save(table_path)
+        record_name(table_path, "scan").write_text(json.dumps(
+            {"format": "cobalance.scan", "version": 1, **origin, "table_sha256": sha256_of(table_path)}))
+    plan = Plan.load(plan_path)
+    origin, plan.provenance = plan.provenance, None
+    plan.save(plan_path)
+    if table_path is not None:
+        origin["table"]["sha256"] = sha256_of(table_path)
+    path = record_name(plan_path, "fit")
+    path.write_text(json.dumps({"format": "cobalance.fit", "version": 1, "plan_sha256": sha256_of(plan_path),
+                                **origin}))
+    return path
 
 
 def write_csv(path, header, rows):
@@ -72,9 +110,11 @@ def test_scan_multilabel_csv_json(name, tmp_path, capsys):
     assert table.class_names == header and table.n_samples == len(y)
     # the stored patterns reproduce every row through the inverse
     np.testing.assert_array_equal(table.patterns[table.inverse], y.astype(bool))
-    record = json.loads((tmp_path / "table.scan.json").read_text())
-    assert record["format"] == "cobalance.scan" and record["source_format"] == "csv"
-    assert Path(record["source"]) == path.resolve()
+    # where the table came from is inside it, and no side record is written
+    origin = table.provenance
+    assert origin["source_format"] == "csv" and Path(origin["source"]) == path.resolve()
+    assert origin["source_sha256"] == sha256_of(path) and origin["columns"] == header
+    assert side_records(tmp_path) == []
 
 
 def test_scan_text_output_and_quiet(labels, tmp_path, capsys):
@@ -281,8 +321,10 @@ def test_scan_masks_folder_matches_pixels(sample_tiles, tmp_path, capsys):
     assert all(0 < c["pixel_share"] < 0.05 for c in doc["classes"])
     table = PatternTable.load(out)
     np.testing.assert_array_equal(table.patterns[table.inverse], y.astype(bool))
-    record = json.loads((tmp_path / "tiles.scan.json").read_text())
-    assert record["mask_folder"]["tile"] == [128, 128] and record["mask_folder"]["layout"] == "binary_folders"
+    origin = table.provenance
+    assert origin["source_format"] == "masks" and Path(origin["source"]) == SAMPLE.resolve()
+    assert origin["mask_folder"]["tile"] == [128, 128] and origin["mask_folder"]["layout"] == "binary_folders"
+    assert side_records(tmp_path) == []
     code, stdout, _ = run(["scan", SAMPLE], capsys)  # whole images
     assert code == EXIT_OK and stdout.startswith("8 images, 5 classes")
 
@@ -328,11 +370,14 @@ def test_fit_rare_boost_on_yeast(yeast_table, tmp_path, capsys):
     md = (tmp_path / "r.md").read_text()
     for name, b, a in zip(header, presence, after):
         assert f"| {name} | {100 * b:.1f} |" in md and f"| {100 * a:.1f} |" in md
-    record = json.loads((tmp_path / "plan.fit.json").read_text())
-    assert record["format"] == "cobalance.fit" and record["table"]["relative_path"] == "yeast.npz"
-    # dotted names keep their dots: plan.v2.json -> plan.v2.fit.json
+    origin = plan.provenance
+    assert origin["table"]["relative_path"] == "yeast.npz" and origin["table"]["sha256"] == sha256_of(table_path)
+    np.testing.assert_allclose(origin["target"], doc["target"])
+    # a .json plan carries its provenance too, and no side record is written
     code, _, _ = run(["fit", table_path, "--target", "uniform", "-o", tmp_path / "plan.v2.json", "--quiet"], capsys)
-    assert code == EXIT_OK and (tmp_path / "plan.v2.fit.json").exists()
+    assert code == EXIT_OK
+    assert json.loads((tmp_path / "plan.v2.json").read_text())["provenance"]["table"]["path"] == str(table_path)
+    assert side_records(tmp_path) == []
     assert run(["report", tmp_path / "plan.v2.json", "--quiet"], capsys)[0] == EXIT_OK
 
 
@@ -358,6 +403,40 @@ def test_fit_options_reach_the_balancer(labels, tmp_path, capsys):
     assert plan.copies.max() <= 20 * len(y)
 
 
+def test_fit_has_the_balancers_size_bound_weight_and_floor_options(labels, tmp_path, capsys):
+    from cobalance import Plan
+    from cobalance.balancer import Balancer
+
+    names, y = labels
+    table_path = tmp_path / "t.npz"
+    PatternTable.from_labels(y, class_names=names).save(table_path)
+    argv = ["fit", table_path, "--n-samples-out", "130%", "--class-weights", "bird=3,dog=2", "--max-count", "200",
+            "--min-count", "1", "--allow-undersampling", "--min-effective-size", "0.7", "--seed", "2",
+            "-o", tmp_path / "plan.npz", "--quiet"]
+    code, stdout, stderr = run(argv, capsys)
+    assert code == EXIT_OK, stderr
+    expected = Balancer(n_samples_out="1.3x", class_weights=[1, 2, 3, 1], max_count=200, min_count=1,
+                        allow_undersampling=True, min_effective_size=0.7, random_state=2).fit(
+        PatternTable.from_labels(y, class_names=names)).plan_
+    plan = Plan.load(tmp_path / "plan.npz")
+    np.testing.assert_array_equal(plan.copies, expected.copies)
+    assert plan.n_samples_out == 390
+    origin = plan.provenance
+    assert origin["balancer"]["class_weights"] == {"cat": 1.0, "dog": 2.0, "bird": 3.0, "fish": 1.0}
+    assert origin["balancer"]["n_samples_out"] == "130%"
+    code, _, _ = run(["fit", table_path, "--class-weights", "1,2,3,4", "-o", tmp_path / "p2.npz", "-q"], capsys)
+    assert code == EXIT_OK
+    for option, value, fragment in [("--n-samples-out", "1.3", "ratio such as 1.25x"),
+                                    ("--class-weights", "1,2", "lists 2 weights, the table has 4 classes"),
+                                    ("--class-weights", "cow=2", "unknown class 'cow'"),
+                                    ("--class-weights", "dog=-1", "weight of 'dog' must be a finite number"),
+                                    ("--min-effective-size", "2", "share of N in (0, 1]"),
+                                    ("--max-count", "0", "positive number")]:
+        code, _, err = run(["fit", table_path, option, value, "-o", tmp_path / "bad.npz"], capsys)
+        assert_one_line_error(code, err, fragment)
+        assert not (tmp_path / "bad.npz").exists()
+
+
 def test_fit_target_forms(labels, tmp_path, capsys):
     names, y = labels
     table_path = tmp_path / "t.npz"
@@ -377,7 +456,7 @@ def test_fit_target_forms(labels, tmp_path, capsys):
         np.testing.assert_allclose(json.loads(stdout)["target"], expected)
 
 
-def test_report_from_the_fit_record(yeast_table, tmp_path, capsys):
+def test_report_from_the_plans_provenance(yeast_table, tmp_path, capsys):
     from PIL import Image
 
     from cobalance import Plan
@@ -397,7 +476,6 @@ def test_report_from_the_fit_record(yeast_table, tmp_path, capsys):
     moved = tmp_path / "moved"
     moved.mkdir()
     os.replace(plan_path, moved / "plan.npz")
-    os.replace(tmp_path / "plan.fit.json", moved / "plan.fit.json")
     code, stdout, _ = run(["report", moved / "plan.npz", "--table", table_path, "--target", "all", "--json"],
                           capsys)
     assert code == EXIT_OK
@@ -412,15 +490,16 @@ def test_report_bad_input(yeast_table, labels, tmp_path, capsys):
     assert run(["fit", table_path, "--target", "uniform", "-o", plan_path, "--quiet"], capsys)[0] == 0
     code, _, err = run(["report", tmp_path / "none.npz"], capsys)
     assert_one_line_error(code, err, "plan", "does not exist")
-    # the record is the link to the table: without it, --table and --target are needed
-    record = (tmp_path / "plan.fit.json").read_text()
-    (tmp_path / "plan.fit.json").unlink()
+    # the provenance (or, for a file of earlier versions, its record) is the link to the
+    # table: without either, --table and --target are needed
+    record_path = make_old_style(plan_path)
+    record = record_path.read_text()
+    record_path.unlink()
     code, _, err = run(["report", plan_path], capsys)
-    assert_one_line_error(code, err, "no fit record", "pass --table and --target")
-    (tmp_path / "plan.fit.json").write_text(record)
+    assert_one_line_error(code, err, "no provenance", "no fit record", "plan.npz.fit.json", "pass --table and --target")
+    record_path.write_text(record)
+    assert run(["report", plan_path, "-q"], capsys)[0] == EXIT_OK
     # a plan rewritten by other means no longer matches its record
-    from cobalance import Plan
-
     Plan.identity(2417).save(plan_path)
     code, _, err = run(["report", plan_path], capsys)
     assert_one_line_error(code, err, "describes another plan", "pass --table and --target")
@@ -441,7 +520,7 @@ def test_report_bad_input(yeast_table, labels, tmp_path, capsys):
     ("cat=lots", ["expected a fraction in [0, 1], got 'lots'"]),
     ("0.5,0.5", ["lists 2 fractions", "4 classes"]),
     ("0.5,0.5,2,0.5", ["'bird' must be in [0, 1], got 2.0"]),
-    ("balanced", ["--target must be equal | sqrt"]),
+    ("balanced", ["--target: a target must be equal | sqrt"]),
     ("missing.json", ["target file 'missing.json' does not exist"]),
 ])
 def test_fit_bad_target(target, fragments, labels, tmp_path, capsys):
@@ -655,10 +734,12 @@ def test_demo_out_writes_everything(tmp_path, capsys):
     out = tmp_path / "demo"
     code, _, _ = run(["demo", "--out", out, "--tile", 256, "--quiet"], capsys)
     assert code == EXIT_OK
-    for name in ["table.npz", "table.scan.json", "plan.npz", "plan.fit.json", "report.md", "report.json",
-                 "report.png", "balanced/manifest.csv"]:
+    for name in ["table.npz", "plan.npz", "report.md", "report.json", "report.png", "balanced/manifest.csv"]:
         assert (out / name).exists(), name
+    assert side_records(out) == []
     plan = Plan.load(out / "plan.npz")
+    assert PatternTable.load(out / "table.npz").provenance["mask_folder"]["tile"] == [256, 256]
+    assert plan.provenance["table"]["relative_path"] == "table.npz"
     assert len(read_manifest(out / "balanced" / "manifest.csv")) == plan.n_samples_out
     # the demo's files work with the other subcommands
     assert run(["report", out / "plan.npz", "--quiet"], capsys)[0] == EXIT_OK
@@ -744,3 +825,370 @@ def test_fit_feasibility_warning_is_a_note(tmp_path, capsys):
     code, stdout, err = run(argv + ["--json", "--quiet"], capsys)
     assert code == EXIT_OK and err == ""
     assert json.loads(stdout)["report"]["classes"][2]["after"] == 0.0
+
+
+# -- outputs never overwrite inputs -------------------------------------------------------
+
+
+def _snapshot(folder: Path):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+
+
+@pytest.fixture
+def fitted(labels, tmp_path, capsys):
+    """t.npz (a table), p.npz fitted on it, tg.json (a target file) in tmp_path."""
+    names, y = labels
+    PatternTable.from_labels(y, class_names=names).save(tmp_path / "t.npz")
+    (tmp_path / "tg.json").write_text(json.dumps({"bird": 0.3}))
+    assert run(["fit", tmp_path / "t.npz", "-o", tmp_path / "p.npz", "-q"], capsys)[0] == EXIT_OK
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["fit", "t.npz", "-o", "t.npz"], ["--output", "is the table"]),
+    (["fit", "t.npz", "-o", "t.npz.scan.json"], ["--output", "is the table's scan record"]),
+    (["fit", "t.npz", "-o", "t.scan.json"], ["--output", "is the table's scan record"]),  # an earlier version's name
+    (["fit", "t.npz", "--target", "tg.json", "-o", "tg.json"], ["--output", "is the target file"]),
+    (["fit", "t.npz", "-o", "q.npz", "--markdown", "t.npz"], ["--markdown", "is the table"]),
+    (["fit", "t.npz", "-o", "q.npz", "--markdown", "x.md", "--report-json", "x.md"],
+     ["--report-json", "--markdown", "are the same file"]),
+    (["fit", "t.npz", "-o", "q.npz", "--report-json", "q.npz.fit.json"], ["--report-json", "its fit record"]),
+    (["fit", "t.npz", "-o", "hard.npz"], ["--output", "hard.npz", "is the table", "t.npz"]),
+    (["scan", "t.npz", "-o", "t.npz"], ["--output", "is the input"]),
+    (["report", "p.npz", "--markdown", "p.npz"], ["--markdown", "is the plan"]),
+    (["report", "p.npz", "--report-json", "p.npz.fit.json"], ["--report-json", "is the plan's fit record"]),
+    (["report", "p.npz", "--report-json", "link.json"], ["--report-json", "link.json", "is the plan's fit record"]),
+    (["report", "p.npz", "--png", "t.npz"], ["--png", "is the table"]),
+    (["report", "p.npz", "--markdown", "r.md", "--png", "r.md"], ["--png", "--markdown", "are the same file"]),
+])
+def test_an_output_that_is_an_input_is_refused(argv, fragments, fitted, capsys, monkeypatch):
+    monkeypatch.chdir(fitted)
+    os.link("t.npz", "hard.npz")  # another name of the table
+    os.symlink("p.npz.fit.json", "link.json")  # another name of the plan's record
+    before = _snapshot(fitted)
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert _snapshot(fitted) == before  # nothing written, nothing replaced
+
+
+def test_scan_output_may_not_be_the_labels_npz(labels, tmp_path, capsys):
+    names, y = labels
+    path = tmp_path / "y.npz"
+    np.savez(path, labels=y, class_names=np.array(names))
+    before = path.read_bytes()
+    code, _, err = run(["scan", path, "-o", path], capsys)
+    assert_one_line_error(code, err, "--output", "is the input", str(path))
+    assert path.read_bytes() == before
+
+
+def test_plans_of_one_stem_keep_their_own_records(fitted, capsys):
+    """p.npz and p.json fitted one after the other: each report still finds its own table and target."""
+    t = fitted / "t.npz"
+    assert run(["fit", t, "--target", "all", "-o", fitted / "p.json", "-q"], capsys)[0] == EXIT_OK
+    assert Plan.load(fitted / "p.json").provenance["target"] == [1.0] * 4
+    assert max(Plan.load(fitted / "p.npz").provenance["target"]) < 1
+    code, out_npz, _ = run(["report", fitted / "p.npz", "--json"], capsys)
+    assert code == EXIT_OK
+    code, out_json, _ = run(["report", fitted / "p.json", "--json"], capsys)
+    assert code == EXIT_OK
+    np.testing.assert_allclose([c["target"] for c in json.loads(out_json)["report"]["classes"]], 1.0)
+    # p.npz was fitted towards 'equal': one shared presence, below 1 for these classes
+    equal = [c["target"] for c in json.loads(out_npz)["report"]["classes"]]
+    assert max(equal) < 1 and np.allclose(equal, equal[0])
+
+
+def test_records_of_earlier_versions_are_still_read(fitted, capsys):
+    make_old_style(fitted / "p.npz", legacy_names=True)  # p.fit.json, the name the earliest versions wrote
+    code, _, err = run(["report", fitted / "p.npz", "-q"], capsys)
+    assert code == EXIT_OK, err
+    # and it is protected like the current name
+    code, _, err = run(["report", fitted / "p.npz", "--markdown", fitted / "p.fit.json"], capsys)
+    assert_one_line_error(code, err, "is the plan's fit record")
+
+
+# -- side records are checked -------------------------------------------------------------
+
+
+def _edit_fit_record(doc):
+    doc["target"][0] = 5
+    doc["target"][1] = -1
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (_edit_fit_record, ["'target[0]' must be a fraction in [0, 1], got 5"]),
+    (lambda d: d.update(target=[0.5, float("nan"), 0.5, 0.5]), ["'target[1]' must be a fraction in [0, 1]"]),
+    (lambda d: d.update(target=[0.5]), ["'target' must be one fraction per class"]),
+    (lambda d: d.update(table="oops"), ["'table' must be an object, got \"oops\""]),
+    (lambda d: d["table"].pop("relative_path"), ["'table.relative_path' must be a non-empty path, it is missing"]),
+    (lambda d: d["table"].update(sha256=7), ["'table.sha256' must be a SHA-256 hex digest, got 7"]),
+    (lambda d: d.pop("plan_sha256"), ["'plan_sha256'", "it is missing"]),
+    (lambda d: d.pop("target"), ["'target'", "it is missing"]),
+    (lambda d: d.update(report=[]), ["'report' must be an object"]),
+    (lambda d: d["report"].update(extra="x"), ["'report.extra' must be an object"]),
+    (lambda d: d.update(version=2), ["record version 2"]),
+    (lambda d: d.update(format="cobalance.scan"), ["is not a cobalance.fit record"]),
+])
+def test_a_damaged_fit_record_is_refused(edit, fragments, fitted, capsys):
+    path = make_old_style(fitted / "p.npz")
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    code, _, err = run(["report", fitted / "p.npz"], capsys)
+    assert_one_line_error(code, err, str(path), *fragments)
+
+
+def test_an_unreadable_fit_record_is_refused(fitted, capsys):
+    path = make_old_style(fitted / "p.npz")
+    for content in (b"{not json", b"\xff\xfe\x00garbage", b"[1, 2]"):
+        path.write_bytes(content)
+        code, _, err = run(["report", fitted / "p.npz"], capsys)
+        assert_one_line_error(code, err, str(path))
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (lambda d: d["mask_folder"].update(tile=[0, 5]), ["'mask_folder.tile' must be null or [height, width]"]),
+    (lambda d: d["mask_folder"].update(min_pixels=-3), ["'mask_folder.min_pixels' must be a positive integer"]),
+    (lambda d: d["mask_folder"].update(colour="red"), ["'mask_folder.colour' must be absent"]),
+    (lambda d: d.update(mask_folder="tiles"), ["'mask_folder' must be an object"]),
+    (lambda d: d.update(source_format="xls"), ["'source_format' must be one of"]),
+    (lambda d: d.pop("source"), ["'source'", "it is missing"]),
+    (lambda d: d.update(table_sha256="0" * 64), ["describes another table"]),
+])
+def test_a_damaged_scan_record_is_refused_by_write(edit, fragments, tmp_path, capsys):
+    pytest.importorskip("torch")
+    table_path, plan_path = _sample_plan(tmp_path, capsys, 128)
+    make_old_style(plan_path, table_path)
+    path = tmp_path / "t.npz.scan.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    code, _, err = run(["write", plan_path, SAMPLE, tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, str(path), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_table_option_is_checked(tmp_path, capsys):
+    pytest.importorskip("torch")
+    table_path, plan_path = _sample_plan(tmp_path, capsys, 128)
+    code, _, err = run(["write", plan_path, SAMPLE, tmp_path / "out", "--table", tmp_path / "nope.npz"], capsys)
+    assert_one_line_error(code, err, "table", "nope.npz", "does not exist")
+    PatternTable.from_labels(np.eye(3, dtype=np.uint8)).save(tmp_path / "small.npz")
+    code, _, err = run(["write", plan_path, SAMPLE, tmp_path / "out", "--table", tmp_path / "small.npz"], capsys)
+    assert_one_line_error(code, err, "the plan has 120 samples but the table", "small.npz", "has 3")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    code, _, err = run(["write", plan_path, SAMPLE, tmp_path / "out", "--table", tmp_path / "junk.npz"], capsys)
+    assert_one_line_error(code, err, "cannot read table", "junk.npz")
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_out_dir_may_not_hold_its_inputs(tmp_path, capsys):
+    pytest.importorskip("torch")
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(SAMPLE, src)
+    _, plan_path = _sample_plan(tmp_path, capsys, 128)
+    cases = [
+        (src, ["is the dataset"]),
+        (src / "masks" / "balanced", ["inside the dataset's masks folder"]),
+        (src / "images", ["inside the dataset's images folder"]),
+        (tmp_path, ["is inside OUT_DIR"]),
+    ]
+    for out_dir, fragments in cases:
+        code, _, err = run(["write", plan_path, src, out_dir], capsys)
+        assert_one_line_error(code, err, *fragments)
+    assert not (src / "masks" / "balanced").exists()
+
+
+# -- unreadable images and masks -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "bomb"])
+def test_unreadable_mask_names_the_file(how, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    make_label_map_folder(tmp_path / "ds")
+    bad = tmp_path / "ds" / "masks" / "im1.png"
+    if how == "truncated":
+        # noise does not compress, so half the file misses pixels
+        Image.fromarray(np.random.default_rng(0).integers(0, 3, (40, 60), dtype=np.uint8)).save(bad)
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+        cause = "image file is truncated (OSError)"
+    elif how == "garbage":
+        bad.write_bytes(b"not an image at all\n" * 10)
+        cause = "(UnidentifiedImageError)"
+    else:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 60 is over twice that
+        cause = "(DecompressionBombError)"
+    code, _, err = run(["scan", tmp_path / "ds", "--class-names", "bg,a,b", "--ignore-index", 255], capsys)
+    assert_one_line_error(code, err, "cannot read", "mask", "im" if how == "bomb" else str(bad), cause)
+
+
+def test_unreadable_image_names_the_file_in_write(tmp_path, capsys):
+    pytest.importorskip("torch")
+    make_label_map_folder(tmp_path / "ds")
+    table_path, plan_path = tmp_path / "t.npz", tmp_path / "p.npz"
+    assert run(["scan", tmp_path / "ds", "--class-names", "bg,a,b", "--ignore-index", 255, "-o", table_path, "-q"],
+               capsys)[0] == EXIT_OK
+    assert run(["fit", table_path, "-o", plan_path, "-q"], capsys)[0] == EXIT_OK
+    bad = tmp_path / "ds" / "images" / "im2.png"
+    bad.write_bytes(bad.read_bytes()[:300])  # the header is intact: only decoding fails
+    code, _, err = run(["write", plan_path, tmp_path / "ds", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, "cannot read image", str(bad), "image file is truncated")
+
+
+# -- write resumes over changed sources ---------------------------------------------------------
+
+
+def _decoded_tree(folder: Path):
+    from PIL import Image
+
+    out = {}
+    for p in sorted(folder.rglob("*.png")):
+        with Image.open(p) as img:
+            out[str(p.relative_to(folder))] = np.asarray(img).copy()
+    return out
+
+
+def test_write_resume_over_changed_masks_rewrites_them(tmp_path, capsys):
+    """The manifest and one item deleted, every source mask rewritten: the rerun gives what a fresh write gives."""
+    pytest.importorskip("torch")
+    import shutil
+
+    from PIL import Image
+
+    src = tmp_path / "src"
+    shutil.copytree(SAMPLE, src)
+    table_path, plan_path = tmp_path / "t.npz", tmp_path / "plan.npz"
+    assert run(["scan", src, "--tile", 128, "-o", table_path, "-q"], capsys)[0] == EXIT_OK
+    assert run(["fit", table_path, "-o", plan_path, "-q"], capsys)[0] == EXIT_OK
+    out = tmp_path / "out"
+    code, stdout, _ = run(["write", plan_path, src, out, "--json"], capsys)
+    assert code == EXIT_OK
+    n_items = json.loads(stdout)["written"]
+    (out / "manifest.csv").unlink()
+    victim = sorted((out / "images").iterdir())[0]
+    victim.unlink()
+    for mask in (src / "masks").rglob("*.png"):  # every lesion mask mirrored left to right
+        with Image.open(mask) as img:
+            img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mask)
+    code, stdout, err = run(["write", plan_path, src, out, "--json"], capsys)
+    assert code == EXIT_OK, err
+    doc = json.loads(stdout)
+    assert doc["written"] + doc["skipped"] == n_items
+    assert doc["written"] > 1  # not only the deleted item
+    fresh = tmp_path / "fresh"
+    assert run(["write", plan_path, src, fresh, "-q"], capsys)[0] == EXIT_OK
+    got, expected = _decoded_tree(out), _decoded_tree(fresh)
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert (out / "manifest.csv").read_text() == (fresh / "manifest.csv").read_text()
+
+
+def test_demo_out_may_not_overlap_the_sample(capsys):
+    from cobalance.folders import sample_path
+
+    for out in (sample_path(), sample_path() / "masks" / "new", sample_path().parent):
+        code, _, err = run(["demo", "--out", out, "-q"], capsys)
+        assert_one_line_error(code, err, "--out", "overlaps the shipped sample")
+    assert not (sample_path() / "masks" / "new").exists()
+
+
+# -- provenance inside the files ---------------------------------------------------------------
+
+
+def test_report_and_write_find_the_table_through_the_provenance_alone(tmp_path, capsys):
+    """No side record anywhere: report and write find the table, its tiling and the target in the files."""
+    pytest.importorskip("torch")
+    work = tmp_path / "work"
+    work.mkdir()
+    table_path, plan_path = _sample_plan(work, capsys, 128, target="equal")
+    assert side_records(tmp_path) == []
+    # moved together to another folder: found by the path relative to the plan
+    moved = tmp_path / "moved"
+    os.replace(work, moved)
+    code, stdout, err = run(["report", moved / "plan.npz", "--json"], capsys)
+    assert code == EXIT_OK, err
+    doc = json.loads(stdout)
+    assert doc["table"] == str(moved / "t.npz")
+    # the target reported is the one fitted (equal: one presence for every class)
+    targets = [c["target"] for c in doc["report"]["classes"]]
+    np.testing.assert_allclose(targets, Plan.load(moved / "plan.npz").provenance["target"])
+    assert np.allclose(targets, targets[0])
+    # write takes the tiling (128) from the table's provenance: 120 tiles, as the plan has
+    code, stdout, err = run(["write", moved / "plan.npz", SAMPLE, tmp_path / "out", "--json"], capsys)
+    assert code == EXIT_OK, err
+    assert json.loads(stdout)["n_items"] == Plan.load(moved / "plan.npz").n_samples_out
+    assert side_records(tmp_path) == []
+
+
+def test_old_style_files_with_side_records_still_work(tmp_path, capsys):
+    """A table and plan written before provenance (records beside them) report and write as before."""
+    pytest.importorskip("torch")
+    table_path, plan_path = _sample_plan(tmp_path, capsys, 128)
+    make_old_style(plan_path, table_path)
+    assert PatternTable.load(table_path).provenance is None and Plan.load(plan_path).provenance is None
+    assert side_records(tmp_path) == ["plan.npz.fit.json", "t.npz.scan.json"]
+    assert run(["report", plan_path, "-q"], capsys)[0] == EXIT_OK
+    code, stdout, err = run(["write", plan_path, SAMPLE, tmp_path / "out", "--json"], capsys)
+    assert code == EXIT_OK, err  # the tiling came from the scan record: 120 tiles
+    assert json.loads(stdout)["n_items"] == Plan.load(plan_path).n_samples_out
+
+
+def test_the_provenance_wins_over_a_stale_side_record(fitted, capsys):
+    """A record left beside a plan that now carries its provenance is not read."""
+    (fitted / "p.npz.fit.json").write_text("{not json")
+    code, _, err = run(["report", fitted / "p.npz", "-q"], capsys)
+    assert code == EXIT_OK, err
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (_edit_fit_record, ["'provenance.target[0]' must be a fraction in [0, 1], got 5"]),
+    (lambda d: d.update(target=[0.5]), ["'provenance.target' must be one fraction per class"]),
+    (lambda d: d["table"].pop("relative_path"), ["'provenance.table.relative_path'", "it is missing"]),
+    (lambda d: d["table"].update(sha256="x"), ["'provenance.table.sha256' must be a SHA-256 hex digest"]),
+    (lambda d: d.update(report=[]), ["'provenance.report' must be an object"]),
+])
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_a_damaged_plan_provenance_is_refused(edit, fragments, suffix, fitted, capsys):
+    path = fitted / f"p{suffix}"
+    assert run(["fit", fitted / "t.npz", "-o", path, "-q"], capsys)[0] == EXIT_OK
+    plan = Plan.load(path)
+    origin = plan.provenance
+    edit(origin)
+    plan.provenance = origin
+    plan.save(path)
+    code, _, err = run(["report", path], capsys)
+    assert_one_line_error(code, err, str(path), *fragments)
+
+
+def test_a_corrupted_provenance_text_is_refused(fitted, capsys):
+    """Not a JSON object inside the file: the loader's ValueError, naming the file (exit 2)."""
+    path = fitted / "p.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    np.savez(path, **{**arrays, "provenance": np.array('{"table": ')})
+    code, _, err = run(["report", path], capsys)
+    assert_one_line_error(code, err, "cannot read plan", str(path), "provenance is not valid JSON")
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (lambda d: d["mask_folder"].update(tile=[0, 5]), ["'provenance.mask_folder.tile' must be null or [height, width]"]),
+    (lambda d: d.update(source_format="xls"), ["'provenance.source_format' must be one of"]),
+    (lambda d: d.pop("source"), ["'provenance.source'", "it is missing"]),
+])
+def test_a_damaged_table_provenance_is_refused_by_write(edit, fragments, tmp_path, capsys):
+    pytest.importorskip("torch")
+    table_path, _ = _sample_plan(tmp_path, capsys, 128)
+    table = PatternTable.load(table_path)
+    origin = table.provenance
+    edit(origin)
+    table.provenance = origin
+    table.save(table_path)
+    # fitted again, so that the plan names the table as it is now
+    plan_path = tmp_path / "p2.npz"
+    assert run(["fit", table_path, "-o", plan_path, "-q"], capsys)[0] == EXIT_OK
+    code, _, err = run(["write", plan_path, SAMPLE, tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, str(table_path), *fragments)
+    assert not (tmp_path / "out").exists()

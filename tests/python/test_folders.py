@@ -340,3 +340,231 @@ def test_reading_returns_new_arrays_and_pickles_without_pixels():
     clone = pickle.loads(blob)
     np.testing.assert_array_equal(clone.sample(1)[1], ref)
     np.testing.assert_array_equal(clone.origins, folder.origins)
+
+
+# -- unreadable files --------------------------------------------------------------------
+
+
+def _break_file(path, how):
+    """Make ``path`` unreadable: cut it in half, or replace it with bytes that are not an image."""
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"this is not a PNG file\n" * 4)
+
+
+def _noise_label_folder(root):
+    """Label maps of random noise, so that half a PNG file misses pixels (noise does not compress)."""
+    rng = np.random.default_rng(5)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / "images" / f"img{k}.png")
+        Image.fromarray(rng.integers(0, 3, (40, 50), dtype=np.uint8)).save(root / "masks" / f"img{k}.png")
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    return root
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("which", ["masks", "images"])
+def test_truncated_file_names_the_file_when_decoded(tmp_path, which, n_threads):
+    root = _noise_label_folder(tmp_path)
+    bad = root / which / "img1.png"
+    _break_file(bad, "truncated")
+    folder = MaskFolder(root, tile=10)  # the header is intact: opening works
+    pattern = rf"cannot read (label-map mask|image) .*img1\.png: image file is truncated \(OSError\)"
+    if which == "masks":
+        with pytest.raises(ValueError, match=pattern):
+            folder.scan(n_threads=n_threads)
+        with pytest.raises(ValueError, match=pattern):
+            folder.load_mask(1)
+    else:
+        folder.scan(n_threads=n_threads)  # images are not decoded by a scan
+        with pytest.raises(ValueError, match=pattern):
+            folder.load_image(1)
+    k = int(np.flatnonzero(folder.origins[:, 0] == 1)[0])
+    with pytest.raises(ValueError, match=pattern):
+        folder.sample(k)
+    folder.sample(0)  # the other images still read
+    pytest.importorskip("torch")
+    from cobalance.segmentation import SegmentationFolder
+
+    with pytest.raises(ValueError, match=pattern):
+        SegmentationFolder(folder)[k]
+
+
+@pytest.mark.parametrize("which", ["masks/MA", "images"])
+def test_file_that_is_not_an_image_names_the_file(tmp_path, which):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks" / "MA").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "images" / f"{name}.png")
+        Image.fromarray(np.ones((4, 6), bool)).save(tmp_path / "masks" / "MA" / f"{name}.png")
+    _break_file(tmp_path / which / "b.png", "garbage")
+    what = "mask" if which.startswith("masks") else "image"
+    with pytest.raises(ValueError, match=rf"cannot read {what} .*b\.png: cannot identify image file .*"
+                                         r"\(UnidentifiedImageError\)"):
+        MaskFolder(tmp_path)
+
+
+def test_decompression_bomb_names_the_file(tmp_path, monkeypatch):
+    root = _noise_label_folder(tmp_path)
+    folder = MaskFolder(root)
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS; 40 x 50 = 2000 pixels is over 2 x 500
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    pattern = r"cannot read (label-map mask|image) .*img0\.png: .*(DecompressionBombError)"
+    with pytest.raises(ValueError, match=pattern):
+        folder.scan(n_threads=1)
+    with pytest.raises(ValueError, match=pattern):
+        folder.sample(0)
+    with pytest.raises(ValueError, match=r"cannot read image .*img0\.png: .*(DecompressionBombError)"):
+        MaskFolder(root)
+
+
+# -- other layouts: DRIVE-shaped folders, stem keys, valid regions --------------------------
+
+
+def make_drive_folder(root, n_images=3, size=(40, 48), seed=0):
+    """A small folder laid out like the DRIVE retinal vessel set.
+
+    ``training/images/<k>_training.tif`` (RGB), ``training/1st_manual/<k>_manual1.gif``
+    (vessels 0/255) and ``training/mask/<k>_training_mask.gif`` (the field of view, a
+    disc). Returns ``{key: (vessels bool, fov bool)}``.
+    """
+    rng = np.random.default_rng(seed)
+    base = root / "training"
+    for sub in ("images", "1st_manual", "mask"):
+        (base / sub).mkdir(parents=True)
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    truth = {}
+    for k in range(21, 21 + n_images):
+        fov = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= (min(h, w) / 2 - 1) ** 2 + 4 * (k - 21)
+        vessels = (rng.random((h, w)) < 0.15) & (rng.random((h, w)) < 0.9)
+        vessels[:, : 2 * (k - 20)] = False
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(base / "images" / f"{k}_training.tif")
+        Image.fromarray((vessels * 255).astype(np.uint8)).save(base / "1st_manual" / f"{k}_manual1.gif")
+        Image.fromarray((fov * 255).astype(np.uint8)).save(base / "mask" / f"{k}_training_mask.gif")
+        truth[str(k)] = (vessels, fov)
+    return base, truth
+
+
+DRIVE = dict(mask_dir=".", layout="binary_folders", class_names=["1st_manual"], valid_dir="mask",
+             stem_key=r"^(\d+)_")
+
+
+def drive_reference(truth, tile, min_valid):
+    """Per tile (image order, row-major tiles): vessel pixels inside the FOV, FOV pixels, kept."""
+    rows = []
+    for key in sorted(truth):
+        vessels, fov = truth[key]
+        h, w = fov.shape
+        for y in range(0, h - tile + 1, tile):
+            for x in range(0, w - tile + 1, tile):
+                v = fov[y:y + tile, x:x + tile]
+                if v.sum() >= min_valid * tile * tile:
+                    rows.append((int((vessels[y:y + tile, x:x + tile] & v).sum()), int(v.sum()), y, x))
+    return rows
+
+
+def test_drive_shaped_folder_pairs_by_stem_key_and_honours_the_field_of_view(tmp_path):
+    base, truth = make_drive_folder(tmp_path)
+    folder = MaskFolder(base, tile=8, min_valid=0.5, **DRIVE)
+    assert folder.image_ids == ["21", "22", "23"] and folder.class_names == ["1st_manual"]
+    scan = folder.scan()
+    reference = drive_reference(truth, 8, 0.5)
+    assert len(folder) == len(reference) == scan.n_samples
+    assert len(reference) < 3 * 5 * 6  # tiles outside the field of view were dropped
+    np.testing.assert_array_equal(scan.pixel_counts[:, 0], [r[0] for r in reference])
+    np.testing.assert_array_equal(scan.valid_pixels, [r[1] for r in reference])
+    np.testing.assert_array_equal(scan.origins[:, 1:], [(r[2], r[3]) for r in reference])
+    np.testing.assert_array_equal(scan.presence[:, 0], [r[0] >= 1 for r in reference])
+    np.testing.assert_array_equal(folder.valid_mask(1), truth["22"][1])
+    # without min_valid every tile stays; the counts still ignore pixels outside the field of view
+    every = MaskFolder(base, tile=8, **DRIVE).scan()
+    assert every.n_samples == 3 * 5 * 6
+    np.testing.assert_array_equal(every.pixel_counts.sum(), sum(int((v & f).sum()) for v, f in truth.values()))
+
+
+def test_mismatched_stems_raise_instead_of_silent_zeros(tmp_path):
+    base, _ = make_drive_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"21_manual1\.gif has no image .*stem_key"):
+        MaskFolder(base, mask_dir=".", layout="binary_folders", class_names=["1st_manual"])
+    with pytest.raises(ValueError, match=r"21_training\.tif does not match stem_key"):
+        MaskFolder(base, mask_dir=".", layout="binary_folders", class_names=["1st_manual"], valid_dir="mask",
+                   stem_key=r"^(\d+)_manual")
+    (base / "other").mkdir()
+    (base / "other" / "21_training.xyz").write_bytes(b"not a mask")
+    with pytest.raises(ValueError, match=r"class folder .*other is empty: no mask Pillow reads \(1 \.xyz\)"):
+        MaskFolder(base, mask_dir=".", layout="binary_folders", class_names=["other"], stem_key=r"^(\d+)_")
+    with pytest.raises(ValueError, match="min_valid needs a valid region"):
+        MaskFolder(base, mask_dir=".", layout="binary_folders", class_names=["1st_manual"], stem_key=r"^(\d+)_",
+                   tile=8, min_valid=0.5)
+    with pytest.raises(ValueError, match="stem_key .* is not a regular expression"):
+        MaskFolder(base, stem_key="(")
+
+
+def test_stem_key_callable_pairs_like_the_pattern(tmp_path):
+    base, _ = make_drive_folder(tmp_path)
+    by_pattern = MaskFolder(base, **DRIVE).scan()
+    options = dict(DRIVE, stem_key=lambda stem: stem.split("_")[0])
+    by_callable = MaskFolder(base, **options).scan()
+    np.testing.assert_array_equal(by_pattern.pixel_counts, by_callable.pixel_counts)
+
+
+def test_label_maps_with_several_ignore_values_and_a_valid_region(tmp_path):
+    rng = np.random.default_rng(4)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "fov").mkdir()
+    maps, fovs = {}, {}
+    for name in ("a", "b"):
+        labels = rng.integers(0, 3, (16, 20)).astype(np.uint8)
+        labels[rng.random(labels.shape) < 0.2] = 254
+        labels[rng.random(labels.shape) < 0.1] = 255
+        fov = rng.random(labels.shape) < 0.7
+        Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(tmp_path / "images" / f"{name}.png")
+        Image.fromarray(labels).save(tmp_path / "masks" / f"{name}.png")
+        Image.fromarray((fov * 255).astype(np.uint8)).save(tmp_path / "fov" / f"{name}.png")
+        maps[name], fovs[name] = labels, fov
+    folder = MaskFolder(tmp_path, class_names=["x", "y", "z"], ignore_index=[254, 255], valid_dir="fov", tile=4,
+                        min_valid=0.25)
+    scan = folder.scan()
+    counts, valid = [], []
+    for name in ("a", "b"):
+        ok = fovs[name] & (maps[name] < 3)
+        for y in range(0, 16, 4):
+            for x in range(0, 20, 4):
+                v = ok[y:y + 4, x:x + 4]
+                if v.sum() >= 0.25 * 16:
+                    lab = maps[name][y:y + 4, x:x + 4][v]
+                    counts.append(np.bincount(lab, minlength=3))
+                    valid.append(v.sum())
+    np.testing.assert_array_equal(scan.pixel_counts, counts)
+    np.testing.assert_array_equal(scan.valid_pixels, valid)
+    assert folder.ignore_index == (254, 255)
+
+
+def test_drive_folder_scans_from_the_cli(tmp_path, capsys):
+    import json
+
+    from cobalance import PatternTable
+    from cobalance.cli import main
+
+    base, truth = make_drive_folder(tmp_path)
+    out = tmp_path / "t.npz"
+    code = main(["scan", str(base), "--image-dir", "images", "--mask-dir", ".", "--layout", "binary_folders",
+                 "--class-names", "1st_manual", "--valid-dir", "mask", "--stem-key", r"^(\d+)_", "--tile", "8",
+                 "--min-valid", "0.5", "-o", str(out), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    reference = drive_reference(truth, 8, 0.5)
+    assert doc["n_samples"] == len(reference)
+    table = PatternTable.load(out)
+    np.testing.assert_array_equal(table.patterns[table.inverse][:, 0], [r[0] >= 1 for r in reference])
+    record = table.provenance  # where the table came from is inside it
+    assert record["mask_folder"]["stem_key"] == r"^(\d+)_" and record["mask_folder"]["valid_dir"] == "mask"
+    code = main(["scan", str(base), "--mask-dir", ".", "--layout", "binary_folders", "--class-names", "1st_manual"])
+    err = capsys.readouterr().err
+    assert code == 2 and "stem_key" in err

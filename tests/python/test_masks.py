@@ -273,6 +273,21 @@ def test_concatenate():
         MaskScan.concatenate([a, scan_masks(np.zeros((4, 4), np.uint8), n_classes=3)])
 
 
+def test_first_image_numbers_a_batch_within_its_dataset():
+    rng = np.random.default_rng(4)
+    masks = rng.integers(0, 3, size=(5, 6, 6)).astype(np.uint8)
+    whole = scan_masks(masks, n_classes=3, tile=3)
+    later = scan_masks(masks[3:], n_classes=3, tile=3, first_image=3)
+    tail = whole.origins[:, 0] >= 3
+    np.testing.assert_array_equal(later.origins, whole.origins[tail])
+    np.testing.assert_array_equal(later.pixel_counts, whole.pixel_counts[tail])
+    assert later.n_images == 2
+    bad = masks[3:].copy()
+    bad[1, 2, 4] = 9
+    with pytest.raises(ValueError, match=r"mask value 9 at image 4, pixel \(y=2, x=4\)"):
+        scan_masks(bad, n_classes=3, first_image=3)
+
+
 # -- bad input ---------------------------------------------------------------------
 
 
@@ -313,6 +328,8 @@ def test_class_id_out_of_range_names_value_image_and_pixel():
     (np.zeros((4, 4), np.uint8), {"ignore_index": 1.0}, "ignore_index must be an integer"),
     (np.zeros((1, 2, 4, 4), np.uint8), {"ignore_index": 255}, "does not apply to multi-label"),
     (np.zeros((4, 4), np.uint8), {"n_threads": 0}, "n_threads must be a positive integer"),
+    (np.zeros((4, 4), np.uint8), {"first_image": -1}, "first_image must be a non-negative integer, got -1"),
+    (np.zeros((4, 4), np.uint8), {"first_image": 1.0}, "first_image must be a non-negative integer"),
 ])
 def test_bad_input(masks, options, message):
     with pytest.raises(ValueError, match=message):

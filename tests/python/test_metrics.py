@@ -3,13 +3,13 @@
 import math
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
 
 from cobalance import metrics as npm
 from conftest import PACKAGE_PARENT
-
 
 
 def test_numpy_metrics_need_no_torch():
@@ -287,3 +287,93 @@ def test_bad_input_names_the_argument(impl):
         mod.dice_per_class(ml * 0, ml, num_classes=2)
     with pytest.raises(ValueError, match="num_classes=3 channels"):
         mod.dice_per_class(ml, ml, num_classes=3)
+
+
+# ---------------------------------------------------------------- numpy and torch front ends agree
+
+
+def _front_end_case(rng, layout, n=4, c=4, h=6, w=5):
+    """(pred, target, options) for every layout and pred kind the front ends take."""
+    if layout in ("scores", "ids", "single_map"):
+        target = rng.integers(0, c, (n, h, w))
+        target[0][target[0] == c - 1] = 0  # a class absent from one image
+        scores = rng.normal(size=(n, c, h, w)).astype(np.float32)
+        pred = scores if layout == "scores" else scores.argmax(1)
+        if layout == "single_map":
+            return pred[0].astype(np.uint8), target[0].astype(np.int32), {}
+        return pred, target, {}
+    target = (rng.random((n, c, h, w)) < 0.3).astype(np.uint8)
+    target[1, 0] = 0
+    logits = (rng.normal(size=(n, c, h, w)) * 2).astype(np.float32)
+    if layout == "ml_logits":
+        return logits, target, {"pred_format": "logits", "threshold": 0.3}
+    if layout == "ml_probs":
+        return 1 / (1 + np.exp(-logits.astype(np.float64))), target, {"threshold": 0.7}
+    return (logits > 0).astype(np.bool_), target, {"pred_format": "labels"}
+
+
+@pytest.mark.parametrize("layout", ["scores", "ids", "single_map", "ml_logits", "ml_probs", "ml_labels"])
+@pytest.mark.parametrize("absent", ["skip", "one"])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_numpy_and_torch_front_ends_agree(layout, absent, ignore):
+    rng = np.random.default_rng(zlib.crc32(f"{layout} {absent} {ignore}".encode()))
+    pred, target, options = _front_end_case(rng, layout)
+    if ignore:
+        target = target.copy()
+        target[rng.random(target.shape) < 0.15] = 255
+    kw = dict(num_classes=4, ignore_index=255 if ignore else None, **options)
+    pt, tt = torch.from_numpy(np.ascontiguousarray(pred)), torch.from_numpy(target)
+    for a, b in zip(npm.dice_counts(pred, target, **kw), tm.dice_counts(pt, tt, **kw)):
+        np.testing.assert_array_equal(a, b.numpy())
+        assert a.dtype == np.int64 and b.dtype == torch.int64
+    for reduction in ("global", "per_image", "none"):
+        got_np = npm.dice_per_class(pred, target, absent=absent, reduction=reduction, **kw)
+        got_t = tm.dice_per_class(pt, tt, absent=absent, reduction=reduction, **kw)
+        np.testing.assert_array_equal(got_np, got_t.numpy())
+        v_np = npm.vdice(pred, target, absent=absent, reduction=reduction, **kw)
+        v_t = tm.vdice(pt, tt, absent=absent, reduction=reduction, **kw)
+        np.testing.assert_array_equal(v_np, v_t.numpy())
+        assert isinstance(v_np, float) == (reduction != "none")
+    if layout == "single_map":
+        return
+    for mode in ("global", "per_image"):
+        meters = npm.DiceMeter(mode=mode, absent=absent, **kw), tm.DiceMeter(mode=mode, absent=absent, **kw)
+        for lo, hi in [(0, 1), (1, 4)]:
+            meters[0].update(pred[lo:hi], target[lo:hi])
+            meters[1].update(pt[lo:hi], tt[lo:hi])
+        r_np, r_t = meters[0].compute(), meters[1].compute()
+        np.testing.assert_array_equal(r_np.per_class, r_t.per_class.numpy())
+        np.testing.assert_array_equal(r_np.vdice, r_t.vdice.numpy())
+        for field in ("tp", "pred_sum", "target_sum", "image_dice_sum", "image_dice_count"):
+            np.testing.assert_array_equal(getattr(meters[0], field), getattr(meters[1], field).numpy(), err_msg=field)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "torch"])
+@pytest.mark.parametrize("mode", ["global", "per_image"])
+def test_meter_fields_mean_the_same_in_every_mode(impl, mode):
+    rng = np.random.default_rng(13)
+    scores, target = _random_case(rng, "label_map", n=5, c=4, ignore=True)
+    pred_on, target_on, valid = _decoded(scores, target, "label_map", 4, 255)
+    mod, conv = (npm, np.asarray) if impl == "numpy" else (tm, torch.from_numpy)
+    meter = mod.DiceMeter(4, mode=mode, ignore_index=255, absent="skip")
+    for lo, hi in [(0, 2), (2, 5)]:
+        meter.update(conv(scores[lo:hi]), conv(target[lo:hi]))
+    # brute-force counts summed over images, and per-image Dice sums and counts
+    p, t = pred_on & valid, target_on & valid
+    np.testing.assert_array_equal(np.asarray(meter.tp), (p & t).sum((0, 2, 3)))
+    np.testing.assert_array_equal(np.asarray(meter.pred_sum), p.sum((0, 2, 3)))
+    np.testing.assert_array_equal(np.asarray(meter.target_sum), t.sum((0, 2, 3)))
+    per_image = brute_force_dice(pred_on, target_on, valid, "skip")
+    np.testing.assert_allclose(np.asarray(meter.image_dice_sum), np.nansum(per_image, 0), rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(meter.image_dice_count), (~np.isnan(per_image)).sum(0))
+    assert meter.n_images == 5
+    meter.reset()
+    assert meter.tp is None and meter.image_dice_sum is None and meter.n_images == 0
+
+
+def test_torch_meter_refuses_a_batch_on_another_device():
+    meter = tm.DiceMeter(2)
+    meter.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))
+    meter.tp = meter.tp.to("meta")  # stands in for another device on a CPU-only machine
+    with pytest.raises(ValueError, match="meter accumulates on meta"):
+        meter.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))

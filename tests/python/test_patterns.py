@@ -727,3 +727,107 @@ def test_grouping_when_distinct_keys_share_hashes():
                            "-k", GROUPING_TESTS], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+# -- DataFrames: column names become class names -------------------------------------
+
+
+def test_from_labels_dataframe_columns_become_class_names():
+    from cobalance import Balancer
+
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({
+        "cat": [1, 0, 1, 1],
+        "dog": pd.array([True, False, False, True], dtype="boolean"),
+        "bird": pd.Categorical([0, 1, 0, 0]),
+        "fish": [0.0, 1.0, 0.0, 1.0],
+    })
+    table = PatternTable.from_labels(frame)
+    assert table.class_names == ["cat", "dog", "bird", "fish"]
+    reference = np.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0], [1, 1, 0, 1]], dtype=np.uint8)
+    np.testing.assert_array_equal(table.patterns[table.inverse], reference.astype(bool))
+    assert PatternTable.from_labels(frame, class_names=list("abcd")).class_names == list("abcd")
+    assert Balancer().fit(frame).report_.to_dict()["classes"][0]["name"] == "cat"
+
+
+def test_from_labels_dataframe_errors_name_the_column():
+    pd = pytest.importorskip("pandas")
+    with pytest.raises(ValueError, match="column 'dog' has a missing value at row 1"):
+        PatternTable.from_labels(pd.DataFrame({"dog": pd.array([True, None], dtype="boolean")}))
+    with pytest.raises(ValueError, match="column 'a' must hold 0/1"):
+        PatternTable.from_labels(pd.DataFrame({"a": ["x", "y"]}))
+    with pytest.raises(ValueError, match="must be 0 or 1, got 2"):
+        PatternTable.from_labels(pd.DataFrame({"a": [0, 2]}))
+
+
+def test_from_labels_polars_columns_become_class_names():
+    pl = pytest.importorskip("polars")
+    table = PatternTable.from_labels(pl.DataFrame({"a": [True, False], "b": [1, 1]}))
+    assert table.class_names == ["a", "b"]
+    np.testing.assert_array_equal(table.class_presence(), [0.5, 1.0])
+
+
+# -- label lists over many classes: nothing per sample depends on n_classes -------------
+
+
+def test_from_lists_over_1e8_classes_takes_memory_per_pattern_not_per_class():
+    # Two rows over 10**8 classes: two patterns of 12.5 MB each, instead of a packed
+    # row per sample (the builder's row buffers) and 10**8 default class names (6 GB);
+    # peak memory measured in a fresh process (tracemalloc does not see the core).
+    code = """if True:
+        import resource, sys
+        import numpy as np
+        import scipy.sparse as sp
+        from cobalance import PatternTable
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = PatternTable.from_lists([0, 2, 3], [99_999_999, 5, 99_999_999], 10**8)
+        s = PatternTable.from_sparse(sp.csr_matrix(([1, 1, 1], ([0, 0, 1], [5, 99_999_999, 99_999_999])),
+                                                   shape=(2, 10**8)))
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        indptr, indices = t.sparse_patterns()
+        print(t.n_classes, t.n_samples, t.counts.tolist(), t.inverse.tolist(), indptr.tolist(), indices.tolist(),
+              t == s, int(grown_mb < 500), round(grown_mb))
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fields = proc.stdout.split()
+    assert fields[:-1] == ["100000000", "2", "[1,", "1]", "[0,", "1]", "[0,", "2,", "3]", "[5,", "99999999,",
+                           "99999999]", "True", "1"], proc.stdout
+
+
+@pytest.mark.parametrize("n_classes", [2**32, 10**12, 10**30])
+def test_from_lists_beyond_what_a_table_holds_names_n_classes_and_the_limit(n_classes):
+    with pytest.raises(ValueError, match=rf"n_classes = {n_classes} is more than a pattern table holds "
+                                         r"\(at most 2\^32 - 1 = 4294967295 classes.*here "
+                                         rf"{(n_classes + 63) // 64 * 8}\)"):
+        PatternTable.from_lists([0, 1], [0], n_classes)
+
+
+def test_from_sparse_beyond_what_a_table_holds():
+    sp = pytest.importorskip("scipy.sparse")
+    with pytest.raises(ValueError, match="n_classes = 4294967296 is more than a pattern table holds"):
+        PatternTable.from_sparse(sp.csr_matrix(([1], ([0], [7])), shape=(1, 2**32)))
+
+
+@pytest.mark.parametrize("keep_inverse", [True, False])
+def test_from_lists_over_many_classes_in_any_order_with_repeats(keep_inverse):
+    # Rows listing their classes unsorted and repeated, over 10**6 classes (grouped by
+    # their sets, never packed per row): the reference groups frozensets.
+    rng = np.random.default_rng(21)
+    c = 10**6
+    pool = [rng.integers(0, c, rng.integers(0, 5)) for _ in range(40)]
+    rows = [rng.permutation(np.concatenate([s, s[: rng.integers(0, len(s) + 1)]])) for s in
+            (pool[i] for i in rng.integers(0, len(pool), 3000))]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    indices = np.concatenate(rows).astype(np.int64)
+    first, counts, inverse = _group_rows(frozenset(r.tolist()) for r in rows)
+    t = PatternTable.from_lists(indptr, indices, c, keep_inverse=keep_inverse)
+    np.testing.assert_array_equal(t.counts, counts)
+    if keep_inverse:
+        np.testing.assert_array_equal(t.inverse, inverse)
+    p_indptr, p_indices = t.sparse_patterns()
+    assert [p_indices[a:b].tolist() for a, b in zip(p_indptr[:-1], p_indptr[1:])] == \
+        [sorted(set(rows[r].tolist())) for r in first]
+    with pytest.raises(ValueError, match=f"class index {c} in row 2 is outside"):
+        PatternTable.from_lists([0, 1, 2, 4], [0, 1, 5, c], c)

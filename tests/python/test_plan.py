@@ -220,6 +220,43 @@ def test_plan_save_load_round_trip(tmp_path, suffix):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_plan_provenance_is_saved_inside_the_file(tmp_path, suffix):
+    plan = Plan.from_copies([1, 2, 0])
+    assert plan.provenance is None
+    origin = {"table": {"path": "/data/t.npz", "sha256": "ab" * 32}, "target": [0.5, 0.25], "seed": 3,
+              "pair": (1, 2), "nothing": None, "ok": True}
+    plan.provenance = origin
+    origin["seed"] = 99  # the plan holds a copy: later edits of the caller's dict do not reach it
+    assert plan.provenance["seed"] == 3 and plan.provenance["pair"] == [1, 2]
+    path = tmp_path / f"plan{suffix}"
+    plan.save(path)
+    back = Plan.load(path)
+    # what json would give: the tuple a list, the rest as set
+    assert back.provenance == json.loads(json.dumps({**origin, "seed": 3}))
+    assert back == plan  # the provenance takes no part in equality
+    back.provenance = None
+    back.save(path)
+    assert Plan.load(path).provenance is None
+
+
+@pytest.mark.parametrize("value, match", [
+    ([1, 2], "provenance must be a dict"),
+    ({"x": float("nan")}, "no NaN or infinity"),
+    ({"x": np.arange(3)}, "JSON values only"),
+    ({1: "x"}, None),  # json turns the int key into "1": accepted as what json stores
+])
+def test_plan_provenance_must_be_json(value, match):
+    plan = Plan.from_copies([1])
+    if match is None:
+        plan.provenance = value
+        assert plan.provenance == {"1": "x"}
+        return
+    with pytest.raises(ValueError, match=match):
+        plan.provenance = value
+    assert plan.provenance is None
+
+
 def test_plan_load_rejects_foreign_and_future_files(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not a cobalance plan"):
@@ -261,3 +298,78 @@ def test_plan_constructor_checks_consistency():
     table = PatternTable.from_labels(np.eye(3, dtype=np.uint8), keep_inverse=False)
     with pytest.raises(ValueError, match="keep_inverse"):
         Plan.from_pattern_counts(table, [1, 1, 1])
+
+
+# -- overflow ----------------------------------------------------------------------------------
+
+
+def test_plan_totals_beyond_int64_are_refused_not_wrapped():
+    table = PatternTable.from_labels((np.random.default_rng(0).random((60, 5)) < 0.3).astype(np.uint8))
+    k = table.n_patterns
+    with pytest.raises(ValueError, match=r"pattern_counts sum to \d+, beyond the int64 limit"):
+        Plan.from_pattern_counts(table, np.full(k, 2 ** 62))  # n_samples_out wrapped
+    total = k * 2 ** 62
+    with pytest.raises(ValueError, match=str(total)):
+        Plan.from_pattern_counts(table, np.full(k, 2 ** 62))
+    with pytest.raises(ValueError, match="copies sum to 9223372036854775808"):
+        Plan([2 ** 62, 2 ** 62])
+    with pytest.raises(ValueError, match="copies sum to"):
+        Plan.from_copies(np.full(4, 2 ** 62))
+    with pytest.raises(ValueError, match="below 2\\*\\*63"):
+        Plan(np.array([2 ** 63], dtype=np.uint64))
+    with pytest.raises(ValueError, match="pattern_counts must hold non-negative integers below 2\\*\\*63"):
+        Plan.from_pattern_counts(table, np.full(k, 1e30))
+    # the largest total that fits is kept exactly
+    big = Plan([2 ** 62, 2 ** 62 - 1])
+    assert big.n_samples_out == 2 ** 63 - 1
+
+
+def test_round_counts_refuses_totals_float64_cannot_hold():
+    with pytest.raises(ValueError, match=r"total must be at most 2\*\*53 = 9007199254740992"):
+        round_counts([1.0, 2.0], total=2 ** 53 + 1)
+    with pytest.raises(ValueError, match=r"sums to 1e\+30, beyond the largest total"):
+        round_counts([1e30, 1.0])
+    with pytest.raises(ValueError, match="total must be an integer, got True"):
+        round_counts([1.0, 2.0], total=True)
+    np.testing.assert_array_equal(round_counts([2.0 ** 52, 2.0 ** 52], total=2 ** 53), [2 ** 52, 2 ** 52])
+
+
+@pytest.mark.parametrize("counts, match", [
+    ([1.0, 2.0], "pattern_counts must hold integers"),
+    ([True, True, True], "pattern_counts must hold integers"),
+    ([-1, 4], "pattern_counts must be non-negative, got -1 at position 0"),
+    ([[1, 2]], "pattern_counts must be 1-D"),
+])
+def test_plan_constructor_checks_pattern_counts_as_strictly_as_copies(counts, match):
+    # pattern_counts were cast to int64 without a check: 1.9 became 1, -1 passed
+    with pytest.raises(ValueError, match=match):
+        Plan([1, 2, 0], counts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2 ** 63 - 1), max_size=6) | st.lists(st.integers(0, 2 ** 61), max_size=6))
+def test_plan_totals_are_exact_or_refused(copies):
+    # Python's integers are the reference: no int64 wrap-around in between
+    total = sum(copies)
+    if total > 2 ** 63 - 1:
+        with pytest.raises(ValueError, match=f"copies sum to {total}, beyond the int64 limit"):
+            Plan(np.array(copies, dtype=np.int64))
+    else:
+        assert Plan(np.array(copies, dtype=np.int64), [total]).n_samples_out == total
+
+
+def test_plan_indices_shuffled_is_a_seeded_permutation_of_sorted():
+    plan = Plan([2, 0, 3, 1])
+    sorted_ = plan.indices()
+    np.testing.assert_array_equal(sorted_, [0, 0, 2, 2, 2, 3])
+    np.testing.assert_array_equal(plan.indices("sorted"), sorted_)
+    shuffled = plan.indices("shuffled", random_state=5)
+    np.testing.assert_array_equal(np.sort(shuffled), sorted_)
+    np.testing.assert_array_equal(shuffled, plan.indices("shuffled", random_state=5))
+    orders = {tuple(plan.indices("shuffled", random_state=s)) for s in range(20)}
+    assert len(orders) > 1
+    reference = sorted_.copy()
+    np.random.default_rng(5).shuffle(reference)
+    np.testing.assert_array_equal(shuffled, reference)
+    with pytest.raises(ValueError, match="order must be 'sorted' or 'shuffled', got 'random'"):
+        plan.indices("random")

@@ -220,3 +220,121 @@ def test_balanced_idrid_sample_matches_the_balancers_report(tmp_path):
     out = MaskFolder(tmp_path / "out", class_names=src.class_names)
     assert len(out) == plan.n_samples_out
     np.testing.assert_allclose(out.scan().presence.mean(0), balancer.report_.after, rtol=0, atol=1e-12)
+
+
+# -- resuming over changed files ----------------------------------------------------------
+
+
+def _rewrite_label_maps(src: Path, image_ids, n_classes=4):
+    """Every pixel of the named label maps moves to the next class id: no item stays as it was."""
+    for image_id in image_ids:
+        path = src / "masks" / f"{image_id}.png"
+        from PIL import Image
+
+        Image.fromarray(((read_plane(path).astype(np.int64) + 1) % n_classes).astype(np.uint8)).save(path)
+
+
+def _assert_items_equal_the_source(out: Path, src: Path, rows):
+    """Each item's files hold its source image and label map, read here with Pillow (no augmentation)."""
+    for r in rows:
+        name = Path(r["file"]).name
+        np.testing.assert_array_equal(read_rgb(out / "images" / name),
+                                      read_rgb(src / "images" / f"{r['image_id']}.png"))
+        np.testing.assert_array_equal(read_plane(out / "masks" / name),
+                                      read_plane(src / "masks" / f"{r['image_id']}.png"))
+
+
+def test_resume_without_manifest_over_changed_sources_rewrites_them(tmp_path):
+    """The manifest and one item deleted, every source mask rewritten: a rerun redoes every item."""
+    src = make_label_map_folder(tmp_path / "src")
+    plan = make_plan([2, 0, 1, 3, 1])
+    out = tmp_path / "out"
+    first = write_balanced(src, plan, out, progress=False)
+    assert (first.written, first.skipped) == (7, 0)
+    first.manifest.unlink()
+    (out / "images" / "im3_copy002.png").unlink()
+    _rewrite_label_maps(src, [f"im{i}" for i in range(5)])
+    again = write_balanced(src, plan, out, progress=False)
+    assert (again.written, again.skipped) == (7, 0)
+    rows = read_manifest(again.manifest)
+    _assert_items_equal_the_source(out, src, rows)
+    # without a change, a rerun without a manifest verifies every item and keeps it
+    text = again.manifest.read_text()
+    again.manifest.unlink()
+    third = write_balanced(src, plan, out, progress=False)
+    assert (third.written, third.skipped) == (0, 7)
+    assert third.manifest.read_text() == text
+
+
+def test_resume_with_manifest_redoes_changed_items_only(tmp_path):
+    from cobalance.segmentation.writer import _file_sha256
+
+    src = make_label_map_folder(tmp_path / "src")
+    plan = make_plan([2, 0, 1, 3, 1])
+    out = tmp_path / "out"
+    write_balanced(src, plan, out, progress=False)
+    rows = read_manifest(out / "manifest.csv")
+    for r in rows:  # the recorded hashes are those of the files, computed here with hashlib
+        name = Path(r["file"]).name
+        assert r["image_sha256"] == _file_sha256(out / "images" / name)
+        assert r["mask_sha256"] == _file_sha256(out / "masks" / name)
+        assert r["source_mask_sha256"] == _file_sha256(src / "masks" / f"{r['image_id']}.png")
+        assert r["source_image_sha256"] == _file_sha256(src / "images" / f"{r['image_id']}.png")
+    # a changed source mask: the items of that image (sample 3, three copies) are redone
+    _rewrite_label_maps(src, ["im3"])
+    # an output edited by hand: that item is redone too
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(out / "masks" / "im0.png")
+    again = write_balanced(src, plan, out, progress=False)
+    assert (again.written, again.skipped) == (4, 3)
+    _assert_items_equal_the_source(out, src, read_manifest(again.manifest))
+
+
+def test_interrupted_redo_leaves_no_manifest(tmp_path, monkeypatch):
+    """A rerun that changes items removes the manifest first: a stale one never vouches for them."""
+    import cobalance.segmentation.writer as writer
+
+    src = make_label_map_folder(tmp_path / "src")
+    plan = make_plan([2, 0, 1, 3, 1])
+    out = tmp_path / "out"
+    write_balanced(src, plan, out, progress=False)
+    _rewrite_label_maps(src, ["im0", "im3"])
+    saved = []
+    real_save = writer._save_png
+
+    def failing_save(array, path):
+        if len(saved) == 3:
+            raise OSError(28, "No space left on device")
+        saved.append(path)
+        real_save(array, path)
+
+    monkeypatch.setattr(writer, "_save_png", failing_save)
+    with pytest.raises(OSError):
+        write_balanced(src, plan, out, progress=False)
+    assert not (out / "manifest.csv").exists()
+    monkeypatch.setattr(writer, "_save_png", real_save)
+    report = write_balanced(src, plan, out, progress=False)
+    assert report.written + report.skipped == 7 and report.written >= 4
+    _assert_items_equal_the_source(out, src, read_manifest(report.manifest))
+
+
+def test_resume_binary_folder_with_a_class_removed_from_the_source(tmp_path):
+    classes = ["EX", "HE", "MA"]
+    src = make_binary_folder(tmp_path / "src", classes=classes)
+    plan = make_plan([1, 2, 1, 1])
+    out = tmp_path / "out"
+    write_balanced(src, plan, out, progress=False)
+    present = sorted(p for p in (src / "masks").rglob("im1.png"))
+    assert present, "im1 has at least one class file"
+    present[0].unlink()  # the class is now absent from im1
+    report = write_balanced(src, plan, out, progress=False)
+    assert (report.written, report.skipped) == (2, 3)
+    folder = MaskFolder(src, class_names=classes)
+    written = MaskFolder(out, class_names=classes)
+    for r in read_manifest(report.manifest):
+        k = written.image_ids.index(Path(r["file"]).stem)
+        np.testing.assert_array_equal(written.load_mask(k), folder.load_mask(folder.image_ids.index(r["image_id"])))
+    # the removed class has no file for im1's items any more
+    cls = present[0].parent.name
+    assert not (out / "masks" / cls / "im1.png").exists() and not (out / "masks" / cls / "im1_copy001.png").exists()

@@ -166,3 +166,29 @@ def test_bad_named_targets_raise(bad):
     table = PatternTable.from_labels(np.eye(3, dtype=bool))
     with pytest.raises(ValueError, match=re.escape(repr(bad)) if "=" not in bad else "target"):
         resolve_target(bad, table)
+
+
+# -- targets written as text ---------------------------------------------------------------
+
+
+def test_parse_target_text_forms(tmp_path):
+    from cobalance.targets import parse_target_text
+
+    names = ["cat", "dog", "bird"]
+    assert parse_target_text(" equal ", names) == "equal"
+    assert parse_target_text("smooth=0.5", names) == "smooth=0.5"
+    assert parse_target_text("dog=0.4, bird=0.3", names) == {"dog": 0.4, "bird": 0.3}
+    assert parse_target_text("0.5,0.25,1", names) == [0.5, 0.25, 1.0]
+    path = tmp_path / "t.json"
+    path.write_text('{"cat": 0.2}')
+    assert parse_target_text(str(path), names) == {"cat": 0.2}
+    for text, fragment in [("dog=2", "must be in [0, 1]"), ("cow=0.1", "unknown class 'cow'"),
+                           ("dog=0.1,dog=0.2", "given twice"), ("0.5,0.5", "lists 2 fractions"),
+                           ("balanced", "a target must be"), ("dog=", "expected a fraction")]:
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            parse_target_text(text, names)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read target file"):
+        parse_target_text(str(path), names)
+    with pytest.raises(FileNotFoundError):
+        parse_target_text(str(tmp_path / "missing.json"), names)

@@ -12,6 +12,8 @@ PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
 
 from cobalance.training import experiment as ex  # noqa: E402
+from cobalance.training import run as run_module  # noqa: E402
+from cobalance.training import runner  # noqa: E402
 from cobalance.training.experiment import ARMS, ExperimentConfig, run_experiment  # noqa: E402
 
 CLASSES = ["big", "rare", "mid"]
@@ -111,7 +113,7 @@ def test_resume_skips_finished_and_interrupted_run_equals_uninterrupted(syntheti
 
     # Interrupt the second arm's second epoch, as a kill would: nothing of it is final.
     calls = {"n": 0}
-    real_evaluate = ex._evaluate
+    real_evaluate = run_module.evaluate
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -119,22 +121,22 @@ def test_resume_skips_finished_and_interrupted_run_equals_uninterrupted(syntheti
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(ex, "_evaluate", flaky)
+    monkeypatch.setattr(run_module, "evaluate", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(_config(synthetic, tmp_path / "b", arms=arms, epochs=2))
     assert (tmp_path / "b" / "runs" / "unbalanced" / "fold0.json").exists()
     assert (tmp_path / "b" / "runs" / "balanced_reg" / "fold0.ckpt.pt").exists()
     assert not (tmp_path / "b" / "runs" / "balanced_reg" / "fold0.json").exists()
-    monkeypatch.setattr(ex, "_evaluate", real_evaluate)
+    monkeypatch.setattr(run_module, "evaluate", real_evaluate)
 
     trained = []
-    real_train = ex._train_arm_fold
+    real_train = runner.train_arm_fold
 
     def spy(arm, fold, *args, **kwargs):
         trained.append((arm, fold))
         return real_train(arm, fold, *args, **kwargs)
 
-    monkeypatch.setattr(ex, "_train_arm_fold", spy)
+    monkeypatch.setattr(runner, "train_arm_fold", spy)
     resumed = run_experiment(_config(synthetic, tmp_path / "b", arms=arms, epochs=2))
     assert ("unbalanced", 0) not in trained and ("balanced_reg", 0) in trained
     for arm in arms:
@@ -170,7 +172,7 @@ def test_bad_data_folders_name_the_file(tmp_path, synthetic):
     with pytest.raises(ValueError, match="does not exist"):
         run_experiment(_config(tmp_path / "nowhere", tmp_path / "o1"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="has no images"):
+    with pytest.raises(ValueError, match=r"empty.images is missing"):
         run_experiment(_config(tmp_path / "empty", tmp_path / "o2"))
 
     orphan = tmp_path / "orphan"
@@ -195,7 +197,7 @@ def test_bad_config_and_cli(synthetic, tmp_path, capsys):
         run_experiment(_config(synthetic, tmp_path / "o", folds=1))
     with pytest.raises(ValueError, match="name must be one of"):
         run_experiment(_config(synthetic, tmp_path / "o", model="deeplab"))
-    with pytest.raises(ValueError, match=r"classes \['nope'\] have no folder"):
+    with pytest.raises(ValueError, match=r"unknown class names \['nope'\]: no such folders"):
         run_experiment(_config(synthetic, tmp_path / "o", classes=["big", "nope"]))
     # CLI: an error is one line on stderr and exit status 2
     status = ex.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--model", "unet"])
@@ -213,11 +215,13 @@ def test_cli_parser_hooks_into_subparsers(synthetic, tmp_path, capsys):
                               "--tile", "32", "--folds", "2", "--epochs", "1", "--model", "unet",
                               "--encoder", "conv-tiny", "--arms", "unbalanced,rfs", "--no-progress",
                               "--target", "rare=0.5", "--epoch-size", "plan", "--threads", "1"])
-    assert args.target == {"rare": 0.5} and args.epoch_size == "plan" and args.arms == ["unbalanced", "rfs"]
+    # the target text is parsed against the class names once the data is open
+    assert args.target == "rare=0.5" and args.epoch_size == "plan" and args.arms == ["unbalanced", "rfs"]
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "| vDice |" in printed
-    assert json.loads((tmp_path / "cli" / "config.json").read_text())["epoch_size"] == "plan"
+    stored = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert stored["epoch_size"] == "plan" and stored["target"] == {"rare": 0.5}
     # The cobalance CLI's handler(args, console) lets errors reach its own reporting.
     bad = parser.parse_args(["experiment", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"),
                              "--model", "unet"])
@@ -225,11 +229,18 @@ def test_cli_parser_hooks_into_subparsers(synthetic, tmp_path, capsys):
         bad.handler(bad, None)
 
 
+def _sampler(n_plan, seed):
+    from cobalance import Plan
+    from cobalance.segmentation import PlanSampler
+
+    return PlanSampler(Plan.identity(n_plan), seed=seed, positions=True, num_replicas=1, rank=0)
+
+
 def test_epoch_positions_are_shuffled_passes():
-    pos = ex._epoch_positions(5, 12, seed=3)
+    pos = run_module.epoch_positions(_sampler(5, 3), 0, 12)
     assert pos.size == 12
     assert sorted(pos[:5]) == list(range(5)) and sorted(pos[5:10]) == list(range(5))
-    np.testing.assert_array_equal(pos, ex._epoch_positions(5, 12, seed=3))
+    np.testing.assert_array_equal(pos, run_module.epoch_positions(_sampler(5, 3), 0, 12))
 
 
 def test_downscale_max_pools_masks_and_averages_images(tmp_path):

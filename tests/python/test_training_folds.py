@@ -77,9 +77,9 @@ def test_groups_never_straddle_and_match_ungrouped_for_unit_groups():
         fold = cv.assign(y, groups)
         for g in np.unique(groups):
             assert np.unique(fold[groups == g]).size == 1
-        seen = np.concatenate([test for _, test in cv.split(y, groups)])
+        seen = np.concatenate([test for _, test in cv.split(y, y, groups)])
         np.testing.assert_array_equal(np.sort(seen), np.arange(groups.size))
-        for train, test in cv.split(y, groups):
+        for train, test in cv.split(y, y, groups):
             assert not set(groups[train]) & set(groups[test])
     unit = MultilabelStratifiedKFold(3, random_state=3)
     np.testing.assert_array_equal(unit.assign(y, np.arange(y.shape[0])), unit.assign(y))

@@ -2,6 +2,7 @@
 
 import builtins
 import math
+import os
 
 import numpy as np
 import pytest
@@ -79,15 +80,37 @@ def test_smp_missing_gives_actionable_import_error(monkeypatch):
         create_model("smp-unet-xception65", classes=3)
 
 
-def test_smp_xception65_configuration():
+def test_smp_xception65_builds_and_trains_on_cpu():
+    """The method's model: forward and backward on the CPU, gradients in every layer.
+
+    Runs in the training environment (scripts/setup-training, torch 2.14.1 with
+    torchvision), where scripts/test sets COBALANCE_REQUIRE_SMP=1 so that a missing
+    segmentation_models_pytorch fails instead of skipping.
+    """
     try:
         smp = models_mod._import_smp()
     except ImportError as err:
-        pytest.skip(f"segmentation_models_pytorch not importable here: {err}")
+        if os.environ.get("COBALANCE_REQUIRE_SMP"):
+            raise
+        pytest.skip(f"segmentation_models_pytorch not importable here (scripts/setup-training builds it): {err}")
+    torch.manual_seed(0)
     model = create_model("smp-unet-xception65", classes=5)
     assert isinstance(model, smp.Unet)
-    out = model.eval()(torch.rand(1, 3, 64, 64))
-    assert out.shape == (1, 5, 64, 64)
+    assert type(model.encoder).__name__ == "TimmUniversalEncoder"
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params > 30_000_000  # Xception-65 (about 40 M with the U-Net decoder), not a small stand-in
+    x = torch.rand(2, 3, 64, 64)
+    target = (torch.rand(2, 5, 64, 64) < 0.1).float()
+    out = model.train()(x)
+    assert out.shape == (2, 5, 64, 64)
+    loss = FocalLoss("multilabel", gamma=2.0)(out, target)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    first_conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 5, 64, 64)
 
 
 # -- focal loss: references written out by hand ---------------------------------------------

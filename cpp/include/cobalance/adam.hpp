@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cobalance/balance_problem.hpp"
+#include "cobalance/interrupt.hpp"
 
 namespace cobalance {
 
@@ -42,6 +43,8 @@ struct AdamOptions {
   // The balanced size sum(alpha), held fixed by projection after every step; empty:
   // no fixed total (alpha is clamped to the bounds).
   std::optional<double> total;
+  // Polled between steps (see interrupt.hpp): Interrupted when it returns true.
+  InterruptCheck interrupt;
 };
 
 struct AdamResult {

@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "cobalance/balance_problem.hpp"
+#include "cobalance/interrupt.hpp"
 
 namespace cobalance {
 
@@ -52,6 +53,9 @@ struct ExactOptions {
   index_t max_iter = 100000;  // Newton plus FISTA iterations in all
   double tol = 1e-10;         // on the KKT residual
   int n_threads = 0;
+  // Polled between Newton, line-search and FISTA steps (see interrupt.hpp):
+  // Interrupted when it returns true.
+  InterruptCheck interrupt;
 };
 
 struct ExactResult {

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cobalance/interrupt.hpp"
 #include "cobalance/pattern_table.hpp"
 
 namespace cobalance {
@@ -51,6 +52,8 @@ struct MaskScanOptions {
   // Index given to the first image in origins and error messages, so that masks
   // scanned one batch at a time are numbered as one sequence.
   index_t first_image = 0;
+  // Polled between waves of tiles (see interrupt.hpp): Interrupted when it returns true.
+  InterruptCheck interrupt;
 };
 
 struct MaskScanResult {

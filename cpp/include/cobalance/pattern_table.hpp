@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "cobalance/interrupt.hpp"
 #include "cobalance/parallel.hpp"
 
 namespace cobalance {
@@ -26,6 +27,12 @@ using pattern_id_t = std::int32_t;
 
 // Number of 64-bit words that hold `n_classes` bits.
 constexpr index_t words_for(index_t n_classes) noexcept { return (n_classes + 63) / 64; }
+
+// The most classes a table may have: a table feeds a BalanceProblem, which numbers
+// classes in 32 bits, and each pattern is stored as words_for(n_classes) 64-bit words
+// (512 MiB per pattern at this limit). Tables and builders of more classes are
+// std::invalid_argument, naming n_classes and this limit.
+constexpr index_t kMaxClasses = (index_t{1} << 32) - 1;
 
 class PatternIndex;  // hash index over packed patterns (implementation detail)
 
@@ -82,6 +89,7 @@ using PackedVector = std::vector<std::uint64_t, UninitializedAllocator<std::uint
 class PatternTable {
  public:
   PatternTable();
+  // 1 <= n_classes <= kMaxClasses, else std::invalid_argument.
   explicit PatternTable(index_t n_classes);
   PatternTable(const PatternTable&);
   PatternTable(PatternTable&&) noexcept;
@@ -92,7 +100,8 @@ class PatternTable {
   // Builds a table from its parts and validates them: patterns unique, no bit set
   // at or beyond n_classes, counts positive, and (when given) every inverse entry a
   // valid pattern index with bincount(inverse) == counts. Throws
-  // std::invalid_argument naming the first offending value.
+  // std::invalid_argument naming the first offending value (also when the counts sum
+  // past 2^63 - 1).
   static PatternTable from_parts(index_t n_classes, PackedVector packed,
                                  std::vector<index_t> counts, InverseVector inverse,
                                  bool has_inverse);
@@ -134,11 +143,13 @@ class PatternTable {
 // result equals that of one pass over the concatenated batches, whatever the batch
 // boundaries and thread counts. A batch that throws leaves the builder as it was.
 // A table holds at most 2^31 - 1 distinct patterns (std::length_error beyond), so
-// that the inverse's entries are 32-bit; counts and sample indices are 64-bit.
+// that the inverse's entries are 32-bit; counts and sample indices are 64-bit, and a
+// batch that would take the samples past 2^63 - 1 is std::invalid_argument.
 class PatternTableBuilder {
  public:
   // keep_inverse=false skips the sample -> pattern index (counts only, O(K) memory).
-  // n_threads: 0 = all hardware threads.
+  // n_threads: 0 = all hardware threads. 1 <= n_classes <= kMaxClasses, else
+  // std::invalid_argument.
   explicit PatternTableBuilder(index_t n_classes, bool keep_inverse = true, int n_threads = 0);
   PatternTableBuilder(PatternTableBuilder&&) noexcept;
   PatternTableBuilder& operator=(PatternTableBuilder&&) noexcept;
@@ -150,7 +161,11 @@ class PatternTableBuilder {
   void add_packed(const std::uint64_t* words, index_t n_rows);
   // CSR label lists: the classes of row r are indices[indptr[r] - indptr[0] ..
   // indptr[r+1] - indptr[0]); indptr has n_rows + 1 non-decreasing entries and
-  // indptr[n_rows] - indptr[0] == nnz. Repeated classes in a row are allowed.
+  // indptr[n_rows] - indptr[0] == nnz. Repeated classes in a row are allowed. With
+  // many classes (keys of more than 64 words) the rows are grouped by their sets of
+  // classes before any is packed: the batch costs O(nnz) (a sort for a row whose
+  // classes are not increasing) plus O(n_words) per distinct set, never O(n_classes)
+  // per row.
   void add_lists(const index_t* indptr, index_t n_rows, const index_t* indices, index_t nnz);
   // Appends the samples of a table built separately (the next partition in order).
   void add_table(const PatternTable& table);
@@ -161,6 +176,13 @@ class PatternTableBuilder {
   // first rows bring new patterns) instead of growing it as later batches bring
   // more. The result does not depend on it. n_total < 0 is std::invalid_argument.
   void expect_samples(index_t n_total);
+
+  // A check that the add_* calls poll on the calling thread (see interrupt.hpp); when
+  // it returns true the call throws Interrupted and the builder is as before the call.
+  // Large batches are then grouped in slices of rows of about half a second each, with
+  // the check polled between them (the result does not depend on batch boundaries).
+  // Empty: never polled.
+  void set_interrupt_check(InterruptCheck check);
 
   index_t n_classes() const noexcept;
   index_t n_samples() const noexcept;
@@ -174,6 +196,8 @@ class PatternTableBuilder {
 };
 
 // Merges tables of consecutive partitions, in order; equals the one-pass table.
-PatternTable merge_tables(const std::vector<const PatternTable*>& tables, int n_threads = 0);
+// `interrupt` is polled between and within the tables (see interrupt.hpp).
+PatternTable merge_tables(const std::vector<const PatternTable*>& tables, int n_threads = 0,
+                          const InterruptCheck& interrupt = {});
 
 }  // namespace cobalance

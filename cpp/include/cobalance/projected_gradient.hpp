@@ -16,8 +16,11 @@
 //
 // Stopping: after `patience` (5) consecutive accepted steps whose relative decrease
 // |L_{t-1} - L_t| <= tol * max(|L_{t-1}|, 1e-12) each, or a step that leaves alpha
-// unchanged (a stationary point), converged = true; a line search that halves 60
-// times without success ends the run with converged = false, as does max_iter.
+// unchanged (a stationary point), converged = true. A line search that halves 60
+// times without success ends the run: converged = true where its last trial moved no
+// entry by more than 1e-9 of total / K (a kink of a piecewise-linear term, e.g. the
+// ess regularizer's, where no projected-gradient step decreases the loss), false
+// otherwise; max_iter ends it with converged = false.
 // Every sum goes through the problem's fixed blocks: the result does not depend on the
 // number of threads.
 #pragma once
@@ -25,6 +28,7 @@
 #include <vector>
 
 #include "cobalance/balance_problem.hpp"
+#include "cobalance/interrupt.hpp"
 
 namespace cobalance {
 
@@ -32,6 +36,8 @@ struct GradientOptions {
   index_t max_iter = 5000;
   double tol = 1e-9;
   int n_threads = 0;
+  // Polled between line-search trials (see interrupt.hpp): Interrupted when it returns true.
+  InterruptCheck interrupt;
 };
 
 struct GradientResult {

@@ -42,7 +42,7 @@ class SegmentationFolder(Dataset):
     root : str, path or MaskFolder
         The folder (see MaskFolder for the layouts), or an open MaskFolder to wrap (then
         no other argument may be given).
-    layout, class_names, tile, stride, ignore_index, min_pixels, image_dir, mask_dir
+    layout, class_names, tile, stride, ignore_index, min_pixels, image_dir, mask_dir, stem_key, valid_dir, min_valid
         Passed to :class:`~cobalance.folders.MaskFolder`.
 
     Attributes
@@ -56,7 +56,8 @@ class SegmentationFolder(Dataset):
     ------
     ValueError
         Whatever MaskFolder raises (empty folder, image/mask size mismatch, unknown
-        class names, ...), naming the file or folder.
+        class names, ...), naming the file or folder; indexing raises it too for a
+        file that cannot be decoded (``"cannot read image <path>: <cause>"``).
     """
 
     def __init__(
@@ -67,15 +68,19 @@ class SegmentationFolder(Dataset):
         class_names: Optional[Sequence[str]] = None,
         tile=None,
         stride=None,
-        ignore_index: Optional[int] = None,
+        ignore_index=None,
         min_pixels=1,
         image_dir: str = "images",
         mask_dir: str = "masks",
+        stem_key=None,
+        valid_dir: Optional[str] = None,
+        min_valid: Optional[float] = None,
     ) -> None:
         if isinstance(root, MaskFolder):
             given = dict(layout=layout != "auto", class_names=class_names is not None, tile=tile is not None,
                          stride=stride is not None, ignore_index=ignore_index is not None, min_pixels=min_pixels != 1,
-                         image_dir=image_dir != "images", mask_dir=mask_dir != "masks")
+                         image_dir=image_dir != "images", mask_dir=mask_dir != "masks", stem_key=stem_key is not None,
+                         valid_dir=valid_dir is not None, min_valid=min_valid is not None)
             extra = [name for name, set_ in given.items() if set_]
             if extra:
                 raise ValueError(f"{extra} cannot be given with an open MaskFolder; open the folder with them instead")
@@ -83,7 +88,7 @@ class SegmentationFolder(Dataset):
         else:
             self.folder = MaskFolder(root, layout=layout, class_names=class_names, tile=tile, stride=stride,
                                      ignore_index=ignore_index, min_pixels=min_pixels, image_dir=image_dir,
-                                     mask_dir=mask_dir)
+                                     mask_dir=mask_dir, stem_key=stem_key, valid_dir=valid_dir, min_valid=min_valid)
 
     @property
     def layout(self) -> str:

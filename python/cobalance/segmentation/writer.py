@@ -21,7 +21,10 @@ __all__ = ["WriteReport", "write_balanced"]
 
 MANIFEST = "manifest.csv"
 _JOB = ".cobalance-write.json"
-_MANIFEST_COLUMNS = ("file", "sample", "image_id", "y", "x", "copy_index", "augmented", "seed")
+_MANIFEST_COLUMNS = ("file", "sample", "image_id", "y", "x", "copy_index", "augmented", "seed",
+                     "source_image_sha256", "source_mask_sha256", "image_sha256", "mask_sha256")
+#: The manifest columns a resume checks an item against (absent from manifests of older versions).
+_HASH_COLUMNS = _MANIFEST_COLUMNS[-4:]
 
 
 class WriteReport(NamedTuple):
@@ -109,6 +112,70 @@ def _remove_stale_temporaries(folders) -> None:
                     entry.unlink()
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _masks_sha256(paths, label_map: bool) -> str:
+    """One digest for an item's mask files (``None`` or a missing path: no file).
+
+    A label map: its file's SHA-256. Binary folders: the SHA-256 of the per-class
+    file digests, one line each in class order, ``-`` for a class without a file.
+    """
+    paths = [p if p is not None and p.is_file() else None for p in paths]
+    if label_map:
+        return "-" if paths[0] is None else _file_sha256(paths[0])
+    lines = "".join(f"{'-' if p is None else _file_sha256(p)}\n" for p in paths)
+    return hashlib.sha256(lines.encode("ascii")).hexdigest()
+
+
+def _read_manifest_hashes(manifest: Path) -> dict:
+    """``file -> {hash column: digest}`` of an earlier complete run; empty when there is none to trust.
+
+    A manifest without the hash columns (an older version's) or one that cannot be
+    parsed records nothing that could prove an item current, so its items are
+    verified like those of an interrupted run.
+    """
+    if not manifest.is_file():
+        return {}
+    try:
+        with open(manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not set(_HASH_COLUMNS) <= set(reader.fieldnames or ()):
+                return {}
+            return {row["file"]: {k: row[k] for k in _HASH_COLUMNS} for row in reader}
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError):
+        return {}
+
+
+def _output_matches(image: np.ndarray, mask, image_path: Path, mask_paths, label_map: bool) -> bool:
+    """Whether the files of an item hold exactly ``image`` and ``mask`` (pixel values, not bytes)."""
+    from PIL import Image
+
+    def decoded(path):
+        with Image.open(path) as img:
+            return np.asarray(img)
+
+    try:
+        if not np.array_equal(decoded(image_path), image):
+            return False
+        if label_map:
+            return np.array_equal(decoded(mask_paths[0]), mask)
+        for path, plane in zip(mask_paths, mask):
+            if not plane.any():
+                if path.exists():
+                    return False
+            elif not path.is_file() or not np.array_equal(decoded(path) != 0, plane != 0):
+                return False
+    except Exception:  # noqa: BLE001 - a file Pillow cannot read is not a complete item: it is rewritten
+        return False
+    return True
+
+
 def _save_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -171,13 +238,31 @@ def write_balanced(dataset_or_folder, plan, out_dir, *, augment=None, seed: int 
     augmentation's seed: a ``DuplicateAugmentation``'s own, else the ``seed``
     argument; empty when not augmented).
 
+    The manifest also records content hashes (SHA-256) for resuming:
+    ``source_image_sha256`` and ``source_mask_sha256`` (the source files the item was
+    made from) and ``image_sha256`` and ``mask_sha256`` (its files in ``out_dir``). A
+    mask column holds the file's digest for a label map, and for binary folders the
+    SHA-256 of the per-class file digests (one line each, in class order, ``-`` for
+    a class without a file).
+
     Crash safety: every file is written to a temporary name and renamed; an item's
-    image is written after its masks, so an item is complete exactly when its image
-    exists. A rerun with the same arguments skips complete items, rewrites the others
-    and removes temporaries a killed run left; the manifest is written last, so it
-    exists only once everything is complete. ``out_dir`` keeps a description of the
-    job (``.cobalance-write.json``), and a rerun with another plan, source, augment or
+    image is written after its masks. The manifest is written last, and removed
+    before a rerun changes any item, so it exists only when every item in
+    ``out_dir`` is complete and current. ``out_dir`` keeps a description of the job
+    (``.cobalance-write.json``), and a rerun with another plan, source, augment or
     seed is refused rather than mixed in.
+
+    Resuming: a rerun with the same arguments removes temporaries a killed run left
+    and writes every item that is missing. An item whose image exists is kept
+    (counted as ``skipped``) only when it is shown current, and rewritten otherwise:
+
+    - with a manifest (a complete earlier run): when the hashes of its source files
+      and of its files in ``out_dir`` equal the manifest's, so an item whose source
+      changed, or whose files were edited, is rewritten without being decoded;
+    - without one (an interrupted run, or a deleted or older-version manifest,
+      whose files nothing vouches for): when its files hold exactly the pixels that
+      writing it now would give, which costs decoding (and augmenting) the item
+      but not encoding it.
 
     Parameters
     ----------
@@ -241,6 +326,26 @@ def write_balanced(dataset_or_folder, plan, out_dir, *, augment=None, seed: int 
 
     from tqdm.auto import tqdm
 
+    manifest = out_dir / MANIFEST
+    recorded = _read_manifest_hashes(manifest)
+    source_digests = {}
+
+    def source_sha256(i: int):
+        # the tiles of an image share its files: hashed once per image
+        if i not in source_digests:
+            source_digests[i] = (_file_sha256(folder.image_path(i)), _masks_sha256(folder.mask_paths(i), label_map))
+        return source_digests[i]
+
+    def item_arrays(sample: int, copy: int, augmented: bool, name: str):
+        """The item's image and mask as they are written (label maps in the PNG's integer type)."""
+        image, mask = folder.sample(sample)
+        if augmented:
+            image, mask = _augment_item(augmenter, image, mask, label_map, sample, copy)
+        image = np.ascontiguousarray(image, dtype=np.uint8)
+        if label_map:
+            return image, _label_map_for_png(np.asarray(mask), name)
+        return image, np.asarray(mask)
+
     rows = []
     written = skipped = 0
     bar = tqdm(total=len(names), desc="write_balanced", unit="img", disable=not progress)
@@ -248,28 +353,45 @@ def write_balanced(dataset_or_folder, plan, out_dir, *, augment=None, seed: int 
         for sample, copy, name in zip(indices.tolist(), copies.tolist(), names):
             i, y, x = (int(v) for v in folder.origins[sample])
             augmented = goes_through_augment(copy)
-            rows.append((f"images/{name}.png", sample, folder.image_ids[i], y, x, copy, int(augmented),
-                         sample_seed(base_seed, sample, copy) if augmented else ""))
+            file = f"images/{name}.png"
             image_path = images_dir / f"{name}.png"
+            mask_paths = [masks_dir / f"{name}.png"] if label_map else [d / f"{name}.png" for d in class_dirs]
+            sources = source_sha256(i)
+            row = (file, sample, folder.image_ids[i], y, x, copy, int(augmented),
+                   sample_seed(base_seed, sample, copy) if augmented else "")
+            arrays = outputs = None
+            current = False
             if image_path.is_file():
+                record = recorded.get(file)
+                if record is not None:
+                    outputs = (_file_sha256(image_path), _masks_sha256(mask_paths, label_map))
+                    current = tuple(record[k] for k in _HASH_COLUMNS) == (*sources, *outputs)
+                else:
+                    arrays = item_arrays(sample, copy, augmented, name)
+                    current = _output_matches(*arrays, image_path, mask_paths, label_map)
+            if current:
                 skipped += 1
-                bar.update(1)
-                continue
-            image, mask = folder.sample(sample)
-            if augmented:
-                image, mask = _augment_item(augmenter, image, mask, label_map, sample, copy)
-            if label_map:
-                _save_png(_label_map_for_png(np.asarray(mask), name), masks_dir / f"{name}.png")
             else:
-                for class_dir, plane in zip(class_dirs, np.asarray(mask)):
-                    path = class_dir / f"{name}.png"
-                    if plane.any():
-                        _save_png(plane != 0, path)
-                    elif path.exists():  # left by a run that wrote this item differently
-                        path.unlink()
-            # The image last: its presence marks the item complete.
-            _save_png(np.ascontiguousarray(image, dtype=np.uint8), image_path)
-            written += 1
+                if manifest.exists():  # it would vouch for items this run is about to change
+                    manifest.unlink()
+                image, mask = arrays if arrays is not None else item_arrays(sample, copy, augmented, name)
+                if image_path.exists():  # an item being redone is incomplete until its image is back
+                    image_path.unlink()
+                if label_map:
+                    _save_png(mask, mask_paths[0])
+                else:
+                    for path, plane in zip(mask_paths, mask):
+                        if plane.any():
+                            _save_png(plane != 0, path)
+                        elif path.exists():  # left by a run that wrote this item differently
+                            path.unlink()
+                # The image last: its presence marks the item complete.
+                _save_png(image, image_path)
+                written += 1
+                outputs = None
+            if outputs is None:
+                outputs = (_file_sha256(image_path), _masks_sha256(mask_paths, label_map))
+            rows.append(row + (*sources, *outputs))
             bar.update(1)
     finally:
         bar.close()
@@ -278,6 +400,5 @@ def write_balanced(dataset_or_folder, plan, out_dir, *, augment=None, seed: int 
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(_MANIFEST_COLUMNS)
     writer.writerows(rows)
-    manifest = out_dir / MANIFEST
     atomic_write_text(manifest, text.getvalue())
     return WriteReport(manifest=manifest, written=written, skipped=skipped)

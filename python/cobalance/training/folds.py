@@ -154,7 +154,8 @@ class MultilabelStratifiedKFold:
         self.group_labels = group_labels
         self.random_state = random_state
 
-    def get_n_splits(self, labels=None, groups=None) -> int:
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        """The number of folds (scikit-learn's splitter protocol; the arguments are ignored)."""
         return _check_splits(self.n_splits)
 
     def assign(self, labels, groups=None) -> np.ndarray:
@@ -190,8 +191,30 @@ class MultilabelStratifiedKFold:
                                               random_state=self.random_state)
         return group_fold[group_of]
 
-    def split(self, labels, groups=None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(train_indices, test_indices)`` for each fold, both sorted int64."""
+    def split(self, X, y=None, groups=None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(train_indices, test_indices)`` for each fold, both sorted int64.
+
+        scikit-learn's splitter protocol, so the splitter works as ``cv=`` of
+        ``cross_validate``, ``GridSearchCV`` and the like.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+            The features: only their number of rows is used. When ``y`` is None, ``X``
+            is taken as the label matrix (``split(labels)``).
+        y : array-like of shape (n_samples, n_classes), optional
+            0/1 class presence per sample, the labels stratified on.
+        groups : array-like of shape (n_samples,), optional
+            Group id of each sample.
+        """
+        labels = X if y is None else y
+        if hasattr(labels, "toarray"):  # scipy.sparse
+            labels = labels.toarray()
+        if y is not None:
+            n_x = X.shape[0] if hasattr(X, "shape") else len(X)
+            if n_x != np.shape(labels)[0]:
+                raise ValueError(f"X and y must have the same number of samples, got {n_x} and "
+                                 f"{np.shape(labels)[0]}")
         fold = self.assign(labels, groups)
         for j in range(_check_splits(self.n_splits)):
             yield np.flatnonzero(fold != j), np.flatnonzero(fold == j)

@@ -1,0 +1,243 @@
+"""The fundus study's seams: the runner's result files, the run's PlanSampler order,
+Table 1 against the plans, the one target parser, the shrunk folder MaskFolder reads."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("kornia")
+PIL = pytest.importorskip("PIL.Image")
+pytest.importorskip("matplotlib")
+
+from cobalance import PatternTable  # noqa: E402
+from cobalance.folders import MaskFolder  # noqa: E402
+from cobalance.segmentation import SegmentationFolder  # noqa: E402
+from cobalance.training import experiment as ex  # noqa: E402
+from cobalance.training import run as run_module  # noqa: E402
+from cobalance.training import runner  # noqa: E402
+from cobalance.training.arms import arm_plan, study_target  # noqa: E402
+from cobalance.training.config import ExperimentConfig, derived_seed  # noqa: E402
+from cobalance.training.data import StudyTiles  # noqa: E402
+from test_training import CLASSES, _synthetic_folder  # noqa: E402
+
+TILE = 32
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return _synthetic_folder(tmp_path_factory.mktemp("data") / "synth")
+
+
+def _config(data, out, **kw):
+    base = dict(data=str(data), out=str(out), tile=TILE, folds=2, epochs=1, batch_size=4, model="unet",
+                encoder="conv-tiny", arms=["unbalanced"], progress=False, seed=0, threads=1)
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+def _reference_presence(root, classes):
+    """Per tile (image order, then row-major tiles) the classes with a pixel: read with PIL."""
+    rows, image_ids = [], sorted(p.stem for p in (root / "images").iterdir())
+    for stem in image_ids:
+        planes = []
+        for c in classes:
+            path = root / "masks" / c / f"{stem}.png"
+            planes.append(np.asarray(PIL.open(path)) > 0 if path.exists() else np.zeros((64, 64), bool))
+        for y in range(0, 64, TILE):
+            for x in range(0, 64, TILE):
+                rows.append([p[y:y + TILE, x:x + TILE].any() for p in planes])
+    image_of = np.repeat(np.arange(len(image_ids)), (64 // TILE) ** 2)
+    return np.array(rows, dtype=bool), image_of, image_ids
+
+
+def test_table1_and_plan_figures_equal_the_plans_copies(synthetic, tmp_path):
+    arms = ["unbalanced", "balanced_noreg", "rfs"]
+    config = _config(synthetic, tmp_path / "r", arms=arms)
+    result = runner.run_experiment(config)
+    classes = result["classes"]
+    assert sorted(classes) == sorted(CLASSES)
+    presence, image_of, image_ids = _reference_presence(synthetic, classes)
+    parsed = ExperimentConfig(**{**config.to_dict(), "target": study_target(config.target, classes)})
+    rows = {r["set"]: r for r in result["table1"]["rows"]}
+    for c, name in enumerate(classes):
+        assert rows["all tiles"][name] == pytest.approx(presence[:, c].mean(), abs=1e-12)
+    for arm in arms:
+        sizes, after = [], []
+        for fold, r in enumerate(result["runs"][arm]):
+            train = ~np.isin(np.asarray(image_ids)[image_of], r["test_images"])
+            p = presence[train]
+            plan, _, _ = arm_plan(arm, PatternTable.from_labels(p, class_names=classes), parsed, fold)
+            copies = plan.copies
+            # brute force from the per-tile copies
+            assert r["plan_size"] == copies.sum()
+            assert r["plan_duplicates"] == np.maximum(copies - 1, 0).sum()
+            assert r["plan_dropped"] == np.count_nonzero(copies == 0)
+            assert r["plan_max_copies"] == copies.max()
+            assert r["plan_effective_size"] == pytest.approx(copies.sum() ** 2 / (copies ** 2).sum())
+            np.testing.assert_allclose(r["presence_before"], p.mean(axis=0), rtol=0, atol=1e-12)
+            expected = (p * copies[:, None]).sum(axis=0) / copies.sum()
+            np.testing.assert_allclose(r["presence"], expected, rtol=0, atol=1e-12)
+            sizes.append(copies.sum())
+            after.append(expected)
+        assert rows[arm]["size"] == pytest.approx(np.mean(sizes))
+        for c, name in enumerate(classes):
+            assert rows[arm][name] == pytest.approx(np.mean([a[c] for a in after]), abs=1e-12)
+    assert result["runs"]["balanced_noreg"][0]["plan_duplicates"] > 0  # the check saw duplicates
+
+
+class _Recorder:
+    """A dataset that records the items asked of it, in order."""
+
+    def __init__(self, dataset):
+        self.dataset, self.asked = dataset, []
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, k):
+        self.asked.append(int(k))
+        return self.dataset[k]
+
+
+@pytest.mark.parametrize("extra", [0, 3], ids=["one-pass", "passes"])
+def test_run_visits_the_plan_in_planSampler_order(synthetic, tmp_path, monkeypatch, extra):
+    arm, fold, epochs = "balanced_noreg", 0, 2
+    folder = SegmentationFolder(synthetic, tile=TILE)
+    tiles = StudyTiles.scan(folder)
+    recorder = _Recorder(folder)
+    tiles.items = recorder
+    image_rows = np.unique(tiles.image_of)
+    train = np.flatnonzero(np.isin(tiles.image_of, image_rows[:4]))
+    test = np.flatnonzero(~np.isin(tiles.image_of, image_rows[:4]))
+    classes = tiles.class_names
+    table = PatternTable.from_labels(tiles.presence[train], class_names=classes)
+    probe = _config(synthetic, tmp_path, arms=[arm], epochs=epochs, target=study_target("rare_boost", classes))
+    n_plan = arm_plan(arm, table, probe, fold)[0].n_samples_out
+    # the order does not depend on augmentation; without it the test runs in seconds
+    config = _config(synthetic, tmp_path, arms=[arm], epochs=epochs, epoch_size=n_plan + extra, augment=False,
+                     target=study_target("rare_boost", classes))
+    plans = []
+    real_arm_plan = run_module.arm_plan
+
+    def keep_plan(*args, **kwargs):
+        plans.append(real_arm_plan(*args, **kwargs)[0])
+        return plans[-1], *real_arm_plan(*args, **kwargs)[1:]
+
+    monkeypatch.setattr(run_module, "arm_plan", keep_plan)
+    split = run_module.FoldSplit(train=train, test=test, table=table)
+    run_module.train_arm_fold(arm, fold, tiles, split, config, tmp_path / "runs", tmp_path / "runs" / "r.json")
+
+    # Reference: torch's DistributedSampler over the plan's positions (PlanSampler's contract),
+    # one of its epochs per pass, the last pass cut to the epoch size.
+    indices = plans[0].indices()
+    assert indices.size == n_plan and plans[0].n_duplicates > 0
+    seed = derived_seed(config, "order", arm, fold)
+    passes = -(-(n_plan + extra) // n_plan)
+    expected = []
+    for epoch in range(epochs):
+        positions = []
+        for j in range(passes):
+            reference = torch.utils.data.DistributedSampler(range(n_plan), num_replicas=1, rank=0, seed=seed)
+            reference.set_epoch(epoch * passes + j)
+            positions += list(reference)
+        expected += train[indices[positions[: n_plan + extra]]].tolist() + test.tolist()
+    assert recorder.asked == expected
+
+
+def test_runner_resumes_from_result_files(synthetic, tmp_path, monkeypatch):
+    config = _config(synthetic, tmp_path / "r", arms=["unbalanced", "rfs"])
+    runner.run_experiment(config)
+    trained = []
+    real_train = runner.train_arm_fold
+
+    def spy(arm, fold, *args, **kwargs):
+        trained.append((arm, fold))
+        return real_train(arm, fold, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_arm_fold", spy)
+    # A finished result file is taken as it is: the tables show what it holds.
+    path = tmp_path / "r" / "runs" / "rfs" / "fold1.json"
+    held = json.loads(path.read_text())
+    held["best_vdice"] = 0.123456
+    path.write_text(json.dumps(held))
+    again = runner.run_experiment(config)
+    assert trained == []
+    assert again["table2"]["cells"]["rfs"]["vDice"]["folds"][1] == 0.123456
+    # One of another version, or cut short, is trained again; the others are kept.
+    held["version"] = 99
+    path.write_text(json.dumps(held))
+    short = tmp_path / "r" / "runs" / "unbalanced" / "fold0.json"
+    cut = json.loads(short.read_text())
+    cut["history"] = []
+    short.write_text(json.dumps(cut))
+    third = runner.run_experiment(config)
+    assert sorted(trained) == [("rfs", 1), ("unbalanced", 0)]
+    assert third["table2"]["cells"]["rfs"]["vDice"]["folds"][1] != 0.123456
+    assert json.loads(path.read_text())["version"] != 99
+
+
+def test_target_text_is_parsed_once_against_the_classes(synthetic, tmp_path, capsys):
+    # the library's parser: CLASS=FRACTION against the folder's classes, stored parsed
+    result = runner.run_experiment(_config(synthetic, tmp_path / "ok", target="rare=0.5,mid=0.4"))
+    assert result["config"]["target"] == {"rare": 0.5, "mid": 0.4}
+    with pytest.raises(ValueError, match="unknown class 'nope'; the classes are big, mid, rare"):
+        runner.run_experiment(_config(synthetic, tmp_path / "bad", target="nope=0.5"))
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    # the command line: one error path, cobalance.cli.main's (one line, exit 2)
+    code = ex.main(["--data", str(synthetic), "--out", str(tmp_path / "cli"), "--model", "unet",
+                    "--encoder", "conv-tiny", "--tile", "32", "--target", "rare=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("cobalance: error:") and "'rare'" in err[0]
+
+
+def test_downscaled_folder_is_read_by_mask_folder(synthetic, tmp_path):
+    dst = ex.downscale_folder(synthetic, tmp_path / "small", 2)
+    source, small = MaskFolder(synthetic), MaskFolder(dst)
+    assert small.layout == "binary_folders" and small.class_names == source.class_names
+    assert small.image_ids == source.image_ids
+    for i in range(source.n_images):
+        # a class without a mask file stays without one
+        assert [p is None for p in small.mask_paths(i)] == [p is None for p in source.mask_paths(i)]
+        full = source.load_mask(i).astype(bool)
+        pooled = full.reshape(source.n_classes, 32, 2, 32, 2).any(axis=(2, 4))
+        np.testing.assert_array_equal(small.load_mask(i).astype(bool), pooled)
+    labels = tmp_path / "labels"
+    (labels / "images").mkdir(parents=True)
+    (labels / "masks").mkdir()
+    PIL.fromarray(np.zeros((8, 8, 3), np.uint8)).save(labels / "images" / "a.png")
+    PIL.fromarray(np.zeros((8, 8), np.uint8)).save(labels / "masks" / "a.png")
+    (labels / "classes.txt").write_text("bg\n")
+    with pytest.raises(ValueError, match="holds label maps"):
+        ex.downscale_folder(labels, tmp_path / "nope", 2)
+    with pytest.raises(ValueError, match="factor must be an integer >= 2"):
+        ex.downscale_folder(synthetic, tmp_path / "nope", 1)
+
+
+def test_other_layouts_through_mask_folder_options(synthetic, tmp_path):
+    # Differently named files in other folders, paired by a stem key, and a valid region
+    # covering the left half of every image: only the left column of tiles is kept.
+    root = tmp_path / "drive-like"
+    for sub in ["img", "fov"] + [f"lesions/{c}" for c in CLASSES]:
+        (root / sub).mkdir(parents=True)
+    fov = np.zeros((64, 64), dtype=bool)
+    fov[:, :32] = True
+    for image in sorted((synthetic / "images").iterdir()):
+        (root / "img" / f"{image.stem}_image.png").write_bytes(image.read_bytes())
+        PIL.fromarray(fov).save(root / "fov" / f"{image.stem}_fov.png")
+        for c in CLASSES:
+            mask = synthetic / "masks" / c / image.name
+            if mask.exists():
+                (root / "lesions" / c / f"{image.stem}_mask.png").write_bytes(mask.read_bytes())
+    options = dict(image_dir="img", mask_dir="lesions", stem_key=r"^(img\d+)_", valid_dir="fov", min_valid=0.5)
+    result = runner.run_experiment(_config(root, tmp_path / "out", **options))
+    classes = result["classes"]
+    presence, image_of, _ = _reference_presence(synthetic, classes)
+    left = np.tile([True, False], presence.shape[0] // 2)  # tiles (y, x): x = 0 first in each row
+    rows = {r["set"]: r for r in result["table1"]["rows"]}
+    assert rows["all tiles"]["size"] == np.count_nonzero(left)
+    for c, name in enumerate(classes):
+        assert rows["all tiles"][name] == pytest.approx(presence[left, c].mean(), abs=1e-12)
+    with pytest.raises(ValueError, match="valid_dir and min_valid apply with downscale=1 only"):
+        runner.run_experiment(_config(root, tmp_path / "o2", downscale=2, **options))
