@@ -15,9 +15,9 @@ installed. It runs ``python -m cobalance.training`` with
   so that the run ends inside its time limit whatever the card's speed. Why 8:
   docs/results/idrid-gpu/README.md, *Budget*.
 
-Then it writes at most 6 files into ``$OUT`` (at most 8 files, flat, come back from the GPU machine):
+Then it writes 4 files into ``$OUT`` (at most 8 files, flat, come back from the GPU machine):
 ``results.json`` (configuration, environment, timings, both tables and every
-(arm, fold)'s epochs), ``tables.md``, the three ``curves_*.png`` and ``study.log``;
+(arm, fold)'s epochs), ``tables.md``, ``curves_all.png`` and ``study.log``;
 and prints a short table last.
 """
 
@@ -80,6 +80,15 @@ def environment(device: str) -> dict:
     return env
 
 
+_TABLES = {
+    "table1": "Table 1: class presence, duplicates and effective size of the training sets (mean over folds)",
+    "table2_best": "Table 2: maximum test Dice over epochs (mean ± std over folds)",
+    "table2_last3": "Table 2b: test Dice, mean of the last three epochs (mean ± std over folds)",
+    "paired_best": "Paired differences against unbalanced, best epoch (sign test / Wilcoxon p)",
+    "paired_last3": "Paired differences against unbalanced, last three epochs (sign test / Wilcoxon p)",
+}
+
+
 def gather(work: Path, out: Path, log: Path, meta: dict) -> dict:
     """Write results.json and tables.md into ``out``, copy the curves; return results.json's content."""
     runs = {}
@@ -90,7 +99,7 @@ def gather(work: Path, out: Path, log: Path, meta: dict) -> dict:
     results["config"] = json.loads((work / "config.json").read_text())
     # In the configuration's arm order (a resumed folder may hold other arms too).
     runs = {arm: runs[arm] for arm in results["config"]["arms"] if arm in runs}
-    for name in ("table1", "table2"):
+    for name in _TABLES:
         path = work / f"{name}.json"
         results[name] = json.loads(path.read_text()) if path.exists() else None
     results["runs"] = {arm: [{k: r.get(k) for k in ("fold", "plan_size", "plan_duplicates", "plan_max_copies",
@@ -100,15 +109,14 @@ def gather(work: Path, out: Path, log: Path, meta: dict) -> dict:
                              for r in sorted(rs, key=lambda r: r["fold"])] for arm, rs in runs.items()}
     _write(out / "results.json", json.dumps(results, indent=1) + "\n")
     parts = []
-    for name, title in (("table1", "Table 1: class presence of the training sets (mean over folds)"),
-                        ("table2", "Table 2: maximum test Dice over epochs (mean ± std over folds)")):
+    for name, title in _TABLES.items():
         path = work / f"{name}.md"
         if path.exists():
             parts.append(f"## {title}\n\n{path.read_text()}")
     parts.append("## Runs\n\n" + runs_markdown(runs))
     _write(out / "tables.md", "\n".join(parts))
-    for png in sorted(work.glob("curves_*.png")):
-        shutil.copyfile(png, out / png.name)
+    if (work / "curves_all.png").exists():  # every class in one figure: few files come back
+        shutil.copyfile(work / "curves_all.png", out / "curves_all.png")
     if log.parent != out:
         shutil.copyfile(log, out / log.name)
     return results
@@ -178,7 +186,7 @@ def main(argv=None) -> int:
     print(f"\nstudy: {meta['study_seconds']} s, exit status {rc}; files in {out}: "
           f"{sorted(p.name for p in out.iterdir() if not p.name.startswith('.'))}")
     print(runs_markdown(results["runs"]))
-    table2 = work / "table2.md"
+    table2 = work / "table2_best.md"
     if table2.exists():
         print(table2.read_text())
     return rc

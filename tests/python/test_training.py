@@ -58,30 +58,48 @@ def synthetic(tmp_path_factory):
 
 
 def _assert_results_folder(out, arms, classes, n_folds, n_epochs):
-    for name in ["config.json"] + [f"table{i}.{e}" for i in (1, 2) for e in ("md", "csv", "json")]:
+    stems = ["table1", "table2_best", "table2_last3", "paired_best", "paired_last3"]
+    for name in ["config.json"] + [f"{stem}.{e}" for stem in stems for e in ("md", "csv", "json")]:
         assert (out / name).is_file(), name
     t1 = json.loads((out / "table1.json").read_text())
     assert [r["set"] for r in t1["rows"]] == ["all tiles"] + list(arms)
     for row in t1["rows"]:
         for c in classes:
             assert 0.0 <= row[c] <= 1.0
-    t2 = json.loads((out / "table2.json").read_text())
-    assert t2["arms"] == list(arms) and t2["metrics"] == list(classes) + ["vDice"]
+        if row["set"] != "all tiles":
+            assert 0 < row["effective_size"] <= row["size"] and row["duplicates"] >= 0
+    runs = {arm: [json.loads((out / "runs" / arm / f"fold{k}.json").read_text()) for k in range(n_folds)]
+            for arm in arms}
+    for summary in ("best", "last3"):
+        t2 = json.loads((out / f"table2_{summary}.json").read_text())
+        assert t2["arms"] == list(arms) and t2["metrics"] == list(classes) + ["vDice"]
+        for arm in arms:
+            for i, metric in enumerate(t2["metrics"]):
+                cell = t2["cells"][arm][metric]
+                assert len(cell["runs"]) == n_folds
+                # recomputed from the run files' histories
+                for run, v in zip(runs[arm], cell["runs"]):
+                    key = "vdice" if metric == "vDice" else None
+                    series = [h[key] if key else h["dice"][i] for h in run["history"]]
+                    if summary == "last3":  # the last three epochs, then the known values among them
+                        series = series[-3:]
+                    series = [x for x in series if x is not None]
+                    expected = (max(series) if summary == "best" else float(np.mean(series))) if series else None
+                    assert v == pytest.approx(expected)
+                    assert v is None or 0.0 <= v <= 1.0
+        md = (out / f"table2_{summary}.md").read_text()
+        for c in list(classes) + ["vDice"]:
+            assert f"| {c} |" in md
+        tp = json.loads((out / f"paired_{summary}.json").read_text())
+        assert tp["arms"] == [a for a in arms if a != "unbalanced"]
+        for arm in tp["arms"]:
+            assert tp["cells"][arm]["vDice"]["n_pairs"] <= n_folds
     for arm in arms:
-        for metric in t2["metrics"]:
-            cell = t2["cells"][arm][metric]
-            assert len(cell["folds"]) == n_folds
-            for v in cell["folds"]:
-                assert v is None or 0.0 <= v <= 1.0
         for fold in range(n_folds):
-            run = json.loads((out / "runs" / arm / f"fold{fold}.json").read_text())
-            assert len(run["history"]) == n_epochs
+            assert len(runs[arm][fold]["history"]) == n_epochs
             assert not (out / "runs" / arm / f"fold{fold}.ckpt.pt").exists()
-    md = (out / "table2.md").read_text()
-    for c in list(classes) + ["vDice"]:
-        assert f"| {c} |" in md
     pngs = sorted(p.name for p in out.glob("curves_*.png"))
-    assert "curves_vdice.png" in pngs and len(pngs) == 3
+    assert "curves_vdice.png" in pngs and "curves_all.png" in pngs and len(pngs) == len(classes) + 2
     for p in out.glob("curves_*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -83,7 +83,7 @@ def test_prepare_then_run_script_on_cpu(data, tmp_path):
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["curves_od.png", "curves_se.png", "curves_vdice.png", "results.json", "study.log", "tables.md"]
+    assert names == ["curves_all.png", "results.json", "study.log", "tables.md"]
     assert len(names) <= 8  # what one device call returns
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["tile"] == 64 and results["config"]["model"] == "unet"
@@ -93,7 +93,7 @@ def test_prepare_then_run_script_on_cpu(data, tmp_path):
         assert all(len(r["history"]) == 1 and not r["time_limited"] for r in runs)
         # Table 2 against the per-fold bests, recomputed here.
         best = np.array([r["best_vdice"] for r in runs], dtype=float)
-        cell = results["table2"]["cells"][arm]["vDice"]
+        cell = results["table2_best"]["cells"][arm]["vDice"]
         assert cell["mean"] == pytest.approx(best.mean()) and cell["std"] == pytest.approx(best.std(ddof=1))
     assert "| arm | fold | epochs |" in proc.stdout
     assert "vDice" in proc.stdout.rstrip().splitlines()[-1]  # the short table is printed last
@@ -126,7 +126,7 @@ def test_curves_of_runs_of_different_lengths(tmp_path):
         return {"history": [{"vdice": v, "dice": [v] * 2} for v in vdice]}
 
     files = tables.plot_curves(tmp_path, {"unbalanced": [run([0.1, 0.2, 0.3]), run([0.2])]}, ["A", "B"], ["A"])
-    assert [f.name for f in files] == ["curves_a.png", "curves_vdice.png"]
+    assert [f.name for f in files] == ["curves_a.png", "curves_vdice.png", "curves_all.png"]
     assert all(f.stat().st_size > 0 for f in files)
 
 

@@ -223,3 +223,81 @@ def test_focal_bad_input():
         FocalLoss("softmax")
     with pytest.raises(ValueError, match="reduction must be one of"):
         FocalLoss(reduction="avg")
+
+
+# -- BCE + soft Dice and class weights ---------------------------------------------------------
+
+
+def _bce_dice_reference(x, t, smooth, weights):
+    """Per class: mean BCE over its elements + 1 - soft Dice over batch and pixels, float64 by hand."""
+    c = x.shape[1]
+    losses = []
+    for k in range(c):
+        xs, ts = x[:, k].ravel(), t[:, k].ravel()
+        ps = [1.0 / (1.0 + math.exp(-v)) for v in xs]
+        bce = sum(-(tt * math.log(p) + (1 - tt) * math.log(1 - p)) for p, tt in zip(ps, ts)) / len(ps)
+        inter = sum(p * tt for p, tt in zip(ps, ts))
+        dice = (2 * inter + smooth) / (sum(ps) + sum(ts) + smooth)
+        losses.append(bce + 1 - dice)
+    w = np.ones(c) if weights is None else np.asarray(weights, dtype=np.float64) * c / np.sum(weights)
+    return np.asarray(losses) * w
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 3.0, 0.5]])
+@pytest.mark.parametrize("smooth", [1.0, 1e-3])
+def test_bce_dice_matches_hand_formula(weights, smooth):
+    from cobalance.training import BCEDiceLoss, bce_dice_loss
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(scale=2, size=(2, 3, 4, 5))
+    t = (rng.random(x.shape) < 0.2).astype(np.float64)
+    ref = _bce_dice_reference(x, t, smooth, weights)
+    got = bce_dice_loss(torch.tensor(x), torch.tensor(t), smooth=smooth, class_weights=weights, reduction="none")
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10)
+    mean = BCEDiceLoss(smooth=smooth, class_weights=weights)(torch.tensor(x), torch.tensor(t))
+    assert float(mean) == pytest.approx(ref.mean(), rel=1e-10)
+    # gradients by autograd against central finite differences (float64)
+    xt = torch.tensor(x, requires_grad=True)
+    bce_dice_loss(xt, torch.tensor(t), smooth=smooth, class_weights=weights).backward()
+    eps = 1e-6
+    for idx in [(1, 2, 3, 0), (0, 0, 1, 4)]:
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        fd = (_bce_dice_reference(xp, t, smooth, weights).mean() - _bce_dice_reference(xm, t, smooth, weights).mean())
+        assert float(xt.grad[idx]) == pytest.approx(fd / (2 * eps), rel=1e-5)
+
+
+def test_class_weights_scale_each_class_of_the_focal_loss():
+    rng = np.random.default_rng(6)
+    x = torch.tensor(rng.normal(size=(2, 3, 4, 4)))
+    t = torch.tensor((rng.random((2, 3, 4, 4)) < 0.3).astype(np.float64))
+    w = [2.0, 1.0, 0.0]
+    plain = sigmoid_focal_loss(x, t, reduction="none")
+    got = sigmoid_focal_loss(x, t, reduction="none", class_weights=w)
+    scale = torch.tensor(w, dtype=torch.float64) * 3 / sum(w)
+    torch.testing.assert_close(got, plain * scale.view(1, 3, 1, 1))
+    # weights of all 1 change nothing
+    torch.testing.assert_close(FocalLoss(class_weights=[1, 1, 1])(x, t), FocalLoss()(x, t))
+
+
+@pytest.mark.parametrize("bad", [[1.0, 2.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0], [1.0, float("nan"), 1.0]])
+def test_bad_class_weights_are_refused(bad):
+    from cobalance.training import bce_dice_loss
+
+    x, t = torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
+    with pytest.raises(ValueError, match="class_weights"):
+        sigmoid_focal_loss(x, t, class_weights=bad)
+    with pytest.raises(ValueError, match="class_weights"):
+        bce_dice_loss(x, t, class_weights=bad)
+
+
+def test_bce_dice_bad_input():
+    from cobalance.training import bce_dice_loss
+
+    with pytest.raises(ValueError, match="shape"):
+        bce_dice_loss(torch.zeros(1, 2, 3), torch.zeros(1, 3, 3))
+    with pytest.raises(ValueError, match="smooth"):
+        bce_dice_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), smooth=0)
+    with pytest.raises(ValueError, match="class_weights"):
+        FocalLoss("multiclass", class_weights=[1, 2])

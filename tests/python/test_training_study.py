@@ -164,7 +164,7 @@ def test_runner_resumes_from_result_files(synthetic, tmp_path, monkeypatch):
     path.write_text(json.dumps(held))
     again = runner.run_experiment(config)
     assert trained == []
-    assert again["table2"]["cells"]["rfs"]["vDice"]["folds"][1] == 0.123456
+    assert again["table2"]["cells"]["rfs"]["vDice"]["runs"][1] == 0.123456
     # One of another version, or cut short, is trained again; the others are kept.
     held["version"] = 99
     path.write_text(json.dumps(held))
@@ -174,7 +174,7 @@ def test_runner_resumes_from_result_files(synthetic, tmp_path, monkeypatch):
     short.write_text(json.dumps(cut))
     third = runner.run_experiment(config)
     assert sorted(trained) == [("rfs", 1), ("unbalanced", 0)]
-    assert third["table2"]["cells"]["rfs"]["vDice"]["folds"][1] != 0.123456
+    assert third["table2"]["cells"]["rfs"]["vDice"]["runs"][1] != 0.123456
     assert json.loads(path.read_text())["version"] != 99
 
 
@@ -241,3 +241,94 @@ def test_other_layouts_through_mask_folder_options(synthetic, tmp_path):
         assert rows["all tiles"][name] == pytest.approx(presence[left, c].mean(), abs=1e-12)
     with pytest.raises(ValueError, match="valid_dir and min_valid apply with downscale=1 only"):
         runner.run_experiment(_config(root, tmp_path / "o2", downscale=2, **options))
+
+
+def test_only_folds_trains_those_and_tables_cover_the_finished(synthetic, tmp_path, monkeypatch):
+    trained = []
+    real_train = runner.train_arm_fold
+
+    def spy(arm, fold, *args, **kwargs):
+        trained.append((arm, fold))
+        return real_train(arm, fold, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_arm_fold", spy)
+    first = runner.run_experiment(_config(synthetic, tmp_path / "r", arms=["unbalanced", "rfs"], only_folds=[1]))
+    assert sorted(trained) == [("rfs", 1), ("unbalanced", 1)]
+    assert [r["fold"] for r in first["runs"]["unbalanced"]] == [1]
+    assert first["table2"]["cells"]["rfs"]["vDice"]["n_runs"] == 1
+    trained.clear()
+    # The rest later, into the same folder (only_folds is not part of the configuration).
+    second = runner.run_experiment(_config(synthetic, tmp_path / "r", arms=["unbalanced", "rfs"]))
+    assert sorted(trained) == [("rfs", 0), ("unbalanced", 0)]
+    assert [r["fold"] for r in second["runs"]["rfs"]] == [0, 1]
+    assert second["paired"]["best"]["cells"]["rfs"]["vDice"]["n_pairs"] == 2
+    with pytest.raises(ValueError, match="only_folds"):
+        _config(synthetic, tmp_path / "x", only_folds=[2]).validate()
+    with pytest.raises(ValueError, match="only_folds"):
+        _config(synthetic, tmp_path / "x", only_folds=[0, 0]).validate()
+
+
+def test_class_weighted_arm_weights_the_loss_by_median_frequency(synthetic, tmp_path, monkeypatch):
+    from cobalance.training import losses
+    from cobalance.training.arms import presence_class_weights
+
+    seen = []
+    real = losses.bce_dice_loss
+
+    def spy(logits, target, **kwargs):
+        seen.append(kwargs.get("class_weights"))
+        return real(logits, target, **kwargs)
+
+    monkeypatch.setattr(losses, "bce_dice_loss", spy)
+    config = _config(synthetic, tmp_path / "cw", arms=["class_weighted"], loss="bce_dice", folds=2)
+    result = runner.run_experiment(config)
+    run = result["runs"]["class_weighted"][0]
+    weights = run["plan_info"]["class_weights"]
+    assert len(weights) == len(CLASSES)
+    # the plan is the training tiles as they are; the weights follow their presence
+    assert run["plan_duplicates"] == 0 and run["plan_size"] == run["n_train_tiles"]
+    np.testing.assert_allclose(weights, presence_class_weights(run["presence_before"]))
+    assert seen and all(list(w) == weights for w in seen)
+
+
+def test_presence_class_weights():
+    from cobalance.training.arms import presence_class_weights
+
+    w = presence_class_weights([0.5, 0.1, 0.25, 0.0])
+    f = np.array([0.5, 0.1, 0.25])
+    ref = np.median(f) / f
+    ref = np.append(ref, ref.max())
+    np.testing.assert_allclose(w, ref / ref.mean())
+    assert w.mean() == pytest.approx(1.0)
+    np.testing.assert_array_equal(presence_class_weights([0.0, 0.0]), [1.0, 1.0])
+    for bad in ([], [1.5], [[0.1]], [np.nan]):
+        with pytest.raises(ValueError, match="presence"):
+            presence_class_weights(bad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_tests_match_scipy(seed):
+    stats = pytest.importorskip("scipy.stats")
+    from cobalance.training.tables import sign_test, wilcoxon_exact
+
+    rng = np.random.default_rng(seed)
+    d = rng.normal(0.2, 1.0, size=3 + seed)  # no ties, no zeros: scipy's exact test applies
+    assert wilcoxon_exact(d) == pytest.approx(stats.wilcoxon(d, method="exact").pvalue, rel=1e-12)
+    k = int((d > 0).sum())
+    assert sign_test(d) == pytest.approx(stats.binomtest(k, d.size).pvalue, rel=1e-12)
+    assert wilcoxon_exact([]) == 1.0 and sign_test([0.0, 0.0]) == 1.0
+
+
+def test_wilcoxon_with_ties_against_enumeration():
+    from itertools import product
+
+    from cobalance.training.tables import wilcoxon_exact
+
+    d = np.array([0.5, -0.5, 1.0, 2.0, -2.0, 0.0, 3.0])
+    nz = d[d != 0]
+    absd = np.abs(nz)
+    ranks = np.array([np.mean(np.flatnonzero(np.sort(absd) == a)) + 1 for a in absd])
+    observed = ranks[nz > 0].sum()
+    sums = np.array([sum(r for r, s in zip(ranks, signs) if s) for signs in product([0, 1], repeat=nz.size)])
+    p = 2 * min(np.mean(sums <= observed + 1e-9), np.mean(sums >= observed - 1e-9))
+    assert wilcoxon_exact(d) == pytest.approx(min(1.0, p), rel=1e-12)

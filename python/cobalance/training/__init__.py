@@ -15,6 +15,7 @@ from .rfs import class_repeat_factors, repeat_factor_copies, repeat_factor_plan,
 _LAZY = {
     "create_model": "models", "list_models": "models", "list_encoders": "models", "UNet": "models",
     "FocalLoss": "losses", "sigmoid_focal_loss": "losses", "softmax_focal_loss": "losses",
+    "BCEDiceLoss": "losses", "bce_dice_loss": "losses",
     "ExperimentConfig": "experiment", "run_experiment": "experiment", "main": "experiment",
     "add_experiment_parser": "experiment", "experiment_handler": "experiment", "run_from_args": "experiment",
     "ARMS": "experiment", "DEFAULT_ARMS": "experiment",

@@ -11,6 +11,9 @@ arm                  plan
 ``library_default``  ``Balancer`` as a user calls it: every option at the
                      library's default (objective, regularizer, solver, +10 %
                      budget, copy cap) except the study's target and undersampling
+``class_weighted``   ``Plan.identity`` with per-class loss weights instead:
+                     median-frequency weights of the tiles' class presence
+                     (:func:`presence_class_weights`)
 ===================  ==========================================================
 
 Every arm's report is ``Report.from_plan`` against the configured target resolved on
@@ -27,7 +30,36 @@ import numpy as np
 from .config import ARMS, ExperimentConfig, derived_seed
 from .rfs import repeat_factor_copies
 
-__all__ = ["arm_plan", "study_target"]
+__all__ = ["arm_plan", "presence_class_weights", "study_target"]
+
+
+def presence_class_weights(presence) -> np.ndarray:
+    """Median-frequency class weights from class presence: ``w_c = median(f) / f_c``.
+
+    ``f_c`` is the share of samples holding class ``c``; the weights are scaled to mean
+    1, so a loss weighted by them keeps its overall scale (and learning rate). A class
+    in no sample gets the largest weight of the others (all 1 when no class is present).
+
+    Parameters
+    ----------
+    presence : array-like, shape (C,)
+        Shares in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        Not a 1-D array of shares in [0, 1].
+    """
+    f = np.asarray(presence, dtype=np.float64)
+    if f.ndim != 1 or f.size == 0 or not np.all(np.isfinite(f)) or np.any((f < 0) | (f > 1)):
+        raise ValueError(f"presence must be a non-empty 1-D array of shares in [0, 1], got {presence!r}")
+    seen = f > 0
+    if not seen.any():
+        return np.ones_like(f)
+    w = np.empty_like(f)
+    w[seen] = np.median(f[seen]) / f[seen]
+    w[~seen] = w[seen].max()
+    return w / w.mean()
 
 
 def study_target(target, class_names):
@@ -90,7 +122,8 @@ def arm_plan(arm: str, table, config: ExperimentConfig, fold: int) -> Tuple[obje
         effective size.
     info : dict
         For the balancer arms its resolved target, final loss and (Adam) optimality
-        gap; for ``rfs`` the threshold; empty for ``unbalanced``.
+        gap; for ``rfs`` the threshold; for ``class_weighted`` the loss's
+        ``class_weights``; empty for ``unbalanced``.
 
     Raises
     ------
@@ -108,6 +141,9 @@ def arm_plan(arm: str, table, config: ExperimentConfig, fold: int) -> Tuple[obje
         return balancer.plan_, balancer.report_, info
     if arm == "unbalanced":
         plan, info = Plan.identity(table.n_samples), {}
+    elif arm == "class_weighted":
+        weights = presence_class_weights(table.class_presence())
+        plan, info = Plan.identity(table.n_samples), {"class_weights": [float(w) for w in weights]}
     elif arm == "rfs":
         presence = table.patterns[np.asarray(table.inverse)]  # per tile, from its pattern
         copies = repeat_factor_copies(presence, config.rfs_threshold, random_state=derived_seed(config, "rfs", fold))

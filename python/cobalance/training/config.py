@@ -15,10 +15,10 @@ from typing import List, Optional
 
 import numpy as np
 
-__all__ = ["ARMS", "DEFAULT_ARMS", "ARM_TITLES", "AMP_MODES", "RESULT_VERSION", "RUNTIME_FIELDS", "ExperimentConfig",
+__all__ = ["ARMS", "DEFAULT_ARMS", "ARM_TITLES", "AMP_MODES", "LOSSES", "RESULT_VERSION", "RUNTIME_FIELDS", "ExperimentConfig",
            "derived_seed", "deterministic"]
 
-ARMS = ("unbalanced", "balanced_noreg", "balanced_reg", "exact", "rfs", "library_default")
+ARMS = ("unbalanced", "balanced_noreg", "balanced_reg", "exact", "rfs", "library_default", "class_weighted")
 DEFAULT_ARMS = ("unbalanced", "balanced_noreg", "balanced_reg")
 ARM_TITLES = {
     "unbalanced": "unbalanced",
@@ -27,13 +27,16 @@ ARM_TITLES = {
     "exact": "balanced, exact",
     "rfs": "repeat-factor",
     "library_default": "balanced, library default",
+    "class_weighted": "class-weighted loss",
 }
+#: Training losses of ``ExperimentConfig.loss``.
+LOSSES = ("focal", "bce_dice")
 #: Version of the per-(arm, fold) result files; a file of another version is retrained.
 RESULT_VERSION = 1
 #: Config fields that do not change what a finished (arm, fold) holds: changing them
 #: between an interrupted run and its resumption is allowed.
 RUNTIME_FIELDS = ("out", "data_cache", "arms", "device", "num_workers", "threads", "progress", "cache_images",
-                  "channels_last", "max_minutes", "checkpoints")
+                  "channels_last", "max_minutes", "checkpoints", "only_folds")
 #: Mixed-precision modes of ``ExperimentConfig.amp``.
 AMP_MODES = ("bf16",)
 
@@ -101,6 +104,15 @@ class ExperimentConfig:
         Samples per epoch: the fold's training tile count (same for every arm), each
         arm's own plan size, or a fixed number. Drawn from the arm's plan in passes,
         each pass one epoch of :class:`cobalance.segmentation.PlanSampler`.
+    head_prior : float, optional
+        Start the model's output at this probability for every class
+        (:func:`cobalance.training.create_model`'s ``head_prior``); None: PyTorch's
+        default initialisation.
+    loss : {"focal", "bce_dice"}
+        Training loss for multi-label masks: the method's focal loss (default), or
+        binary cross-entropy plus soft Dice per class
+        (:class:`cobalance.training.BCEDiceLoss`). Label maps always use the softmax
+        focal loss.
     focal_gamma, focal_alpha
         Focal loss parameters (``focal_alpha``, the weight of sigmoid positives, for
         multi-label masks only).
@@ -135,6 +147,10 @@ class ExperimentConfig:
         whose successor would overrun that share (it always trains at least one).
         Such a run's result says ``"time_limited": true`` and counts as finished, so a
         resumed study does not extend it (remove its file to train it again).
+    only_folds : list of int, optional
+        Train only these folds (0-based) in this call, e.g. to spread a study over
+        several sessions or machines sharing the results folder; the tables cover the
+        folds finished so far. None: every fold.
     checkpoints : bool
         Save each (arm, fold)'s model and optimiser after every epoch, so that an
         interrupted run resumes from its last epoch. Off, an interrupted run starts
@@ -169,6 +185,8 @@ class ExperimentConfig:
     undersample: bool = False
     rfs_threshold: float = 0.3
     epoch_size: object = "train"
+    loss: str = "focal"
+    head_prior: Optional[float] = None
     focal_gamma: float = 2.0
     focal_alpha: Optional[float] = None
     augment: bool = True
@@ -184,6 +202,7 @@ class ExperimentConfig:
     channels_last: bool = False
     max_minutes: Optional[float] = None
     checkpoints: bool = True
+    only_folds: Optional[List[int]] = None
 
     def validate(self) -> "ExperimentConfig":
         """Check every field; return self. Raises ValueError naming the field.
@@ -204,6 +223,12 @@ class ExperimentConfig:
             raise ValueError(f"folds must be an integer >= 2, got {self.folds!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.only_folds is not None:
+            if (not self.only_folds or len(set(self.only_folds)) != len(self.only_folds)
+                    or any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 0 <= f < self.folds
+                           for f in self.only_folds)):
+                raise ValueError(f"only_folds must list distinct folds in [0, {self.folds}), "
+                                 f"got {self.only_folds!r}")
         if not self.arms:
             raise ValueError(f"arms must name at least one of {list(ARMS)}, got {self.arms!r}")
         for arm in self.arms:
@@ -225,6 +250,11 @@ class ExperimentConfig:
         if self.downscale > 1 and (self.valid_dir is not None or self.min_valid is not None):
             raise ValueError(f"valid_dir and min_valid apply with downscale=1 only (the shrunk copy has no "
                              f"valid region), got downscale={self.downscale}")
+        if self.head_prior is not None and not (isinstance(self.head_prior, (int, float))
+                                                and 0.0 < self.head_prior < 1.0):
+            raise ValueError(f"head_prior must be a probability in (0, 1) or None, got {self.head_prior!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.amp is not None and self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {list(AMP_MODES)} or None, got {self.amp!r}")
         if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float))

@@ -2,7 +2,8 @@
 
 For every fold of a multi-label stratified K-fold over images (the tiles of one image
 stay on one side) and every *arm*, a training set is formed from the fold's training
-tiles, a model is trained from the same initial weights with focal loss and Adam, and
+tiles, a model is trained from the same initial weights with the configured loss (the
+method's focal loss, or BCE + soft Dice) and Adam, and
 after every epoch the per-class Dice and vDice on the fold's test tiles are recorded.
 
 Arms
@@ -22,6 +23,9 @@ Arms
 ``library_default``
     :class:`cobalance.Balancer` with every option at the library's default but the
     study's target and undersampling (what a user gets out of the box).
+``class_weighted``
+    The training tiles as they are, with the loss of each class weighted by its
+    median-frequency weight (the usual alternative to resampling).
 
 Duplicates (``copy_index > 0``) are augmented (elastic transform and flips); originals
 are not. Every arm of a fold sees the same number of samples per epoch by default
@@ -40,16 +44,18 @@ module                 subject
 :mod:`.run`            one (arm, fold): ``BalancedDataset``, ``PlanSampler``,
                        ``DuplicateAugmentation``, model, loss, evaluation
 :mod:`.runner`         arms x folds, resumable (:func:`run_experiment`)
-:mod:`.tables`         Table 1, Table 2, curves
+:mod:`.tables`         Table 1, Table 2, paired tests, curves
 this module            the command line
 =====================  ========================================================
 
 Results folder
 --------------
-``config.json``, ``table1.{md,csv,json}`` (class presence per arm),
-``table2.{md,csv,json}`` (per class the maximum Dice over epochs, and the maximum
-vDice, mean and std over folds), ``curves_<class>.png`` for the two rarest classes and
-``curves_vdice.png``, and ``runs/<arm>/fold<k>.json`` with every epoch's figures. A
+``config.json``, ``table1.{md,csv,json}`` (class presence, duplicates and effective
+size per arm), ``table2_best.{md,csv,json}`` (per class the maximum Dice over epochs,
+and the maximum vDice, mean and std over folds) and ``table2_last3.*`` (the mean of the
+last three epochs instead), ``paired_best.*`` and ``paired_last3.*`` (each arm minus
+``unbalanced`` per fold, with sign and Wilcoxon tests), ``curves_<class>.png`` for every
+class and ``curves_vdice.png``, and ``runs/<arm>/fold<k>.json`` with every epoch's figures. A
 finished (arm, fold) is never retrained; an interrupted one resumes from its last
 finished epoch (``runs/<arm>/fold<k>.ckpt.pt``). Every file is written atomically.
 
@@ -83,7 +89,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..targets import TARGET_TEXT_HELP
-from .config import AMP_MODES, ARM_TITLES, ARMS, DEFAULT_ARMS, ExperimentConfig
+from .config import AMP_MODES, ARM_TITLES, ARMS, DEFAULT_ARMS, LOSSES, ExperimentConfig
 from .arms import arm_plan
 from .data import downscale_folder
 from .runner import run_experiment
@@ -139,6 +145,11 @@ def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rfs-threshold", type=float, default=0.3, help="repeat-factor threshold t (default 0.3)")
     p.add_argument("--epoch-size", type=_epoch_size_arg, default="train",
                    help="samples per epoch: train (fold's tile count, default), plan, or an integer")
+    p.add_argument("--loss", choices=LOSSES, default="focal",
+                   help="training loss for multi-label masks: focal (the method's, default) or bce_dice "
+                        "(binary cross-entropy plus soft Dice per class)")
+    p.add_argument("--head-prior", type=float, default=None, metavar="P",
+                   help="start every class's output at probability P (bias log(P/(1-P)); default: off)")
     p.add_argument("--focal-gamma", type=float, default=2.0)
     p.add_argument("--no-augment", dest="augment", action="store_false", help="do not augment duplicates")
     p.add_argument("--max-tiles", type=int, default=None, help="use a seeded random subset of the tiles")
@@ -155,6 +166,8 @@ def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time budget: each (arm, fold) left gets an equal share and stops after the epoch "
                         "that would overrun it")
+    p.add_argument("--only-folds", type=lambda s: [int(f) for f in s.split(",") if f], default=None,
+                   metavar="K,K", help="train only these folds (0-based) now; the tables cover the finished folds")
     p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false",
                    help="do not save a checkpoint after every epoch (an interrupted run starts again)")
     return p

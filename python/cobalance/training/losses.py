@@ -10,6 +10,15 @@
   ``ignore_index`` do not count.
 
 ``gamma = 0`` and no ``alpha`` give binary cross-entropy and cross-entropy exactly.
+
+:class:`BCEDiceLoss` (multi-label masks) adds to the binary cross-entropy of each class
+one minus its soft Dice over the batch, the usual recipe for small structures: the
+Dice term is normalised by the class's own area, so a class covering 0.1 % of the
+pixels weighs as much as one covering 10 %.
+
+Every multi-label loss here takes optional ``class_weights`` (one per class): the
+loss of class ``c`` is multiplied by ``w_c`` and the classes are averaged with the
+weights summing to the number of classes, so weights of all 1 change nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["FocalLoss", "sigmoid_focal_loss", "softmax_focal_loss"]
+__all__ = ["BCEDiceLoss", "FocalLoss", "bce_dice_loss", "sigmoid_focal_loss", "softmax_focal_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -42,8 +51,31 @@ def _reduce(loss: torch.Tensor, reduction: str, count: Optional[torch.Tensor] = 
     return total / n.clamp_min(1)
 
 
+def _class_weights(class_weights, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """``class_weights`` as a (C,) tensor scaled to sum to C; None stays None.
+
+    Raises ValueError for a wrong length, a negative or non-finite weight, or all zero.
+    """
+    if class_weights is None:
+        return None
+    if logits.ndim < 2:
+        raise ValueError(f"class_weights need logits shaped (B, C, ...), got shape {tuple(logits.shape)}")
+    w = torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
+    n_classes = logits.shape[1]
+    if w.ndim != 1 or w.numel() != n_classes:
+        raise ValueError(f"class_weights must hold one weight per class ({n_classes}), got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError(f"class_weights must be finite, >= 0 and not all 0, got {w.tolist()}")
+    return w * (n_classes / w.sum())
+
+
+def _per_class_view(weights: torch.Tensor, ndim: int) -> torch.Tensor:
+    return weights.view((1, -1) + (1,) * (ndim - 2))
+
+
 def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0,
-                       alpha: Optional[float] = None, reduction: str = "mean") -> torch.Tensor:
+                       alpha: Optional[float] = None, reduction: str = "mean",
+                       class_weights=None) -> torch.Tensor:
     """Focal loss of independent sigmoids (multi-label masks, overlapping classes).
 
     Parameters
@@ -57,11 +89,15 @@ def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: flo
         Weight of positives in [0, 1] (negatives get ``1 - alpha``); None: no weighting.
     reduction : {"mean", "sum", "none"}
         ``"mean"`` averages over every element.
+    class_weights : sequence of C floats, optional
+        Per-class weights (scaled to sum to C); each element's loss is multiplied by its
+        class's weight.
 
     Raises
     ------
     ValueError
-        Shapes differ, ``gamma < 0``, ``alpha`` outside [0, 1], unknown reduction.
+        Shapes differ, ``gamma < 0``, ``alpha`` outside [0, 1], unknown reduction, bad
+        ``class_weights``.
     """
     _check(gamma, reduction)
     if logits.shape != target.shape:
@@ -78,7 +114,77 @@ def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: flo
     loss = -log_pt if gamma == 0 else -(one_minus_pt ** gamma) * log_pt
     if alpha is not None:
         loss = loss * (alpha * target + (1 - alpha) * (1 - target))
+    weights = _class_weights(class_weights, logits)
+    if weights is not None:
+        loss = loss * _per_class_view(weights, logits.ndim)
     return _reduce(loss, reduction)
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = 1.0,
+                  class_weights=None, reduction: str = "mean") -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice loss per class, for multi-label masks.
+
+    For class ``c``: ``BCE_c`` is the mean binary cross-entropy over its elements and
+    ``Dice_c = (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)`` with
+    ``p = sigmoid(x)``, sums over the batch and the pixels; the class's loss is
+    ``BCE_c + 1 - Dice_c``.
+
+    Parameters
+    ----------
+    logits : Tensor, shape (B, C, ...)
+    target : Tensor, same shape, 0/1 (soft targets in [0, 1] allowed)
+    smooth : float
+        Added to the Dice numerator and denominator (> 0): a class absent from the batch
+        and predicted absent has Dice 1, not 0/0.
+    class_weights : sequence of C floats, optional
+        Per-class weights of the classes' losses (scaled to sum to C).
+    reduction : {"mean", "sum", "none"}
+        ``"mean"``: the (weighted) mean over classes; ``"sum"``: the sum; ``"none"``:
+        the per-class losses, shape (C,).
+
+    Raises
+    ------
+    ValueError
+        Shapes differ, ``smooth <= 0``, unknown reduction, bad ``class_weights``.
+    """
+    if logits.shape != target.shape or logits.ndim < 2:
+        raise ValueError(f"target must have the shape of logits (B, C, ...) {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if not (float(smooth) > 0):
+        raise ValueError(f"smooth must be > 0, got {smooth!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    target = target.to(logits.dtype)
+    dims = [0] + list(range(2, logits.ndim))
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=dims)
+    p = torch.sigmoid(logits)
+    dice = (2 * (p * target).sum(dim=dims) + smooth) / (p.sum(dim=dims) + target.sum(dim=dims) + smooth)
+    per_class = bce + 1 - dice
+    weights = _class_weights(class_weights, logits)
+    if weights is not None:
+        per_class = per_class * weights
+    if reduction == "none":
+        return per_class
+    return per_class.sum() if reduction == "sum" else per_class.mean()
+
+
+class BCEDiceLoss(nn.Module):
+    """:func:`bce_dice_loss` as a module (multi-label masks)."""
+
+    def __init__(self, *, smooth: float = 1.0, class_weights=None, reduction: str = "mean"):
+        super().__init__()
+        if not (float(smooth) > 0):
+            raise ValueError(f"smooth must be > 0, got {smooth!r}")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.smooth, self.class_weights, self.reduction = float(smooth), class_weights, reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bce_dice_loss(logits, target, smooth=self.smooth, class_weights=self.class_weights,
+                             reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"smooth={self.smooth}, class_weights={self.class_weights}, reduction={self.reduction!r}"
 
 
 def softmax_focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0,
@@ -147,24 +253,30 @@ class FocalLoss(nn.Module):
     gamma, alpha, ignore_index, reduction
         As in :func:`sigmoid_focal_loss` / :func:`softmax_focal_loss`; ``ignore_index``
         applies to ``"multiclass"`` only.
+    class_weights : sequence of C floats, optional
+        ``"multilabel"`` / ``"binary"`` only: per-class weights (for ``"multiclass"``,
+        ``alpha`` is the per-class weight).
     """
 
     def __init__(self, mode: str = "multilabel", *, gamma: float = 2.0, alpha=None,
-                 ignore_index: Optional[int] = None, reduction: str = "mean"):
+                 ignore_index: Optional[int] = None, reduction: str = "mean", class_weights=None):
         super().__init__()
         if mode not in ("multilabel", "binary", "multiclass"):
             raise ValueError(f"mode must be one of ['binary', 'multiclass', 'multilabel'], got {mode!r}")
         _check(gamma, reduction)
         if ignore_index is not None and mode != "multiclass":
             raise ValueError(f"ignore_index applies to mode 'multiclass' only, got mode={mode!r}")
+        if class_weights is not None and mode == "multiclass":
+            raise ValueError("class_weights apply to the sigmoid modes; for mode 'multiclass' pass per-class alpha")
         self.mode, self.gamma, self.alpha = mode, float(gamma), alpha
-        self.ignore_index, self.reduction = ignore_index, reduction
+        self.ignore_index, self.reduction, self.class_weights = ignore_index, reduction, class_weights
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.mode == "multiclass":
             return softmax_focal_loss(logits, target, gamma=self.gamma, alpha=self.alpha,
                                       ignore_index=self.ignore_index, reduction=self.reduction)
-        return sigmoid_focal_loss(logits, target, gamma=self.gamma, alpha=self.alpha, reduction=self.reduction)
+        return sigmoid_focal_loss(logits, target, gamma=self.gamma, alpha=self.alpha, reduction=self.reduction,
+                                  class_weights=self.class_weights)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, gamma={self.gamma}, alpha={self.alpha}, reduction={self.reduction!r}"

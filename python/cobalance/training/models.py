@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -205,8 +206,19 @@ def list_encoders() -> list:
     return sorted(_ENCODERS)
 
 
+def _init_head_prior(model: nn.Module, classes: int, prior: float) -> None:
+    """Set the bias of the output convolution (the last Conv2d with ``classes`` outputs) to
+    ``log(prior / (1 - prior))``, as Lin et al. (2017) start a detector: every class
+    starts predicted near ``prior``."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == classes]
+    if not heads or heads[-1].bias is None:
+        raise ValueError("head_prior needs an output convolution with a bias and one channel per class")
+    with torch.no_grad():
+        heads[-1].bias.fill_(float(np.log(prior / (1.0 - prior))))
+
+
 def create_model(name: str, *, in_channels: int = 3, classes: int, encoder: Optional[str] = None,
-                 encoder_weights_path=None) -> nn.Module:
+                 encoder_weights_path=None, head_prior: Optional[float] = None) -> nn.Module:
     """Build a segmentation model that outputs ``classes`` logit channels.
 
     Parameters
@@ -226,6 +238,10 @@ def create_model(name: str, *, in_channels: int = 3, classes: int, encoder: Opti
         A local file holding the encoder's state dict (``torch.save(model.encoder.state_dict())``
         or a dict with a ``"state_dict"`` entry), loaded strictly. Nothing is ever
         downloaded; without it the encoder starts from random weights.
+    head_prior : float in (0, 1), optional
+        Start every class's sigmoid near this probability: the output layer's bias is set
+        to ``log(p / (1 - p))`` (the prior initialisation of Lin et al., 2017, for rare
+        positives). None: PyTorch's default initialisation.
 
     Returns
     -------
@@ -243,6 +259,8 @@ def create_model(name: str, *, in_channels: int = 3, classes: int, encoder: Opti
     """
     if name not in _MODELS:
         raise ValueError(f"name must be one of {list_models()}, got {name!r}")
+    if head_prior is not None and not (isinstance(head_prior, (int, float)) and 0.0 < head_prior < 1.0):
+        raise ValueError(f"head_prior must be a probability in (0, 1) or None, got {head_prior!r}")
     for arg, value in (("in_channels", in_channels), ("classes", classes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
@@ -267,4 +285,6 @@ def create_model(name: str, *, in_channels: int = 3, classes: int, encoder: Opti
         except RuntimeError as err:
             raise ValueError(f"encoder_weights_path {os.fspath(encoder_weights_path)!r} does not fit "
                              f"encoder {encoder!r}: {err}") from err
+    if head_prior is not None:
+        _init_head_prior(model, classes, float(head_prior))
     return model

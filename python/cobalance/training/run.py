@@ -5,7 +5,8 @@ The run composes the library's stages: the arm's :class:`cobalance.Plan` and
 :class:`cobalance.segmentation.BalancedDataset` over the fold's training tiles, the
 epoch order of a :class:`cobalance.segmentation.PlanSampler`, and
 :class:`cobalance.segmentation.DuplicateAugmentation` on the duplicates; then the
-model, the focal loss, Adam, and :class:`cobalance.segmentation.DiceMeter` on the
+model, the loss (focal, or BCE + soft Dice; class-weighted in the ``class_weighted``
+arm), Adam, and :class:`cobalance.segmentation.DiceMeter` on the
 fold's test tiles after every epoch.
 
 An interrupted run resumes from ``fold<k>.ckpt.pt`` (model, optimiser and history
@@ -156,7 +157,7 @@ def train_arm_fold(arm: str, fold: int, tiles: StudyTiles, split: FoldSplit, con
     from torch.utils.data import DataLoader, Subset
 
     from ..segmentation import BalancedDataset, DuplicateAugmentation, PlanSampler
-    from .losses import FocalLoss
+    from .losses import BCEDiceLoss, FocalLoss
     from .models import create_model
 
     device = torch.device(config.device)
@@ -179,14 +180,19 @@ def train_arm_fold(arm: str, fold: int, tiles: StudyTiles, split: FoldSplit, con
 
     torch.manual_seed(derived_seed(config, "init", fold))  # the same initial weights for every arm of a fold
     model = create_model(config.model, in_channels=3, classes=n_classes, encoder=config.encoder,
-                         encoder_weights_path=config.encoder_weights).to(device)
+                         encoder_weights_path=config.encoder_weights, head_prior=config.head_prior).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    class_weights = plan_info.get("class_weights")  # the class_weighted arm's
     if tiles.label_map:
-        loss_fn = FocalLoss("multiclass", gamma=config.focal_gamma, ignore_index=config.ignore_index)
+        alpha = class_weights
+        loss_fn = FocalLoss("multiclass", gamma=config.focal_gamma, alpha=alpha, ignore_index=config.ignore_index)
+    elif config.loss == "bce_dice":
+        loss_fn = BCEDiceLoss(class_weights=class_weights)
     else:
-        loss_fn = FocalLoss("multilabel", gamma=config.focal_gamma, alpha=config.focal_alpha)
+        loss_fn = FocalLoss("multilabel", gamma=config.focal_gamma, alpha=config.focal_alpha,
+                            class_weights=class_weights)
 
     history: List[dict] = []
     checkpoint = run_dir / f"fold{fold}.ckpt.pt"

@@ -36,7 +36,7 @@ from .config import RESULT_VERSION, RUNTIME_FIELDS, ExperimentConfig, derived_se
 from .data import StudyTiles, open_data, select_tiles, shrunk_tiles
 from .folds import MultilabelStratifiedKFold
 from .run import FoldSplit, train_arm_fold
-from .tables import plot_curves, table1, table2, write_tables
+from .tables import SUMMARIES, paired_tests, plot_curves, table1, table2, write_tables
 
 __all__ = ["run_experiment"]
 
@@ -52,8 +52,9 @@ def run_experiment(config: ExperimentConfig) -> dict:
     -------
     dict
         ``{"config", "classes", "rarest", "runs": {arm: [fold results]}, "table1",
-        "table2", "files"}``: the per-(arm, fold) results and both tables as
-        dictionaries, and the paths written.
+        "table2", "table2_last3", "paired": {summary: paired tests}, "files"}``: the
+        per-(arm, fold) results and the tables as dictionaries (``table2`` by the best
+        epoch, ``table2_last3`` by the mean of the last three), and the paths written.
 
     Raises
     ------
@@ -83,7 +84,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
     config = dataclasses.replace(config, target=study_target(config.target, class_names))
     # Build the model once up front: a wrong name or a missing smp fails before any work.
     create_model(config.model, in_channels=3, classes=len(class_names), encoder=config.encoder,
-                 encoder_weights_path=config.encoder_weights)
+                 encoder_weights_path=config.encoder_weights, head_prior=config.head_prior)
     scan = dict(cache_images=config.cache_images, progress=config.progress)
     # The data as it is is scanned before anything is written (a bad label-map value
     # fails here); a shrunk copy is scanned once written.
@@ -118,7 +119,10 @@ def run_experiment(config: ExperimentConfig) -> dict:
     runs: Dict[str, List[dict]] = {arm: [] for arm in config.arms}
     jobs = [(arm, fold) for fold in range(config.folds) for arm in config.arms]
     finished = {job: _finished(out / "runs" / job[0] / f"fold{job[1]}.json", config) for job in jobs}
-    to_train = sum(result is None for result in finished.values())
+    if config.only_folds is not None:
+        # Other folds' finished results still go into the tables; their missing ones wait.
+        jobs = [job for job in jobs if job[1] in config.only_folds or finished[job] is not None]
+    to_train = sum(finished[job] is None for job in jobs)
     with deterministic(torch.device(config.device).type, config.threads):
         for arm, fold in progress_bar(jobs, config.progress, desc="arms x folds"):
             run_dir = out / "runs" / arm
@@ -135,14 +139,17 @@ def run_experiment(config: ExperimentConfig) -> dict:
                 to_train -= 1
             runs[arm].append(result)
 
+    runs = {arm: results for arm, results in runs.items() if results}
     share = all_tiles.class_presence()
     rarest = [class_names[c] for c in np.argsort(share, kind="stable")[:2]]
     t1 = table1(runs, class_names, share, len(keep))
-    t2 = table2(runs, class_names)
-    files = write_tables(out, t1, t2, class_names)
-    files += plot_curves(out, runs, class_names, rarest)
+    t2s = {summary: table2(runs, class_names, summary) for summary in SUMMARIES}
+    paired = {summary: paired_tests(runs, class_names, summary) for summary in SUMMARIES}
+    files = write_tables(out, t1, t2s, paired, class_names)
+    files += plot_curves(out, runs, class_names)
     return {"config": config.to_dict(), "classes": class_names, "rarest": rarest, "runs": runs,
-            "table1": t1, "table2": t2, "files": [str(f) for f in files]}
+            "table1": t1, "table2": t2s["best"], "table2_last3": t2s["last3"], "paired": paired,
+            "files": [str(f) for f in files]}
 
 
 def _finished(path: Path, config: ExperimentConfig) -> Optional[dict]:
