@@ -228,7 +228,7 @@ def test_focal_bad_input():
 # -- BCE + soft Dice and class weights ---------------------------------------------------------
 
 
-def _bce_dice_reference(x, t, smooth, weights):
+def _bce_dice_reference(x, t, smooth, weights, bce_weight=1.0):
     """Per class: mean BCE over its elements + 1 - soft Dice over batch and pixels, float64 by hand."""
     c = x.shape[1]
     losses = []
@@ -238,33 +238,35 @@ def _bce_dice_reference(x, t, smooth, weights):
         bce = sum(-(tt * math.log(p) + (1 - tt) * math.log(1 - p)) for p, tt in zip(ps, ts)) / len(ps)
         inter = sum(p * tt for p, tt in zip(ps, ts))
         dice = (2 * inter + smooth) / (sum(ps) + sum(ts) + smooth)
-        losses.append(bce + 1 - dice)
+        losses.append(bce_weight * bce + 1 - dice)
     w = np.ones(c) if weights is None else np.asarray(weights, dtype=np.float64) * c / np.sum(weights)
     return np.asarray(losses) * w
 
 
 @pytest.mark.parametrize("weights", [None, [1.0, 3.0, 0.5]])
-@pytest.mark.parametrize("smooth", [1.0, 1e-3])
-def test_bce_dice_matches_hand_formula(weights, smooth):
+@pytest.mark.parametrize("smooth,bce_weight", [(1.0, 1.0), (1e-3, 1.0), (1.0, 0.0), (1.0, 0.3)])
+def test_bce_dice_matches_hand_formula(weights, smooth, bce_weight):
     from cobalance.training import BCEDiceLoss, bce_dice_loss
 
     rng = np.random.default_rng(5)
     x = rng.normal(scale=2, size=(2, 3, 4, 5))
     t = (rng.random(x.shape) < 0.2).astype(np.float64)
-    ref = _bce_dice_reference(x, t, smooth, weights)
-    got = bce_dice_loss(torch.tensor(x), torch.tensor(t), smooth=smooth, class_weights=weights, reduction="none")
+    ref = _bce_dice_reference(x, t, smooth, weights, bce_weight)
+    got = bce_dice_loss(torch.tensor(x), torch.tensor(t), smooth=smooth, class_weights=weights, reduction="none",
+                        bce_weight=bce_weight)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10)
-    mean = BCEDiceLoss(smooth=smooth, class_weights=weights)(torch.tensor(x), torch.tensor(t))
+    mean = BCEDiceLoss(smooth=smooth, class_weights=weights, bce_weight=bce_weight)(torch.tensor(x), torch.tensor(t))
     assert float(mean) == pytest.approx(ref.mean(), rel=1e-10)
     # gradients by autograd against central finite differences (float64)
     xt = torch.tensor(x, requires_grad=True)
-    bce_dice_loss(xt, torch.tensor(t), smooth=smooth, class_weights=weights).backward()
+    bce_dice_loss(xt, torch.tensor(t), smooth=smooth, class_weights=weights, bce_weight=bce_weight).backward()
     eps = 1e-6
     for idx in [(1, 2, 3, 0), (0, 0, 1, 4)]:
         xp, xm = x.copy(), x.copy()
         xp[idx] += eps
         xm[idx] -= eps
-        fd = (_bce_dice_reference(xp, t, smooth, weights).mean() - _bce_dice_reference(xm, t, smooth, weights).mean())
+        fd = (_bce_dice_reference(xp, t, smooth, weights, bce_weight).mean()
+              - _bce_dice_reference(xm, t, smooth, weights, bce_weight).mean())
         assert float(xt.grad[idx]) == pytest.approx(fd / (2 * eps), rel=1e-5)
 
 
@@ -299,5 +301,19 @@ def test_bce_dice_bad_input():
         bce_dice_loss(torch.zeros(1, 2, 3), torch.zeros(1, 3, 3))
     with pytest.raises(ValueError, match="smooth"):
         bce_dice_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), smooth=0)
+    with pytest.raises(ValueError, match="bce_weight"):
+        bce_dice_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), bce_weight=-1)
     with pytest.raises(ValueError, match="class_weights"):
         FocalLoss("multiclass", class_weights=[1, 2])
+
+
+def test_head_prior_sets_the_output_bias():
+    torch.manual_seed(0)
+    model = create_model("unet", classes=4, encoder="conv-tiny", head_prior=0.01)
+    np.testing.assert_allclose(model.head.bias.detach().numpy(), np.full(4, math.log(0.01 / 0.99)), rtol=1e-6)
+    with torch.no_grad():
+        p = torch.sigmoid(model.eval()(torch.rand(2, 3, 32, 32)))
+    assert float(p.mean()) < 0.1  # starts near the prior, far below 0.5
+    for bad in (0.0, 1.0, -0.5, "0.1"):
+        with pytest.raises(ValueError, match="head_prior"):
+            create_model("unet", classes=4, head_prior=bad)

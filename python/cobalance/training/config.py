@@ -30,7 +30,7 @@ ARM_TITLES = {
     "class_weighted": "class-weighted loss",
 }
 #: Training losses of ``ExperimentConfig.loss``.
-LOSSES = ("focal", "bce_dice")
+LOSSES = ("focal", "bce_dice", "dice")
 #: Version of the per-(arm, fold) result files; a file of another version is retrained.
 RESULT_VERSION = 1
 #: Config fields that do not change what a finished (arm, fold) holds: changing them
@@ -108,10 +108,10 @@ class ExperimentConfig:
         Start the model's output at this probability for every class
         (:func:`cobalance.training.create_model`'s ``head_prior``); None: PyTorch's
         default initialisation.
-    loss : {"focal", "bce_dice"}
-        Training loss for multi-label masks: the method's focal loss (default), or
+    loss : {"focal", "bce_dice", "dice"}
+        Training loss for multi-label masks: the method's focal loss (default),
         binary cross-entropy plus soft Dice per class
-        (:class:`cobalance.training.BCEDiceLoss`). Label maps always use the softmax
+        (:class:`cobalance.training.BCEDiceLoss`), or the soft Dice alone. Label maps always use the softmax
         focal loss.
     focal_gamma, focal_alpha
         Focal loss parameters (``focal_alpha``, the weight of sigmoid positives, for

@@ -146,8 +146,8 @@ def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--epoch-size", type=_epoch_size_arg, default="train",
                    help="samples per epoch: train (fold's tile count, default), plan, or an integer")
     p.add_argument("--loss", choices=LOSSES, default="focal",
-                   help="training loss for multi-label masks: focal (the method's, default) or bce_dice "
-                        "(binary cross-entropy plus soft Dice per class)")
+                   help="training loss for multi-label masks: focal (the method's, default), bce_dice "
+                        "(binary cross-entropy plus soft Dice per class) or dice (soft Dice alone)")
     p.add_argument("--head-prior", type=float, default=None, metavar="P",
                    help="start every class's output at probability P (bias log(P/(1-P)); default: off)")
     p.add_argument("--focal-gamma", type=float, default=2.0)

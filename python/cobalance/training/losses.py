@@ -121,13 +121,13 @@ def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: flo
 
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = 1.0,
-                  class_weights=None, reduction: str = "mean") -> torch.Tensor:
+                  class_weights=None, reduction: str = "mean", bce_weight: float = 1.0) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice loss per class, for multi-label masks.
 
     For class ``c``: ``BCE_c`` is the mean binary cross-entropy over its elements and
     ``Dice_c = (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)`` with
     ``p = sigmoid(x)``, sums over the batch and the pixels; the class's loss is
-    ``BCE_c + 1 - Dice_c``.
+    ``bce_weight * BCE_c + 1 - Dice_c`` (``bce_weight=0``: the soft Dice loss alone).
 
     Parameters
     ----------
@@ -141,11 +141,14 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float =
     reduction : {"mean", "sum", "none"}
         ``"mean"``: the (weighted) mean over classes; ``"sum"``: the sum; ``"none"``:
         the per-class losses, shape (C,).
+    bce_weight : float
+        Weight of the cross-entropy term, >= 0.
 
     Raises
     ------
     ValueError
-        Shapes differ, ``smooth <= 0``, unknown reduction, bad ``class_weights``.
+        Shapes differ, ``smooth <= 0``, ``bce_weight < 0``, unknown reduction, bad
+        ``class_weights``.
     """
     if logits.shape != target.shape or logits.ndim < 2:
         raise ValueError(f"target must have the shape of logits (B, C, ...) {tuple(logits.shape)}, "
@@ -154,12 +157,16 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float =
         raise ValueError(f"smooth must be > 0, got {smooth!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not (float(bce_weight) >= 0):
+        raise ValueError(f"bce_weight must be >= 0, got {bce_weight!r}")
     target = target.to(logits.dtype)
     dims = [0] + list(range(2, logits.ndim))
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=dims)
     p = torch.sigmoid(logits)
     dice = (2 * (p * target).sum(dim=dims) + smooth) / (p.sum(dim=dims) + target.sum(dim=dims) + smooth)
-    per_class = bce + 1 - dice
+    per_class = 1 - dice
+    if bce_weight:
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=dims)
+        per_class = per_class + float(bce_weight) * bce
     weights = _class_weights(class_weights, logits)
     if weights is not None:
         per_class = per_class * weights
@@ -171,20 +178,24 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float =
 class BCEDiceLoss(nn.Module):
     """:func:`bce_dice_loss` as a module (multi-label masks)."""
 
-    def __init__(self, *, smooth: float = 1.0, class_weights=None, reduction: str = "mean"):
+    def __init__(self, *, smooth: float = 1.0, class_weights=None, reduction: str = "mean", bce_weight: float = 1.0):
         super().__init__()
         if not (float(smooth) > 0):
             raise ValueError(f"smooth must be > 0, got {smooth!r}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if not (float(bce_weight) >= 0):
+            raise ValueError(f"bce_weight must be >= 0, got {bce_weight!r}")
         self.smooth, self.class_weights, self.reduction = float(smooth), class_weights, reduction
+        self.bce_weight = float(bce_weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return bce_dice_loss(logits, target, smooth=self.smooth, class_weights=self.class_weights,
-                             reduction=self.reduction)
+                             reduction=self.reduction, bce_weight=self.bce_weight)
 
     def extra_repr(self) -> str:
-        return f"smooth={self.smooth}, class_weights={self.class_weights}, reduction={self.reduction!r}"
+        return (f"smooth={self.smooth}, bce_weight={self.bce_weight}, class_weights={self.class_weights}, "
+                f"reduction={self.reduction!r}")
 
 
 def softmax_focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0,

@@ -188,8 +188,8 @@ def train_arm_fold(arm: str, fold: int, tiles: StudyTiles, split: FoldSplit, con
     if tiles.label_map:
         alpha = class_weights
         loss_fn = FocalLoss("multiclass", gamma=config.focal_gamma, alpha=alpha, ignore_index=config.ignore_index)
-    elif config.loss == "bce_dice":
-        loss_fn = BCEDiceLoss(class_weights=class_weights)
+    elif config.loss in ("bce_dice", "dice"):
+        loss_fn = BCEDiceLoss(class_weights=class_weights, bce_weight=1.0 if config.loss == "bce_dice" else 0.0)
     else:
         loss_fn = FocalLoss("multilabel", gamma=config.focal_gamma, alpha=config.focal_alpha,
                             class_weights=class_weights)
