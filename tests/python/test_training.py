@@ -45,6 +45,19 @@ def _synthetic_folder(root, n_images=6, size=64, seed=0):
     return root
 
 
+def spy_on_training(monkeypatch):
+    """Record each (arm, fold) the runner trains from now on; returns the list it fills."""
+    trained = []
+    real_train = runner.train_arm_fold
+
+    def spy(arm, fold, *args, **kwargs):
+        trained.append((arm, fold))
+        return real_train(arm, fold, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_arm_fold", spy)
+    return trained
+
+
 def _config(data, out, **kw):
     base = dict(data=str(data), out=str(out), tile=32, folds=2, epochs=1, batch_size=4, model="unet",
                 encoder="conv-tiny", arms=list(ARMS), progress=False, seed=0, threads=1)
@@ -147,14 +160,7 @@ def test_resume_skips_finished_and_interrupted_run_equals_uninterrupted(syntheti
     assert not (tmp_path / "b" / "runs" / "balanced_reg" / "fold0.json").exists()
     monkeypatch.setattr(run_module, "evaluate", real_evaluate)
 
-    trained = []
-    real_train = runner.train_arm_fold
-
-    def spy(arm, fold, *args, **kwargs):
-        trained.append((arm, fold))
-        return real_train(arm, fold, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_arm_fold", spy)
+    trained = spy_on_training(monkeypatch)
     resumed = run_experiment(_config(synthetic, tmp_path / "b", arms=arms, epochs=2))
     assert ("unbalanced", 0) not in trained and ("balanced_reg", 0) in trained
     for arm in arms:

@@ -20,7 +20,7 @@ from cobalance.training import runner  # noqa: E402
 from cobalance.training.arms import arm_plan, study_target  # noqa: E402
 from cobalance.training.config import ExperimentConfig, derived_seed  # noqa: E402
 from cobalance.training.data import StudyTiles  # noqa: E402
-from test_training import CLASSES, _synthetic_folder  # noqa: E402
+from test_training import CLASSES, _synthetic_folder, spy_on_training  # noqa: E402
 
 TILE = 32
 
@@ -149,14 +149,7 @@ def test_run_visits_the_plan_in_planSampler_order(synthetic, tmp_path, monkeypat
 def test_runner_resumes_from_result_files(synthetic, tmp_path, monkeypatch):
     config = _config(synthetic, tmp_path / "r", arms=["unbalanced", "rfs"])
     runner.run_experiment(config)
-    trained = []
-    real_train = runner.train_arm_fold
-
-    def spy(arm, fold, *args, **kwargs):
-        trained.append((arm, fold))
-        return real_train(arm, fold, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_arm_fold", spy)
+    trained = spy_on_training(monkeypatch)
     # A finished result file is taken as it is: the tables show what it holds.
     path = tmp_path / "r" / "runs" / "rfs" / "fold1.json"
     held = json.loads(path.read_text())
@@ -244,14 +237,7 @@ def test_other_layouts_through_mask_folder_options(synthetic, tmp_path):
 
 
 def test_only_folds_trains_those_and_tables_cover_the_finished(synthetic, tmp_path, monkeypatch):
-    trained = []
-    real_train = runner.train_arm_fold
-
-    def spy(arm, fold, *args, **kwargs):
-        trained.append((arm, fold))
-        return real_train(arm, fold, *args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_arm_fold", spy)
+    trained = spy_on_training(monkeypatch)
     first = runner.run_experiment(_config(synthetic, tmp_path / "r", arms=["unbalanced", "rfs"], only_folds=[1]))
     assert sorted(trained) == [("rfs", 1), ("unbalanced", 1)]
     assert [r["fold"] for r in first["runs"]["unbalanced"]] == [1]

@@ -120,6 +120,15 @@ def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: flo
     return _reduce(loss, reduction)
 
 
+def _check_bce_dice(smooth: float, bce_weight: float, reduction: str) -> None:
+    if not (float(smooth) > 0):
+        raise ValueError(f"smooth must be > 0, got {smooth!r}")
+    if not (float(bce_weight) >= 0):
+        raise ValueError(f"bce_weight must be >= 0, got {bce_weight!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = 1.0,
                   class_weights=None, reduction: str = "mean", bce_weight: float = 1.0) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice loss per class, for multi-label masks.
@@ -153,12 +162,7 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float =
     if logits.shape != target.shape or logits.ndim < 2:
         raise ValueError(f"target must have the shape of logits (B, C, ...) {tuple(logits.shape)}, "
                          f"got {tuple(target.shape)}")
-    if not (float(smooth) > 0):
-        raise ValueError(f"smooth must be > 0, got {smooth!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not (float(bce_weight) >= 0):
-        raise ValueError(f"bce_weight must be >= 0, got {bce_weight!r}")
+    _check_bce_dice(smooth, bce_weight, reduction)
     target = target.to(logits.dtype)
     dims = [0] + list(range(2, logits.ndim))
     p = torch.sigmoid(logits)
@@ -180,12 +184,7 @@ class BCEDiceLoss(nn.Module):
 
     def __init__(self, *, smooth: float = 1.0, class_weights=None, reduction: str = "mean", bce_weight: float = 1.0):
         super().__init__()
-        if not (float(smooth) > 0):
-            raise ValueError(f"smooth must be > 0, got {smooth!r}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if not (float(bce_weight) >= 0):
-            raise ValueError(f"bce_weight must be >= 0, got {bce_weight!r}")
+        _check_bce_dice(smooth, bce_weight, reduction)
         self.smooth, self.class_weights, self.reduction = float(smooth), class_weights, reduction
         self.bce_weight = float(bce_weight)
 
