@@ -223,6 +223,14 @@ def test_bad_config_and_cli(synthetic, tmp_path, capsys):
         run_experiment(_config(synthetic, tmp_path / "o", model="deeplab"))
     with pytest.raises(ValueError, match=r"unknown class names \['nope'\]: no such folders"):
         run_experiment(_config(synthetic, tmp_path / "o", classes=["big", "nope"]))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        run_experiment(_config(synthetic, tmp_path / "o", loss="hinge"))
+    with pytest.raises(ValueError, match="head_prior must be a probability"):
+        run_experiment(_config(synthetic, tmp_path / "o", head_prior=1.5))
+    for argv, message in ((["--only-folds", "0,x"], "folds must be comma-separated integers"),
+                          (["--loss", "hinge"], "invalid choice")):
+        assert ex.main(["--data", str(synthetic), "--out", str(tmp_path / "o"), *argv]) == 2
+        assert message in capsys.readouterr().err
     # CLI: an error is one line on stderr and exit status 2
     status = ex.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--model", "unet"])
     assert status == 2

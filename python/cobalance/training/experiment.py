@@ -108,6 +108,13 @@ def _epoch_size_arg(text: str):
         raise argparse.ArgumentTypeError(f"epoch size must be 'train', 'plan' or an integer, got {text!r}")
 
 
+def _fold_list_arg(text: str):
+    try:
+        return [int(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"folds must be comma-separated integers, e.g. 0,2, got {text!r}")
+
+
 def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder: images/ and masks/<class>/ (the IDRiD layout), "
                    "or images/ and masks/<id>.png label maps")
@@ -166,7 +173,7 @@ def _configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time budget: each (arm, fold) left gets an equal share and stops after the epoch "
                         "that would overrun it")
-    p.add_argument("--only-folds", type=lambda s: [int(f) for f in s.split(",") if f], default=None,
+    p.add_argument("--only-folds", type=_fold_list_arg, default=None,
                    metavar="K,K", help="train only these folds (0-based) now; the tables cover the finished folds")
     p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false",
                    help="do not save a checkpoint after every epoch (an interrupted run starts again)")
