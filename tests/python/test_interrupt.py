@@ -215,6 +215,9 @@ CLI = textwrap.dedent('''
     from cobalance import cli
 
     SIGNAL = getattr(signal, sys.argv[1])
+    # Python leaves SIGINT ignored when it starts with it ignored (a background job of a
+    # non-interactive shell, nohup): give it the usual KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def profile(frame, event, arg):
         if event == "c_call" and getattr(arg, "__module__", None) == "cobalance._core" and arg.__name__ == "adam":
