@@ -37,7 +37,7 @@ WATCH = textwrap.dedent('''
     import cobalance
     from cobalance import _core
 
-    TARGET, SIGNAL = sys.argv[1], getattr(signal, sys.argv[2])
+    TARGET, SIGNAL, DELAY = sys.argv[1], getattr(signal, sys.argv[2]), float(sys.argv[3])
     running, seen = [], []  # the cobalance._core calls in progress; the handler's view of them
     timers = []
 
@@ -49,7 +49,7 @@ WATCH = textwrap.dedent('''
         if event == "c_call" and _native(arg):
             running.append(arg.__name__)
             if arg.__name__ == TARGET and not timers:
-                timers.append(threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, SIGNAL)))
+                timers.append(threading.Timer(DELAY, signal.pthread_kill, (threading.main_thread().ident, SIGNAL)))
                 timers[0].start()
         elif event in ("c_return", "c_exception") and _native(arg):
             running.pop()
@@ -85,9 +85,10 @@ def _python(code: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env)
 
 
-def _watch(body: str, target: str, signame: str = "SIGINT") -> list:
-    """Runs WATCH + body (which calls watch(...)); returns its output lines."""
-    proc = _python(WATCH + textwrap.dedent(body), target, signame)
+def _watch(body: str, target: str, signame: str = "SIGINT", delay: float = 0.3) -> list:
+    """Runs WATCH + body (which calls watch(...)), the signal sent ``delay`` seconds into
+    the target call; returns its output lines."""
+    proc = _python(WATCH + textwrap.dedent(body), target, signame, str(delay))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout.splitlines()
 
@@ -172,13 +173,16 @@ def test_exact_solve_stops_on_sigint(objective, regularizer, gamma):
 # allocated (3.4 GB of address space, a few MB of memory), and grouping them takes
 # seconds.
 BIG_ZEROS = "np.zeros((200_000_000, 17), np.uint8)"
+# Grouping these zero rows takes about 0.4 s on a 2-core machine and can take less on a
+# faster one: the signal goes 50 ms into the call (the core polls every 50 ms).
+GROUPING_DELAY = 0.05
 
 
 def test_from_labels_stops_on_sigint():
     out = _watch(f'''
         y = {BIG_ZEROS}
         watch(lambda: cobalance.PatternTable.from_labels(y, keep_inverse=False))
-    ''', "add_dense")
+    ''', "add_dense", delay=GROUPING_DELAY)
     assert out[-1] == "interrupted in [['add_dense']]"
 
 
@@ -192,7 +196,7 @@ def test_interrupted_batch_leaves_the_builder_as_it_was():
         print(builder.n_samples, builder.n_patterns)
         table = builder.finish()
         print(table.counts().tolist(), table.inverse().tolist())
-    ''', "add_dense")
+    ''', "add_dense", delay=GROUPING_DELAY)
     assert out[-3] == "interrupted in [['add_dense']]"
     assert out[-2] == "20 18"
     assert out[-1] == str([1] * 17 + [3]) + " " + str(list(range(17)) + [17] * 3)
