@@ -154,6 +154,8 @@ AdamResult adam(const BalanceProblem& problem, std::vector<double> alpha0, const
         bad("alpha0 must lie within the bounds, got alpha0[" + std::to_string(j) + "] = " + show(alpha0[j]) +
             " outside [" + show(lower[j]) + ", " + show(upper[j]) + "]");
 
+  // One team for the whole run: every pass of every iteration goes to the same workers.
+  const TeamScope team(problem.loop_parts(options.n_threads));
   AdamResult result;
   result.alpha = std::move(alpha0);
   double* alpha = result.alpha.data();

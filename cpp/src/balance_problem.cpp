@@ -16,6 +16,7 @@ namespace {
 
 constexpr index_t kMinBlock = 2048;         // patterns per block at least
 constexpr index_t kWorkPerPart = 1 << 16;   // below this much work (nnz + K), a thread costs more than it saves
+constexpr index_t kWorkPerTeamPart = 1 << 14;  // the same for a worker of a Team (no thread start)
 constexpr double kHundredSquared = 1.0e4;   // the `proportions` regularizer's (100 (p - p0))^2
 constexpr index_t kChunk = 4096;            // entries per chunk of a class's gather
 // Both products go in row order only above this many patterns (1 MiB of doubles):
@@ -246,12 +247,26 @@ BalanceProblem::BalanceProblem(std::vector<index_t> indptr, std::vector<index_t>
   }
 }
 
-int BalanceProblem::parts(int n_threads) const noexcept {
+namespace {
+
+int parts_by_work(index_t work, index_t n_blocks, int n_threads, index_t per_part) noexcept {
   // Asked once: the query is a system call, too slow for every pass of a solver loop.
   static const int hardware = resolve_threads(0);
   const index_t threads = n_threads > 0 ? n_threads : hardware;
-  const index_t by_work = std::max<index_t>(1, (nnz() + n_patterns()) / kWorkPerPart);
-  return static_cast<int>(std::min({threads, by_work, n_blocks_}));
+  const index_t by_work = std::max<index_t>(1, work / per_part);
+  return static_cast<int>(std::min({threads, by_work, n_blocks}));
+}
+
+}  // namespace
+
+int BalanceProblem::parts(int n_threads) const noexcept {
+  if (const Team* team = current_team())
+    return std::min(team->size(), parts_by_work(nnz() + n_patterns(), n_blocks_, n_threads, kWorkPerTeamPart));
+  return parts_by_work(nnz() + n_patterns(), n_blocks_, n_threads, kWorkPerPart);
+}
+
+int BalanceProblem::loop_parts(int n_threads) const noexcept {
+  return parts_by_work(nnz() + n_patterns(), n_blocks_, n_threads, kWorkPerTeamPart);
 }
 
 void BalanceProblem::check_alpha(const double* alpha, index_t size, const char* name) const {

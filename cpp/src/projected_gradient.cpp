@@ -7,6 +7,7 @@
 
 #include "box_simplex.hpp"
 #include "cobalance/adam.hpp"
+#include "cobalance/parallel.hpp"
 #include "invalid_argument.hpp"
 
 namespace cobalance {
@@ -38,6 +39,7 @@ GradientResult projected_gradient(const BalanceProblem& problem, std::vector<dou
   if (options.max_iter < 0) bad("max_iter must be >= 0, got " + std::to_string(options.max_iter));
 
   const int n_threads = options.n_threads;
+  const TeamScope team(problem.loop_parts(n_threads));  // one set of workers for every pass
   const detail::PatternBlocks blocks(problem, n_threads);
   const std::vector<double> ones(k, 1.0);
   double tau = 0.0;

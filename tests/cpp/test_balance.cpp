@@ -16,28 +16,6 @@ using namespace cobalance;
 
 namespace {
 
-Data random_data(index_t k, index_t c, unsigned seed) {
-  std::mt19937_64 gen(seed);
-  std::uniform_real_distribution<double> unit(0.0, 1.0);
-  Data d{k, c, {}, {0}, {}, {}, {}, {}};
-  for (index_t j = 0; j < k; ++j) {
-    std::vector<int> row(static_cast<std::size_t>(c), 0);
-    for (index_t i = 0; i < c; ++i)
-      if (unit(gen) < 0.9 / static_cast<double>(i + 1)) {
-        row[static_cast<std::size_t>(i)] = 1;
-        d.indices.push_back(i);
-      }
-    d.dense.push_back(row);
-    d.indptr.push_back(static_cast<index_t>(d.indices.size()));
-    d.counts.push_back(1.0 + std::floor(unit(gen) * 20.0));
-  }
-  for (index_t i = 0; i < c; ++i) {
-    d.target.push_back(unit(gen));
-    d.weights.push_back(0.5 + unit(gen));
-  }
-  return d;
-}
-
 // The loss written from its definition over the dense patterns.
 double brute_loss(const Data& d, const std::vector<double>& a, Objective o, Regularizer r, double gamma) {
   double s = 0.0, n_total = 0.0;

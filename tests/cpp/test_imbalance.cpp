@@ -20,7 +20,7 @@ namespace {
 
 // Skewed random patterns; class c - 1 is never present and one target is 0, so that
 // the objective's inactive classes are exercised.
-Data random_data(index_t k, index_t c, unsigned seed) {
+Data skewed_data(index_t k, index_t c, unsigned seed) {
   std::mt19937_64 gen(seed);
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   Data d{k, c, {}, {0}, {}, {}, {}, {}};
@@ -75,7 +75,7 @@ double brute_loss(const Data& d, const std::vector<double>& a, double gamma) {
 
 void values_and_gradients_match_the_definitions() {
   for (unsigned seed = 1; seed <= 5; ++seed) {
-    const Data d = random_data(40, 7, seed);
+    const Data d = skewed_data(40, 7, seed);
     const BalanceProblem problem = make(d);
     std::mt19937_64 gen(seed);
     std::uniform_real_distribution<double> unit(0.0, 1.0);
@@ -124,7 +124,7 @@ void undefined_where_a_weighed_class_vanishes() {
 }
 
 void projected_gradient_is_feasible_descends_and_ignores_threads() {
-  const Data d = random_data(5000, 9, 11);  // several blocks of the fixed-order sums
+  const Data d = skewed_data(5000, 9, 11);  // several blocks of the fixed-order sums
   const BalanceProblem problem = make(d);
   double n_total = 0.0;
   for (double n : d.counts) n_total += n;
@@ -162,7 +162,7 @@ void projected_gradient_is_feasible_descends_and_ignores_threads() {
 }
 
 void refusals() {
-  const Data d = random_data(20, 4, 3);
+  const Data d = skewed_data(20, 4, 3);
   const BalanceProblem problem = make(d);
   ExactOptions eopt;
   std::vector<double> upper(d.counts.size());

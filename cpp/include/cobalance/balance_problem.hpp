@@ -125,8 +125,13 @@ class BalanceProblem {
   // Number of patterns per block of the fixed-order reductions, and the number of blocks.
   index_t block_size() const noexcept { return block_size_; }
   index_t n_blocks() const noexcept { return n_blocks_; }
-  // Worker count used for a pass over patterns (at most n_blocks).
+  // Worker count used for a pass over patterns (at most n_blocks). Inside a TeamScope
+  // a region costs far less to start, so smaller passes are split too (at most the
+  // team's size).
   int parts(int n_threads) const noexcept;
+  // The team size worth keeping for a loop of passes (a solver's iterations): parts()
+  // as it would be inside a TeamScope.
+  int loop_parts(int n_threads) const noexcept;
 
  private:
   // The `imbalance` objective's value at class sums g, and its gradient with respect to
