@@ -318,3 +318,50 @@ def test_wilcoxon_with_ties_against_enumeration():
     sums = np.array([sum(r for r, s in zip(ranks, signs) if s) for signs in product([0, 1], repeat=nz.size)])
     p = 2 * min(np.mean(sums <= observed + 1e-9), np.mean(sums >= observed - 1e-9))
     assert wilcoxon_exact(d) == pytest.approx(min(1.0, p), rel=1e-12)
+
+
+def test_pool_pairs_runs_by_seed_and_fold(synthetic, tmp_path):
+    from cobalance.training import pool
+
+    arms = ["unbalanced", "rfs"]
+    studies = [runner.run_experiment(_config(synthetic, tmp_path / f"s{seed}", arms=arms, seed=seed))
+               for seed in (0, 1)]
+    pooled = pool.pool_studies([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "pooled"))
+    assert pooled["seeds"] == [0, 1]
+    assert sorted((r["seed"], r["fold"]) for r in pooled["runs"]["rfs"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # The pairs by hand: each seed's runs against its own unbalanced run of the same fold.
+    expected = []
+    for seed, study in zip((0, 1), studies):
+        base = {r["fold"]: r["history"] for r in study["runs"]["unbalanced"]}
+        for r in study["runs"]["rfs"]:
+            expected.append(max(h["vdice"] for h in r["history"]) - max(h["vdice"] for h in base[r["fold"]]))
+    cell = pooled["paired"]["best"]["cells"]["rfs"]["vDice"]
+    assert cell["n_pairs"] == 4
+    np.testing.assert_allclose(sorted(cell["differences"]), sorted(expected), rtol=0, atol=1e-12)
+    assert pooled["table2"]["cells"]["unbalanced"]["vDice"]["n_runs"] == 4
+    for stem in ("table1.md", "table2_best.md", "paired_last3.json", "curves_all.png", "pool.json"):
+        assert (tmp_path / "pooled" / stem).is_file(), stem
+    assert json.loads((tmp_path / "pooled" / "pool.json").read_text())["seeds"] == [0, 1]
+    # The command line writes the same tables.
+    assert pool.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "cli"), "--no-plot"]) == 0
+    assert (tmp_path / "cli" / "paired_best.md").read_text() == (tmp_path / "pooled" / "paired_best.md").read_text()
+
+
+def test_pool_refuses_what_is_not_one_study(synthetic, tmp_path):
+    from cobalance.training import pool
+
+    runner.run_experiment(_config(synthetic, tmp_path / "a", seed=0))
+    runner.run_experiment(_config(synthetic, tmp_path / "b", seed=0))
+    runner.run_experiment(_config(synthetic, tmp_path / "c", seed=1, lr=5e-3))
+    with pytest.raises(ValueError, match="distinct seeds"):
+        pool.pool_studies([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "p"))
+    with pytest.raises(ValueError, match="lr="):
+        pool.pool_studies([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "p"))
+    with pytest.raises(ValueError, match="one of the pooled folders"):
+        pool.pool_studies([str(tmp_path / "a")], str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="config.json"):
+        pool.pool_studies([str(tmp_path / "a"), str(tmp_path / "nothing")], str(tmp_path / "p"))
+    with pytest.raises(ValueError, match="at least one"):
+        pool.pool_studies([], str(tmp_path / "p"))
+    with pytest.raises(SystemExit):
+        pool.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p")])

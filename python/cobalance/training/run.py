@@ -253,6 +253,7 @@ def train_arm_fold(arm: str, fold: int, tiles: StudyTiles, split: FoldSplit, con
         "fingerprint": fingerprint,
         "arm": arm,
         "fold": fold,
+        "seed": config.seed,
         "classes": class_names,
         "device": str(device),
         "torch": torch.__version__,

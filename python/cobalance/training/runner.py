@@ -38,7 +38,7 @@ from .folds import MultilabelStratifiedKFold
 from .run import FoldSplit, train_arm_fold
 from .tables import SUMMARIES, paired_tests, plot_curves, table1, table2, write_tables
 
-__all__ = ["run_experiment"]
+__all__ = ["run_experiment", "finished_result"]
 
 
 def run_experiment(config: ExperimentConfig) -> dict:
@@ -118,7 +118,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
 
     runs: Dict[str, List[dict]] = {arm: [] for arm in config.arms}
     jobs = [(arm, fold) for fold in range(config.folds) for arm in config.arms]
-    finished = {job: _finished(out / "runs" / job[0] / f"fold{job[1]}.json", config) for job in jobs}
+    finished = {job: finished_result(out / "runs" / job[0] / f"fold{job[1]}.json", config) for job in jobs}
     if config.only_folds is not None:
         # Other folds' finished results still go into the tables; their missing ones wait.
         jobs = [job for job in jobs if job[1] in config.only_folds or finished[job] is not None]
@@ -152,7 +152,7 @@ def run_experiment(config: ExperimentConfig) -> dict:
             "files": [str(f) for f in files]}
 
 
-def _finished(path: Path, config: ExperimentConfig) -> Optional[dict]:
+def finished_result(path: Path, config: ExperimentConfig) -> Optional[dict]:
     """The result file at ``path`` when it is of this configuration and complete, else None."""
     if not path.exists():
         return None

@@ -120,8 +120,9 @@ def table1(runs, class_names, share, n_tiles) -> dict:
             row[c] = float(np.mean([r["presence"][i] for r in results]))
         rows.append(row)
     return {"description": "share of tiles containing each class in the training set of each arm "
-                           "(mean over folds; 'all tiles' is the whole tiled dataset); size: tiles per set; "
-                           "duplicates, dropped and Kish effective size of the plan (mean over folds)",
+                           "(mean over runs, one per fold and seed; 'all tiles' is the whole tiled dataset); "
+                           "size: tiles per set; "
+                           "duplicates, dropped and Kish effective size of the plan (mean over runs)",
             "classes": list(class_names), "rows": rows}
 
 
@@ -137,24 +138,24 @@ def table2(runs, class_names, summary: str = "best") -> dict:
             mean, std, n = _mean_std(values)
             cells[arm][name] = {"mean": mean, "std": std, "n_runs": n, "runs": values}
     return {"description": f"per class the test Dice of each run, taken as {_SUMMARY_TEXT[summary]}; mean and "
-                           f"sample std over runs (folds)", "summary": summary,
+                           f"sample std over runs (one per fold and seed)", "summary": summary,
             "metrics": metrics, "arms": list(runs), "cells": cells}
 
 
 def paired_tests(runs, class_names, summary: str = "best", baseline: str = "unbalanced") -> dict:
-    """Each arm against ``baseline``, paired by fold: the differences of the runs' Dice.
+    """Each arm against ``baseline``, paired by (seed, fold): the differences of the runs' Dice.
 
     Per arm and metric: the mean difference, the number of runs where the arm is ahead,
     the number of pairs, and the two-sided exact sign test and Wilcoxon signed-rank
     p-values (:func:`sign_test`, :func:`wilcoxon_exact`). With n pairs neither test
-    can go below ``2 / 2**n`` (0.25 for 3 folds), so few folds can show a direction,
-    not significance.
+    can go below ``2 / 2**n`` (0.25 for 3 folds, 0.031 for 3 folds x 2 seeds), so few
+    runs can show a direction, not significance.
     """
     metrics = list(class_names) + ["vDice"]
     if baseline not in runs:
         return {"description": f"no {baseline!r} arm to pair with", "summary": summary, "baseline": baseline,
                 "metrics": metrics, "arms": [], "cells": {}}
-    base = {r["fold"]: r for r in runs[baseline]}
+    base = {_run_key(r): r for r in runs[baseline]}
     cells = {}
     for arm, results in runs.items():
         if arm == baseline:
@@ -164,17 +165,23 @@ def paired_tests(runs, class_names, summary: str = "best", baseline: str = "unba
             key = "vDice" if name == "vDice" else i
             diffs = []
             for r in results:
-                if r["fold"] in base:
-                    a, b = run_value(r, key, summary), run_value(base[r["fold"]], key, summary)
+                if _run_key(r) in base:
+                    a, b = run_value(r, key, summary), run_value(base[_run_key(r)], key, summary)
                     if a is not None and b is not None:
                         diffs.append(a - b)
             cells[arm][name] = {"mean_difference": float(np.mean(diffs)) if diffs else None,
                                 "ahead": int(sum(d > 0 for d in diffs)), "n_pairs": len(diffs),
                                 "differences": diffs, "sign_p": sign_test(diffs), "wilcoxon_p": wilcoxon_exact(diffs)}
-    return {"description": f"each arm minus {baseline} per fold, test Dice taken as {_SUMMARY_TEXT[summary]}: "
+    return {"description": f"each arm minus {baseline} per run (seed, fold), test Dice taken as {_SUMMARY_TEXT[summary]}: "
                            f"mean difference, runs ahead / pairs, two-sided exact sign test and Wilcoxon "
                            f"signed-rank p-values", "summary": summary, "baseline": baseline,
             "metrics": metrics, "arms": list(cells), "cells": cells}
+
+
+def _run_key(result: dict) -> Tuple[int, int]:
+    """What pairs two arms' runs: the seed (0 in files written before seeds were pooled)
+    and the fold."""
+    return int(result.get("seed", 0)), int(result["fold"])
 
 
 def _fmt(x: Optional[float], digits: int = 4) -> str:
@@ -321,7 +328,7 @@ def plot_curves(out: Path, runs, class_names, metrics=None) -> List[Path]:
     for metric in panels:
         fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
         _draw_curves(ax, runs, class_names, metric)
-        ax.set_title(f"{metric}: mean over folds (band: ±1 std)")
+        ax.set_title(f"{metric}: mean over runs (band: ±1 std)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         files.append(_save(fig, out / f"curves_{_file_name(metric)}.png"))
@@ -335,7 +342,7 @@ def plot_curves(out: Path, runs, class_names, metrics=None) -> List[Path]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
-    fig.suptitle("test Dice per epoch: mean over folds (band: ±1 std)")
+    fig.suptitle("test Dice per epoch: mean over runs (band: ±1 std)")
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     files.append(_save(fig, out / "curves_all.png"))
     return files
