@@ -345,6 +345,12 @@ def test_pool_pairs_runs_by_seed_and_fold(synthetic, tmp_path):
     # The command line writes the same tables.
     assert pool.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "cli"), "--no-plot"]) == 0
     assert (tmp_path / "cli" / "paired_best.md").read_text() == (tmp_path / "pooled" / "paired_best.md").read_text()
+    assert pooled["table1"]["rows"][0]["set"] == "all tiles"
+    # A study still in its first call has no table1.json yet: Table 1 without 'all tiles'.
+    (tmp_path / "s0" / "table1.json").unlink()
+    partial = pool.pool_studies([str(tmp_path / "s0")], str(tmp_path / "partial"), plot=False)
+    assert [r["set"] for r in partial["table1"]["rows"]] == arms
+    assert partial["table2"]["cells"]["rfs"]["vDice"]["runs"] == pooled["table2"]["cells"]["rfs"]["vDice"]["runs"][:2]
 
 
 def test_pool_refuses_what_is_not_one_study(synthetic, tmp_path):

@@ -43,9 +43,11 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
     ----------
     folders : sequence of str
         Results folders of ``python -m cobalance.training``, each with its
-        ``config.json`` and ``table1.json`` (written by any call of the study on it);
-        all of one configuration apart from ``seed`` (and the runtime fields), with
-        distinct seeds.
+        ``config.json``; all of one configuration apart from ``seed`` (and the runtime
+        fields), with distinct seeds. Finished runs only are read, so a study still
+        running can be summed up; Table 1's 'all tiles' row comes from the first
+        folder's ``table1.json`` (written at the end of each call of the study) and is
+        left out where there is none yet.
     out : str
         Folder for the pooled tables (created); it may not be one of ``folders``.
     plot : bool
@@ -84,7 +86,10 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
     seeds = [int(c["seed"]) for c in configs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"pooled folders must have distinct seeds, got seeds {seeds}")
-    base_table1 = _read_json(Path(folders[0]) / "table1.json", "the study writes it on every call; run it once")
+    # The 'all tiles' row of Table 1 (the same for every seed) comes from a table the
+    # study wrote; a study still running its first call has none yet.
+    table1_path = Path(folders[0]) / "table1.json"
+    base_table1 = _read_json(table1_path, "") if table1_path.is_file() else None
 
     arms = list(first["arms"])
     runs: Dict[str, List[dict]] = {arm: [] for arm in arms}
@@ -99,11 +104,13 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
     if not runs:
         raise ValueError(f"no finished run in {list(folders)}")
 
-    class_names = list(base_table1["classes"])
-    all_row = base_table1["rows"][0]
-    share = [all_row[c] for c in class_names]
+    class_names = list(next(iter(runs.values()))[0]["classes"])
     out_path.mkdir(parents=True, exist_ok=True)
-    t1 = table1(runs, class_names, share, int(all_row["size"]))
+    if base_table1 is not None and base_table1["rows"] and base_table1["rows"][0]["set"] == "all tiles":
+        all_row = base_table1["rows"][0]
+        t1 = table1(runs, class_names, [all_row[c] for c in class_names], int(all_row["size"]))
+    else:
+        t1 = table1(runs, class_names)
     t2s = {summary: table2(runs, class_names, summary) for summary in SUMMARIES}
     paired = {summary: paired_tests(runs, class_names, summary) for summary in SUMMARIES}
     files = write_tables(out_path, t1, t2s, paired, class_names)

@@ -96,7 +96,7 @@ def _mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optio
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
 
-def table1(runs, class_names, share, n_tiles) -> dict:
+def table1(runs, class_names, share=None, n_tiles=None) -> dict:
     """Share of tiles holding each class: all tiles, then each arm's training set.
 
     Parameters
@@ -105,12 +105,14 @@ def table1(runs, class_names, share, n_tiles) -> dict:
         ``{arm: [result of each fold]}``; a result's ``presence`` and ``plan_size`` are
         its plan's ``Report.after`` and ``Report.n_samples_out``.
     class_names : list of str
-    share : array-like, shape (C,)
-        Presence over all the study's tiles.
-    n_tiles : int
+    share : array-like, shape (C,), optional
+        Presence over all the study's tiles; None leaves out the 'all tiles' row.
+    n_tiles : int, optional
     """
-    rows = [{"set": "all tiles", "size": float(n_tiles), "duplicates": None, "dropped": None,
-             "effective_size": None, **{c: float(share[i]) for i, c in enumerate(class_names)}}]
+    rows = []
+    if share is not None:
+        rows.append({"set": "all tiles", "size": float(n_tiles), "duplicates": None, "dropped": None,
+                     "effective_size": None, **{c: float(share[i]) for i, c in enumerate(class_names)}})
     for arm, results in runs.items():
         row = {"set": arm, "size": float(np.mean([r["plan_size"] for r in results])),
                "duplicates": float(np.mean([r["plan_duplicates"] for r in results])),
