@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .._atomic import atomic_write_text
 from .config import RUNTIME_FIELDS, ExperimentConfig
-from .runner import finished_result
+from .runner import finished_result, same_setting
 from .tables import SUMMARIES, paired_tests, plot_curves, table1, table2, write_tables
 
 __all__ = ["pool_studies", "main"]
@@ -75,12 +75,7 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
     first = configs[0]
     for folder, cfg in zip(folders[1:], configs[1:]):
         for key in sorted(set(first) | set(cfg)):
-            if key in RUNTIME_FIELDS or key == "seed":
-                continue
-            a, b = (json.dumps(c.get(key), sort_keys=True, default=str) for c in (first, cfg))
-            if key == "data":
-                a, b = (str(Path(str(c.get(key))).resolve()) for c in (first, cfg))
-            if a != b:
+            if key not in RUNTIME_FIELDS and key != "seed" and not same_setting(key, first.get(key), cfg.get(key)):
                 raise ValueError(f"{folder!r} has {key}={cfg.get(key)!r}, {folders[0]!r} has "
                                  f"{key}={first.get(key)!r}: only the seed may differ between pooled studies")
     seeds = [int(c["seed"]) for c in configs]

@@ -38,7 +38,7 @@ from .folds import MultilabelStratifiedKFold
 from .run import FoldSplit, train_arm_fold
 from .tables import SUMMARIES, paired_tests, plot_curves, table1, table2, write_tables
 
-__all__ = ["run_experiment", "finished_result"]
+__all__ = ["run_experiment", "finished_result", "same_setting"]
 
 
 def run_experiment(config: ExperimentConfig) -> dict:
@@ -178,13 +178,14 @@ def _check_results_folder(out: Path, config: ExperimentConfig) -> None:
         raise ValueError(f"{str(path)!r} is not valid JSON ({err}); remove it or choose another --out") from err
     new = config.to_dict()
     for key, value in new.items():
-        if key in RUNTIME_FIELDS:
-            continue
-        old_value = old.get(key)
-        if key == "data":
-            same = os.path.abspath(str(old_value)) == os.path.abspath(value)
-        else:
-            same = json.dumps(old_value, sort_keys=True, default=str) == json.dumps(value, sort_keys=True, default=str)
-        if not same:
-            raise ValueError(f"results folder {str(out)!r} holds a run with {key}={old_value!r}, this one has "
+        if key not in RUNTIME_FIELDS and not same_setting(key, old.get(key), value):
+            raise ValueError(f"results folder {str(out)!r} holds a run with {key}={old.get(key)!r}, this one has "
                              f"{key}={value!r}; use another --out to keep both")
+
+
+def same_setting(key: str, a, b) -> bool:
+    """Whether two stored configurations agree on field ``key`` (``data`` as absolute
+    paths, every other field by its JSON form)."""
+    if key == "data":
+        return os.path.abspath(str(a)) == os.path.abspath(str(b))
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
