@@ -109,7 +109,7 @@ void Team::work(int part) {
   }
 }
 
-TeamScope::TeamScope(int size) : previous_(tls_team) {
+TeamScope::TeamScope(int size) {
   if (size > 1 && tls_team == nullptr) {
     team_ = std::make_unique<Team>(size);
     tls_team = team_.get();
@@ -117,7 +117,7 @@ TeamScope::TeamScope(int size) : previous_(tls_team) {
 }
 
 TeamScope::~TeamScope() {
-  if (team_) tls_team = previous_;
+  if (team_) tls_team = nullptr;  // only a scope that found no team makes one
 }
 
 }  // namespace cobalance

@@ -65,8 +65,7 @@ class TeamScope {
   TeamScope& operator=(const TeamScope&) = delete;
 
  private:
-  std::unique_ptr<Team> team_;
-  Team* previous_ = nullptr;
+  std::unique_ptr<Team> team_;  // null where the thread had a team already (kept) or size <= 1
 };
 
 // The calling thread's team, or nullptr.
