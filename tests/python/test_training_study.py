@@ -353,6 +353,43 @@ def test_pool_pairs_runs_by_seed_and_fold(synthetic, tmp_path):
     assert partial["table2"]["cells"]["rfs"]["vDice"]["runs"] == pooled["table2"]["cells"]["rfs"]["vDice"]["runs"][:2]
 
 
+def test_pool_matched_keeps_the_runs_finished_in_every_arm(synthetic, tmp_path):
+    from cobalance.training import pool
+
+    arms = ["unbalanced", "rfs"]
+    for seed in (0, 1):
+        runner.run_experiment(_config(synthetic, tmp_path / f"s{seed}", arms=arms, seed=seed))
+    # Seed 1 still running: its rfs fold 1 not finished.
+    (tmp_path / "s1" / "runs" / "rfs" / "fold1.json").unlink()
+    folders = [str(tmp_path / "s0"), str(tmp_path / "s1")]
+    every = pool.pool_studies(folders, str(tmp_path / "every"), plot=False)
+    assert [len(every["runs"][a]) for a in arms] == [4, 3]
+    matched = pool.pool_studies(folders, str(tmp_path / "matched"), plot=False, matched=True)
+    keys = {a: sorted((r["seed"], r["fold"]) for r in matched["runs"][a]) for a in arms}
+    assert keys["unbalanced"] == keys["rfs"] == [(0, 0), (0, 1), (1, 0)]
+    # Table 2's unbalanced column is over those three runs only; the pairs are unchanged.
+    base = {(r["seed"], r["fold"]): max(h["vdice"] for h in r["history"]) for r in every["runs"]["unbalanced"]}
+    cell = matched["table2"]["cells"]["unbalanced"]["vDice"]
+    assert cell["n_runs"] == 3
+    assert cell["mean"] == pytest.approx(np.mean([base[k] for k in keys["unbalanced"]]), abs=1e-12)
+    assert (matched["paired"]["best"]["cells"]["rfs"]["vDice"]["differences"]
+            == every["paired"]["best"]["cells"]["rfs"]["vDice"]["differences"])
+    assert json.loads((tmp_path / "matched" / "pool.json").read_text())["matched"] is True
+    # --arms picks and orders the arms.
+    only = pool.pool_studies(folders, str(tmp_path / "only"), plot=False, arms=["rfs", "unbalanced"])
+    assert list(only["runs"]) == ["rfs", "unbalanced"]
+    assert pool.main(folders + ["--out", str(tmp_path / "cli"), "--no-plot", "--matched", "--arms", "unbalanced"]) == 0
+    assert json.loads((tmp_path / "cli" / "pool.json").read_text())["runs"] == {"unbalanced": [[0, 0], [0, 1], [1, 0], [1, 1]]}
+    for bad in (["exact"], [], ["rfs", "rfs"]):
+        with pytest.raises(ValueError, match="arms must be distinct arms of the study"):
+            pool.pool_studies(folders, str(tmp_path / "bad"), plot=False, arms=bad)
+    for name in ("fold0.json", "fold1.json"):
+        (tmp_path / "s0" / "runs" / "rfs" / name).unlink()
+    (tmp_path / "s1" / "runs" / "rfs" / "fold0.json").unlink()
+    with pytest.raises(ValueError, match="finished in every arm"):
+        pool.pool_studies(folders, str(tmp_path / "none"), plot=False, matched=True)
+
+
 def test_pool_refuses_what_is_not_one_study(synthetic, tmp_path):
     from cobalance.training import pool
 

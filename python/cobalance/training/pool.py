@@ -10,6 +10,13 @@ exact test to reach p = 0.031) and the curves over all of their runs::
 
     python -m cobalance.training.pool --out results/idrid-cpu-pooled \\
         results/idrid-cpu results/idrid-cpu-seed1
+
+While a seed is still running its arms have different numbers of finished runs, so
+Table 2's columns would average different runs; ``--matched`` keeps only the
+(seed, fold) runs finished in every reported arm, and ``--arms`` picks the arms::
+
+    python -m cobalance.training.pool --matched --arms unbalanced,balanced_noreg \\
+        --out results/idrid-cpu-pooled results/idrid-cpu results/idrid-cpu-seed1
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ def _read_json(path: Path, what: str) -> dict:
         raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from err
 
 
-def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
+def pool_studies(folders: Sequence[str], out: str, plot: bool = True, arms: Optional[Sequence[str]] = None,
+                 matched: bool = False) -> dict:
     """Pool the finished runs of several seeds of one study and write its tables.
 
     Parameters
@@ -52,6 +60,12 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
         Folder for the pooled tables (created); it may not be one of ``folders``.
     plot : bool
         Also draw the curves (needs matplotlib).
+    arms : sequence of str, optional
+        The arms to report, in this order (default: the study's arms). The paired
+        tests need ``unbalanced`` among them.
+    matched : bool
+        Keep only the (seed, fold) runs finished in every reported arm, so that every
+        column of the tables is over the same runs (default: every finished run).
 
     Returns
     -------
@@ -64,7 +78,8 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
     ValueError
         Fewer than one folder, a folder without its files, configurations that differ
         in more than the seed (naming the field), a repeated seed, ``out`` among the
-        folders, or no finished run.
+        folders, an arm the study does not have, or no finished run (with ``matched``:
+        no (seed, fold) finished in every arm).
     """
     if not folders:
         raise ValueError("pool needs at least one results folder, got none")
@@ -86,7 +101,11 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
     table1_path = Path(folders[0]) / "table1.json"
     base_table1 = _read_json(table1_path, "") if table1_path.is_file() else None
 
-    arms = list(first["arms"])
+    study_arms = list(first["arms"])
+    arms = study_arms if arms is None else list(arms)
+    unknown = [arm for arm in arms if arm not in study_arms]
+    if not arms or unknown or len(set(arms)) != len(arms):
+        raise ValueError(f"arms must be distinct arms of the study {study_arms}, got {arms}")
     runs: Dict[str, List[dict]] = {arm: [] for arm in arms}
     for folder, cfg, seed in zip(folders, configs, seeds):
         config = ExperimentConfig(**cfg)
@@ -95,6 +114,11 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
                 result = finished_result(Path(folder) / "runs" / arm / f"fold{fold}.json", config)
                 if result is not None:
                     runs[arm].append({**result, "seed": seed})
+    if matched:
+        keys = set.intersection(*({(r["seed"], r["fold"]) for r in results} for results in runs.values()))
+        if not keys:
+            raise ValueError(f"no (seed, fold) is finished in every arm of {arms} in {list(folders)}")
+        runs = {arm: [r for r in results if (r["seed"], r["fold"]) in keys] for arm, results in runs.items()}
     runs = {arm: results for arm, results in runs.items() if results}
     if not runs:
         raise ValueError(f"no finished run in {list(folders)}")
@@ -111,7 +135,7 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True) -> dict:
     files = write_tables(out_path, t1, t2s, paired, class_names)
     if plot:
         files += plot_curves(out_path, runs, class_names)
-    manifest = {"folders": [str(f) for f in folders], "seeds": seeds,
+    manifest = {"folders": [str(f) for f in folders], "seeds": seeds, "matched": bool(matched),
                 "runs": {arm: [[r["seed"], r["fold"]] for r in results] for arm, results in runs.items()}}
     atomic_write_text(out_path / "pool.json", json.dumps(manifest, indent=1))
     files.append(out_path / "pool.json")
@@ -125,9 +149,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("folders", nargs="+", help="results folders of the study, one per seed")
     p.add_argument("--out", required=True, help="folder for the pooled tables (created)")
     p.add_argument("--no-plot", action="store_true", help="tables only (no matplotlib needed)")
+    p.add_argument("--arms", help="comma-separated arms to report, in this order (default: the study's)")
+    p.add_argument("--matched", action="store_true",
+                   help="only the (seed, fold) runs finished in every reported arm, so every column is over the same runs")
     args = p.parse_args(argv)
+    arms = None if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
     try:
-        result = pool_studies(args.folders, args.out, plot=not args.no_plot)
+        result = pool_studies(args.folders, args.out, plot=not args.no_plot, arms=arms, matched=args.matched)
     except ValueError as err:
         p.exit(2, f"error: {err}\n")
     n = {arm: len(r) for arm, r in result["runs"].items()}
