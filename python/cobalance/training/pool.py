@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 from .._atomic import atomic_write_text
 from .config import RUNTIME_FIELDS, ExperimentConfig
 from .runner import finished_result, same_setting
-from .tables import SUMMARIES, paired_tests, plot_curves, table1, table2, write_tables
+from .tables import SUMMARIES, paired_tests, plot_curves, run_key, table1, table2, write_tables
 
 __all__ = ["pool_studies", "main"]
 
@@ -115,10 +115,10 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True, arms: Opti
                 if result is not None:
                     runs[arm].append({**result, "seed": seed})
     if matched:
-        keys = set.intersection(*({(r["seed"], r["fold"]) for r in results} for results in runs.values()))
+        keys = set.intersection(*({run_key(r) for r in results} for results in runs.values()))
         if not keys:
             raise ValueError(f"no (seed, fold) is finished in every arm of {arms} in {list(folders)}")
-        runs = {arm: [r for r in results if (r["seed"], r["fold"]) in keys] for arm, results in runs.items()}
+        runs = {arm: [r for r in results if run_key(r) in keys] for arm, results in runs.items()}
     runs = {arm: results for arm, results in runs.items() if results}
     if not runs:
         raise ValueError(f"no finished run in {list(folders)}")
@@ -136,7 +136,7 @@ def pool_studies(folders: Sequence[str], out: str, plot: bool = True, arms: Opti
     if plot:
         files += plot_curves(out_path, runs, class_names)
     manifest = {"folders": [str(f) for f in folders], "seeds": seeds, "matched": bool(matched),
-                "runs": {arm: [[r["seed"], r["fold"]] for r in results] for arm, results in runs.items()}}
+                "runs": {arm: [list(run_key(r)) for r in results] for arm, results in runs.items()}}
     atomic_write_text(out_path / "pool.json", json.dumps(manifest, indent=1))
     files.append(out_path / "pool.json")
     return {"folders": manifest["folders"], "seeds": seeds, "classes": class_names, "runs": runs, "table1": t1,

@@ -24,7 +24,7 @@ from .._atomic import atomic_path, atomic_write_text
 from .config import ARM_TITLES
 
 __all__ = ["table1", "table2", "paired_tests", "table1_markdown", "table2_markdown", "paired_markdown",
-           "write_tables", "plot_curves", "sign_test", "wilcoxon_exact", "SUMMARIES"]
+           "write_tables", "plot_curves", "sign_test", "wilcoxon_exact", "run_key", "SUMMARIES"]
 
 #: How a run's per-epoch test Dice is summed up: the paper's best epoch (optimistic:
 #: the epoch is chosen on the test fold) and the mean of the last three epochs.
@@ -157,7 +157,7 @@ def paired_tests(runs, class_names, summary: str = "best", baseline: str = "unba
     if baseline not in runs:
         return {"description": f"no {baseline!r} arm to pair with", "summary": summary, "baseline": baseline,
                 "metrics": metrics, "arms": [], "cells": {}}
-    base = {_run_key(r): r for r in runs[baseline]}
+    base = {run_key(r): r for r in runs[baseline]}
     cells = {}
     for arm, results in runs.items():
         if arm == baseline:
@@ -167,8 +167,8 @@ def paired_tests(runs, class_names, summary: str = "best", baseline: str = "unba
             key = "vDice" if name == "vDice" else i
             diffs = []
             for r in results:
-                if _run_key(r) in base:
-                    a, b = run_value(r, key, summary), run_value(base[_run_key(r)], key, summary)
+                if run_key(r) in base:
+                    a, b = run_value(r, key, summary), run_value(base[run_key(r)], key, summary)
                     if a is not None and b is not None:
                         diffs.append(a - b)
             cells[arm][name] = {"mean_difference": float(np.mean(diffs)) if diffs else None,
@@ -180,7 +180,7 @@ def paired_tests(runs, class_names, summary: str = "best", baseline: str = "unba
             "metrics": metrics, "arms": list(cells), "cells": cells}
 
 
-def _run_key(result: dict) -> Tuple[int, int]:
+def run_key(result: dict) -> Tuple[int, int]:
     """What pairs two arms' runs: the seed (0 in files written before seeds were pooled)
     and the fold."""
     return int(result.get("seed", 0)), int(result["fold"])
